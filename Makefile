@@ -1,0 +1,34 @@
+# vitfold — the whole set-up on a fresh machine is `make train-export` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+RUN    ?= runs/demo
+CONFIG ?= configs/demo.yaml
+
+.PHONY: .venv test train-export lint bench clean
+
+# `make .venv` creates the virtual environment and installs vitfold (editable) with its test tools.
+.venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: .venv
+	$(PY) -m ruff check pipeline export tests benchmarks
+	$(PY) -m pytest -q
+
+train-export: .venv
+	$(VENV)/bin/vitfold run --config $(CONFIG) --out $(RUN)
+
+bench: .venv
+	$(PY) benchmarks/train_step.py
+
+lint: .venv
+	$(PY) -m ruff check pipeline export tests benchmarks
+	$(PY) -m ruff format --check pipeline export tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,20 @@
+"""Adapter registry: method name -> `AdapterMethod` subclass. A new method is one module plus one entry."""
+
+from __future__ import annotations
+
+from pipeline.adapters.base import AdapterLayer, AdapterMethod, AdapterRecord
+from pipeline.adapters.rlrr import RLRR
+from pipeline.errors import AdapterError
+
+METHODS: dict[str, type[AdapterMethod]] = {cls.name: cls for cls in (RLRR,)}
+
+
+def get_method(name: str) -> type[AdapterMethod]:
+    """The method class registered under `name`; an `AdapterError` naming the known ones otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise AdapterError(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})") from None
+
+
+__all__ = ["METHODS", "AdapterLayer", "AdapterMethod", "AdapterRecord", "get_method"]

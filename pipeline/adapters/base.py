@@ -1,0 +1,90 @@
+"""The adapter contract.
+
+An adapter *method* (RLRR, EFFT, ...) is an `AdapterMethod` subclass with an options dataclass; its
+`attach` wraps layers of a timm ViT in `AdapterLayer`s. An `AdapterLayer` holds the frozen layer it
+wraps as `base` and its own trainable tensors as direct parameters, computes the adapted function in
+`forward`, and folds back into a plain module of `base`'s type with `fuse()` — the hook timm's
+`reparameterize_model` calls. Folds are computed in float64 and cast back to the weight dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pipeline.errors import AdapterError, FoldError
+
+
+def check_finite(named_tensors: Iterator[tuple[str, torch.Tensor]], what: str = "adapter parameter") -> None:
+    """Raise `FoldError` naming the first tensor that holds a NaN or an infinity."""
+    for name, tensor in named_tensors:
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise FoldError(f"refusing to fold: {what} '{name}' has {bad} non-finite value(s) (NaN or inf)")
+
+
+class AdapterLayer(nn.Module):
+    """A frozen `base` module plus trainable adapter tensors that fold exactly back into it."""
+
+    base: nn.Module
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        base.requires_grad_(False)
+
+    def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The adapter's own tensors (the wrapped base layer excluded)."""
+        return self.named_parameters(recurse=False)
+
+    @abstractmethod
+    def folded_parameters(self) -> dict[str, torch.Tensor]:
+        """The base layer's parameters with the adapter folded in, in float64 (name -> tensor)."""
+
+    def fuse(self) -> nn.Module:
+        """A plain copy of `base` computing what this layer computes (refuses non-finite adapters)."""
+        check_finite(self.adapter_named_parameters())
+        plain = copy.deepcopy(self.base)
+        with torch.no_grad():
+            for name, value in self.folded_parameters().items():
+                target = plain.get_parameter(name)
+                check_finite(iter([(name, value)]), what="folded weight")
+                target.copy_(value.to(target.dtype))
+        plain.requires_grad_(True)
+        return plain
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """What `pipeline.adapt` did to a model; kept on it as `model.vitfold_adapter`."""
+
+    method: str
+    options: dict[str, Any]
+    new_head: bool  # a new zero-initialised head was created and trains with the adapter
+
+
+class AdapterMethod(ABC):
+    """One adapter method: a name, an options dataclass, and how it attaches to a ViT."""
+
+    name: ClassVar[str]
+    options_type: ClassVar[type]
+
+    def __init__(self, **options: Any) -> None:
+        fields = self.options_type.__dataclass_fields__
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise AdapterError(
+                f"unknown option '{unknown[0]}' for method '{self.name}' (known: {', '.join(sorted(fields))})"
+            )
+        self.options = self.options_type(**options)
+
+    @abstractmethod
+    def attach(self, model: nn.Module) -> None:
+        """Wrap the model's layers in adapter layers, in place (the caller freezes the rest)."""

@@ -1,0 +1,125 @@
+"""RLRR: residual low-rank rescaling (Dong et al., CVPR 2024), as the official code places it.
+
+Linear layers (q, k, v as the three row blocks of timm's fused `attn.qkv`, `attn.proj`, `mlp.fc1`,
+`mlp.fc2`), in `nn.Linear` orientation W[out, in] (paper Eq. 16/20):
+
+    W' = W ⊙ (1 + s_out s_inᵀ)        b' = b + f
+
+SSF (scale γ, shift β) on the output of `norm1`, `norm2`, the final norm, and of the patch-embedding
+conv (the patch tokens, before the class token and position embedding are added):
+
+    y = base(x) ⊙ γ + β    folds to    W' = W ⊙ γ (per output channel),  b' = b ⊙ γ + β
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.adapters.base import AdapterLayer, AdapterMethod
+from pipeline.errors import AdapterError
+from pipeline.vit import vit_targets
+
+INITS = ("paper", "identity")
+
+
+@dataclass(frozen=True)
+class RLRROptions:
+    """`init="paper"`: the official init (kaiming-uniform scales, zero shifts, SSF N(1, .02)/N(0, .02)).
+    `init="identity"`: s_out = 0, shifts 0, SSF γ = 1, β = 0 — the adapted model equals the base."""
+
+    init: str = "paper"
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise AdapterError(f"option 'init' must be one of {', '.join(INITS)} for method 'rlrr', got '{self.init}'")
+
+
+class RLRRLinear(AdapterLayer):
+    """W' = W ⊙ (1 + s_out s_inᵀ), b' = b + f, with one s_in per block of `groups` equal row blocks.
+
+    The forward builds W' once per call (an O(out·in) elementwise product) and runs one matmul, so a
+    training step costs about what full fine-tuning's does, instead of a second activation matmul.
+    """
+
+    def __init__(self, base: nn.Linear, groups: int, init: str) -> None:
+        super().__init__(base)
+        out_features, in_features = base.weight.shape
+        self.groups = groups
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.s_out = nn.Parameter(torch.empty(out_features, **kw))
+        self.s_in = nn.Parameter(torch.empty(groups, in_features, **kw))
+        self.f = nn.Parameter(torch.zeros(out_features, **kw))
+        # official code: kaiming_uniform_ (a=0) on s_in as [1, in] (fan-in = in) and s_out as [out, 1] (fan-in 1)
+        nn.init.uniform_(self.s_in, -math.sqrt(6 / in_features), math.sqrt(6 / in_features))
+        if init == "identity":
+            nn.init.zeros_(self.s_out)
+        else:
+            nn.init.uniform_(self.s_out, -math.sqrt(6), math.sqrt(6))
+
+    def _weight(self, weight: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor) -> torch.Tensor:
+        out_features, in_features = weight.shape
+        g = self.groups
+        blocks = weight.view(g, out_features // g, in_features)  # [g, out/g, in]
+        scale = 1 + s_out.view(g, -1, 1) * s_in.view(g, 1, in_features)  # [g, out/g, in]
+        return (blocks * scale).view(out_features, in_features)  # [out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._weight(self.base.weight, self.s_out, self.s_in), self.base.bias + self.f)
+
+    def folded_parameters(self) -> dict[str, torch.Tensor]:
+        d = torch.float64
+        weight = self._weight(self.base.weight.to(d), self.s_out.to(d), self.s_in.to(d))
+        return {"weight": weight, "bias": self.base.bias.to(d) + self.f.to(d)}
+
+
+class SSF(AdapterLayer):
+    """y = base(x) ⊙ γ + β on the channel axis `dim` of base's output (-1: LayerNorm, 1: Conv2d).
+
+    Folds into base's per-output-channel weight and bias: W' = W ⊙ γ, b' = b ⊙ γ + β.
+    """
+
+    def __init__(self, base: nn.Module, dim: int, init: str) -> None:
+        super().__init__(base)
+        channels = base.weight.shape[0]
+        self.dim = dim
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.scale = nn.Parameter(torch.ones(channels, **kw))
+        self.shift = nn.Parameter(torch.zeros(channels, **kw))
+        if init != "identity":
+            nn.init.normal_(self.scale, mean=1.0, std=0.02)
+            nn.init.normal_(self.shift, mean=0.0, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        shape = (-1,) + (1,) * (y.dim() - 1 - self.dim % y.dim())  # channels, then 1 per trailing axis
+        return y * self.scale.view(shape) + self.shift.view(shape)
+
+    def folded_parameters(self) -> dict[str, torch.Tensor]:
+        d = torch.float64
+        weight, bias = self.base.weight.to(d), self.base.bias.to(d)
+        scale, shift = self.scale.to(d), self.shift.to(d)
+        per_channel = scale.view(-1, *[1] * (weight.dim() - 1))  # broadcast over a conv's [c, kh, kw]
+        return {"weight": weight * per_channel, "bias": bias * scale + shift}
+
+
+class RLRR(AdapterMethod):
+    """Attach RLRR to every block's linears and SSF to the norms and patch tokens (REFERENCE §1)."""
+
+    name = "rlrr"
+    options_type = RLRROptions
+
+    def attach(self, model: nn.Module) -> None:
+        targets = vit_targets(model, shifts=True)
+        init = self.options.init
+        model.set_submodule(targets.patch_proj, SSF(model.get_submodule(targets.patch_proj), dim=1, init=init))
+        for target in targets.linears:
+            layer = RLRRLinear(model.get_submodule(target.name), groups=target.groups, init=init)
+            model.set_submodule(target.name, layer)
+        norms = targets.block_norms + ((targets.final_norm,) if targets.final_norm else ())
+        for name in norms:
+            model.set_submodule(name, SSF(model.get_submodule(name), dim=-1, init=init))

@@ -1,0 +1,115 @@
+"""Library API: attach an adapter to a timm ViT, and move only its tensors in and out.
+
+model = pipeline.adapt(timm.create_model(name), method="rlrr", num_classes=10, init="paper")
+state = pipeline.adapter_state_dict(model)   # adapter + new head tensors, names as in state_dict()
+pipeline.load_adapter(other_adapted_model, state)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.adapters import AdapterLayer, AdapterRecord, get_method
+from pipeline.errors import AdapterError
+
+RECORD_ATTR = "vitfold_adapter"
+
+
+def adapter_record(model: nn.Module) -> AdapterRecord:
+    """The record `adapt` left on the model; an `AdapterError` if it was never adapted."""
+    record = getattr(model, RECORD_ATTR, None)
+    if record is None:
+        raise AdapterError("model has no vitfold adapter: call pipeline.adapt(model, method=...) first")
+    return record
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """(name, layer) of every adapter layer in the model, in module order."""
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, AdapterLayer))
+
+
+def _head_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    classifier = model.get_classifier()
+    heads = classifier if isinstance(classifier, tuple) else (classifier,)  # distilled DeiT: (head, head_dist)
+    ids = {id(p) for head in heads for p in head.parameters()}
+    return ((name, p) for name, p in model.named_parameters() if id(p) in ids)
+
+
+def _adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    for name, layer in adapter_layers(model):
+        for pname, p in layer.adapter_named_parameters():
+            yield f"{name}.{pname}", p
+
+
+def trainable_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Adapter tensors, then the new head's (if `adapt` made one): exactly what the adapter file holds."""
+    yield from _adapter_named_parameters(model)
+    if adapter_record(model).new_head:
+        yield from _head_named_parameters(model)
+
+
+def _new_zero_head(model: nn.Module, num_classes: int) -> None:
+    ref = next(model.parameters())  # the new head lives on the model's device, in its dtype
+    model.reset_classifier(num_classes)
+    for _, p in _head_named_parameters(model):
+        p.data = torch.zeros_like(p, device=ref.device, dtype=ref.dtype)
+
+
+def adapt(model: nn.Module, method: str = "rlrr", *, num_classes: int | None = None, **options: Any) -> nn.Module:
+    """Attach adapter `method` to a timm ViT in place and return it.
+
+    All base parameters are frozen; the adapter tensors train, and so does a new zero-initialised head
+    when `num_classes` is given (otherwise the model's own head is kept, frozen). `options` are the
+    method's (e.g. `init="paper" | "identity"` for RLRR); an unknown option is an `AdapterError`.
+    """
+    if getattr(model, RECORD_ATTR, None) is not None:
+        raise AdapterError(f"model already has a '{getattr(model, RECORD_ATTR).method}' adapter")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise AdapterError(f"num_classes must be a positive integer, got {num_classes!r}")
+    adapter = get_method(method)(**options)  # validates options before the model is touched
+    model.requires_grad_(False)
+    adapter.attach(model)
+    if num_classes is not None:
+        _new_zero_head(model, num_classes)
+    setattr(model, RECORD_ATTR, AdapterRecord(method, asdict(adapter.options), new_head=num_classes is not None))
+    for _, p in trainable_named_parameters(model):
+        p.requires_grad_(True)
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter (and new head) tensors only, detached copies, keyed as in `model.state_dict()`."""
+    return {name: p.detach().clone() for name, p in trainable_named_parameters(model)}
+
+
+def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Copy adapter tensors into an adapted model; every key and shape must match, else nothing is copied."""
+    own = dict(trainable_named_parameters(model))
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing:
+        raise AdapterError(f"adapter state is missing '{missing[0]}' ({len(missing)} missing key(s))")
+    if unexpected:
+        raise AdapterError(f"adapter state has unexpected key '{unexpected[0]}' ({len(unexpected)} in all)")
+    for name, p in own.items():
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise AdapterError(
+                f"adapter tensor '{name}' has shape {tuple(state[name].shape)}, the model needs {tuple(p.shape)}"
+            )
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(state[name])
+    return model
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """backbone_params (frozen base, head excluded), adapter_params (head excluded), head_params."""
+    adapter = sum(p.numel() for _, p in _adapter_named_parameters(model))
+    head = sum(p.numel() for _, p in _head_named_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    return {"backbone_params": total - adapter - head, "adapter_params": adapter, "head_params": head}

@@ -1,0 +1,19 @@
+"""Errors a user can cause. The CLI prints them as one line and exits non-zero; bugs keep their traceback."""
+
+
+class VitfoldError(Exception):
+    """Bad input: a wrong option, file, model or layer. CLI exit code 2."""
+
+    exit_code = 2
+
+
+class AdapterError(VitfoldError):
+    """An adapter cannot be attached to, or loaded into, this model."""
+
+
+class FoldError(VitfoldError):
+    """The adapted model cannot be folded (for example a non-finite adapter value)."""
+
+
+class BackboneError(VitfoldError):
+    """The backbone cannot be created or its weights cannot be had."""

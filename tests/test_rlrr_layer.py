@@ -1,0 +1,48 @@
+"""RLRR and SSF layers against the paper's activation-space form, written out here.
+
+Paper Eq. 16 in x·W orientation: y = x(W + s_left ⊙ W ⊙ s_rightᵀ) + b + f, i.e. for nn.Linear
+y = x Wᵀ + ((x ⊙ s_in) Wᵀ) ⊙ s_out + b + f, with q, k, v each using its own s_in.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.adapters.rlrr import SSF, RLRRLinear
+
+
+def test_rlrr_linear_matches_activation_space_form_per_qkv_block():
+    torch.manual_seed(0)
+    d = 6
+    layer = RLRRLinear(nn.Linear(d, 3 * d), groups=3, init="paper").double()
+    with torch.no_grad():
+        layer.f.normal_()
+    x = torch.randn(2, 5, d, dtype=torch.float64)
+    w, b = layer.base.weight, layer.base.bias
+    parts = []
+    for i in range(3):  # q, k, v blocks of the fused projection
+        rows = slice(i * d, (i + 1) * d)
+        scaled = (x * layer.s_in[i]) @ w[rows].T
+        parts.append(x @ w[rows].T + scaled * layer.s_out[rows] + b[rows] + layer.f[rows])
+    expected = torch.cat(parts, dim=-1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    assert layer.s_in.shape == (3, d) and layer.s_out.shape == (3 * d,)
+
+
+def test_ssf_on_conv_output_equals_ssf_on_patch_tokens():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, kernel_size=4, stride=4).double()
+    layer = SSF(conv, dim=1, init="paper").double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    tokens = conv(x).flatten(2).transpose(1, 2)  # [B, N, C]: timm's patch tokens
+    expected = tokens * layer.scale + layer.shift
+    torch.testing.assert_close(layer(x).flatten(2).transpose(1, 2), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_ssf_after_layernorm():
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(8).double()
+    layer = SSF(norm, dim=-1, init="paper").double()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), norm(x) * layer.scale + layer.shift, rtol=1e-12, atol=1e-12)
