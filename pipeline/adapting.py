@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.adapters import AdapterLayer, AdapterRecord, get_method
+from pipeline.adapters import AdapterLayer, AdapterModule, AdapterRecord, get_method
 from pipeline.errors import AdapterError
 
 RECORD_ATTR = "vitfold_adapter"
@@ -33,6 +33,11 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     return ((name, m) for name, m in model.named_modules() if isinstance(m, AdapterLayer))
 
 
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
+    """(name, module) of every adapter module (layers and shared factors), in module order."""
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, AdapterModule))
+
+
 def _head_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     classifier = model.get_classifier()
     heads = classifier if isinstance(classifier, tuple) else (classifier,)  # distilled DeiT: (head, head_dist)
@@ -41,8 +46,8 @@ def _head_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter
 
 
 def _adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    for name, layer in adapter_layers(model):
-        for pname, p in layer.adapter_named_parameters():
+    for name, module in adapter_modules(model):
+        for pname, p in module.adapter_named_parameters():
             yield f"{name}.{pname}", p
 
 

@@ -49,14 +49,18 @@ def main() -> None:
 @click.option("--backbone", required=True, help="timm model name, e.g. vit_base_patch16_224.")
 @click.option("--method", default="rlrr", show_default=True, help="Adapter method.")
 @click.option("--num-classes", type=click.IntRange(min=1), help="Replace the head with a new one of N classes.")
+@click.option("--rank", type=click.IntRange(min=1), help="Rank of the EFFT factors (efft1, efft2).")
 @click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE", help="Adapter option (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def info(backbone: str, method: str, num_classes: int | None, options: tuple[str, ...], as_json: bool) -> None:
+def info(
+    backbone: str, method: str, num_classes: int | None, rank: int | None, options: tuple[str, ...], as_json: bool
+) -> None:
     """Parameter counts of BACKBONE with an adapter attached (random weights, no download)."""
     from pipeline.adapting import adapt, parameter_counts
     from pipeline.backbones import create_backbone
 
-    model = adapt(create_backbone(backbone), method, num_classes=num_classes, **_parse_options(options))
+    method_options = _parse_options(options) | ({"rank": rank} if rank is not None else {})
+    model = adapt(create_backbone(backbone), method, num_classes=num_classes, **method_options)
     counts = {"backbone": backbone, "method": method, **parameter_counts(model)}
     if as_json:
         click.echo(json.dumps(counts, indent=2))

@@ -1,7 +1,8 @@
 """Fold an adapted model back into a plain timm model (PEFT's `merge_and_unload`, made exact and safe).
 
 Every adapter layer is replaced by `layer.fuse()`: the base layer with the adapter folded into its
-weights in float64, cast back to the weight dtype. The input model is left as it was.
+weights in float64, cast back to the weight dtype. Adapter modules that only feed the layers (shared
+factors) and the hooks they registered are then removed. The input model is left as it was.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import copy
 
 from torch import nn
 
-from pipeline.adapters.base import check_finite
-from pipeline.adapting import RECORD_ATTR, adapter_layers, trainable_named_parameters
+from pipeline.adapters.base import AdapterModule, check_finite
+from pipeline.adapting import RECORD_ATTR, adapter_layers, adapter_modules, trainable_named_parameters
 
 
 def fold(model: nn.Module) -> nn.Module:
@@ -25,6 +26,13 @@ def fold(model: nn.Module) -> nn.Module:
     plain = copy.deepcopy(model)
     for name, layer in list(adapter_layers(plain)):
         plain.set_submodule(name, layer.fuse())
+    for name, _ in list(adapter_modules(plain)):
+        parent, _, child = name.rpartition(".")
+        delattr(plain.get_submodule(parent), child)
+    for module in plain.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), AdapterModule)]:
+                del hooks[key]
     delattr(plain, RECORD_ATTR)
     plain.requires_grad_(True)
     return plain

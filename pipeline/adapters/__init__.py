@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from pipeline.adapters.base import AdapterLayer, AdapterMethod, AdapterRecord
+from pipeline.adapters.base import AdapterLayer, AdapterMethod, AdapterModule, AdapterRecord
+from pipeline.adapters.efft import EFFT1, EFFT2
 from pipeline.adapters.rlrr import RLRR
 from pipeline.errors import AdapterError
 
-METHODS: dict[str, type[AdapterMethod]] = {cls.name: cls for cls in (RLRR,)}
+METHODS: dict[str, type[AdapterMethod]] = {cls.name: cls for cls in (RLRR, EFFT1, EFFT2)}
 
 
 def get_method(name: str) -> type[AdapterMethod]:
@@ -17,4 +18,4 @@ def get_method(name: str) -> type[AdapterMethod]:
         raise AdapterError(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})") from None
 
 
-__all__ = ["METHODS", "AdapterLayer", "AdapterMethod", "AdapterRecord", "get_method"]
+__all__ = ["METHODS", "AdapterLayer", "AdapterMethod", "AdapterModule", "AdapterRecord", "get_method"]

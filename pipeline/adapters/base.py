@@ -1,10 +1,11 @@
 """The adapter contract.
 
 An adapter *method* (RLRR, EFFT, ...) is an `AdapterMethod` subclass with an options dataclass; its
-`attach` wraps layers of a timm ViT in `AdapterLayer`s. An `AdapterLayer` holds the frozen layer it
-wraps as `base` and its own trainable tensors as direct parameters, computes the adapted function in
-`forward`, and folds back into a plain module of `base`'s type with `fuse()` — the hook timm's
-`reparameterize_model` calls. Folds are computed in float64 and cast back to the weight dtype.
+`attach` adds `AdapterModule`s to a timm ViT. Every adapter tensor is a direct parameter of an
+`AdapterModule`. An `AdapterLayer` holds the frozen layer it wraps as `base`, computes the adapted
+function in `forward`, and folds back into a plain module of `base`'s type with `fuse()` — the hook
+timm's `reparameterize_model` calls. Other adapter modules (EFFT's factors shared by all blocks) only
+feed the layers and are dropped by the fold. Folds are computed in float64, then cast to the weight dtype.
 """
 
 from __future__ import annotations
@@ -30,8 +31,16 @@ def check_finite(named_tensors: Iterator[tuple[str, torch.Tensor]], what: str = 
             raise FoldError(f"refusing to fold: {what} '{name}' has {bad} non-finite value(s) (NaN or inf)")
 
 
-class AdapterLayer(nn.Module):
-    """A frozen `base` module plus trainable adapter tensors that fold exactly back into it."""
+class AdapterModule(nn.Module):
+    """A module vitfold adds to a model; its direct parameters are adapter tensors."""
+
+    def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The adapter's own tensors (a wrapped base layer excluded)."""
+        return self.named_parameters(recurse=False)
+
+
+class AdapterLayer(AdapterModule):
+    """A frozen `base` module plus adapter tensors (its own or shared) that fold exactly back into it."""
 
     base: nn.Module
 
@@ -39,10 +48,6 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.base = base
         base.requires_grad_(False)
-
-    def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The adapter's own tensors (the wrapped base layer excluded)."""
-        return self.named_parameters(recurse=False)
 
     @abstractmethod
     def folded_parameters(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,250 @@
+"""EFFT: tensor-train factors shared across all blocks, with one core slice per layer (the paper's
+per-layer cores, REFERENCE §2, not the released code's single shared core).
+
+In x·W orientation (W[in, out]), L blocks, rank r, fixed scale s, added to the frozen weights W' = W + ΔW:
+
+EFFT2 (attention and FFN apart), U1 ∈ R^{d×r}, V1 ∈ R^{r×d}, C1 ∈ R^{r×r×4L}, U2 ∈ R^{d×r}, V2 ∈ R^{r×h},
+C2 ∈ R^{r×r×2L} (h = MLP hidden width, 4d in ViTs):
+
+    ΔW_{q,k,v,o}[l] = s · U1 C1[:, :, 4l+j] V1        (j = 0..3)
+    ΔW_fc1[l] = s · U2 C2[:, :, 2l] V2                 (d×h)
+    ΔW_fc2[l] = (s · U2 C2[:, :, 2l+1] V2)ᵀ            (h×d)
+
+EFFT1 (one core over three 4d×d slabs per block), U ∈ R^{4d×r}, V ∈ R^{d×r}, Σ ∈ R^{3L×r×r}:
+
+    slab[l, i] = s · U Σ[3l+i] Vᵀ,   slab[l, 0] = [ΔW_q; ΔW_k; ΔW_v; ΔW_o],  slab[l, 1] = ΔW_fc1ᵀ,
+                                     slab[l, 2] = ΔW_fc2
+
+q, k, v are the three row blocks of timm's fused `attn.qkv` (nn.Linear holds Wᵀ). Only the factors (and
+a new head) train. `init` names the factor that starts at zero ("u" or "v"; EFFT2 one letter for the
+attention factors and one for the FFN factors, e.g. "vu"); the others are Xavier-uniform, so the adapted
+model equals the base at step 0. Dropout acts on the factor tensors U, C, V themselves, in training only.
+
+Cost: the factors are stored once on the model (`model.efft`). At the start of every forward (a
+pre-hook on `patch_embed`) all 6L deltas are built in one batched product — one dropout mask per
+factor per step, shared by all blocks, and no factor product recomputed per layer — and each layer adds
+its delta to its weight and runs one matmul (F.linear(x, W + ΔW)), so the step costs about what full
+fine-tuning's does. The fold builds each block's deltas from its own core slices, in float64.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.adapters.base import AdapterLayer, AdapterMethod, AdapterModule
+from pipeline.errors import AdapterError
+from pipeline.vit import vit_targets
+
+LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # per block, in the order deltas are returned
+
+
+@dataclass(frozen=True)
+class EFFTOptions:
+    """rank r, fixed scale s, dropout p on the factors, and `init` (which factor starts at zero)."""
+
+    rank: int = 16
+    scale: float = 1.0
+    dropout: float = 0.1
+    init: str = "v"
+
+    init_letters = 1  # EFFT2: attention + FFN
+
+    def __post_init__(self) -> None:
+        method = "efft2" if self.init_letters == 2 else "efft1"
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise AdapterError(f"option 'rank' must be a positive integer for method '{method}', got {self.rank!r}")
+        if not 0 <= self.dropout < 1:
+            raise AdapterError(f"option 'dropout' must be in [0, 1) for method '{method}', got {self.dropout!r}")
+        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool):
+            raise AdapterError(f"option 'scale' must be a number for method '{method}', got {self.scale!r}")
+        if len(self.init) != self.init_letters or set(self.init) - {"u", "v"}:
+            example = "'vv' or 'vu'" if self.init_letters == 2 else "'u' or 'v'"
+            raise AdapterError(f"option 'init' must be {example} for method '{method}', got '{self.init}'")
+
+
+@dataclass(frozen=True)
+class EFFT2Options(EFFTOptions):
+    init: str = "vv"
+    init_letters = 2
+
+
+class SharedFactors(AdapterModule):
+    """Factors shared by all blocks; builds the per-layer deltas, in nn.Linear orientation [out, in]."""
+
+    def __init__(self, scale: float, dropout: float) -> None:
+        super().__init__()
+        self.scale = float(scale)
+        self.dropout = dropout
+        self._deltas: dict[str, torch.Tensor] | None = None  # this forward's deltas, built by `build`
+        self._folded = False  # set by `fuse`: the layers hold the deltas now, `build` has nothing to do
+
+    def _factors(self, names: tuple[str, ...], dtype: torch.dtype | None, dropout: bool) -> list[torch.Tensor]:
+        tensors = [getattr(self, n) if dtype is None else getattr(self, n).to(dtype) for n in names]
+        return [F.dropout(t, self.dropout, training=True) for t in tensors] if dropout else tensors
+
+    @abstractmethod
+    def xw_deltas(
+        self, blocks: slice, dtype: torch.dtype | None, dropout: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x·W deltas of `blocks`: attention [n, 4, d, d] (q, k, v, o), fc1 [n, d, h], fc2 [n, h, d]."""
+
+    def linear_deltas(
+        self, blocks: slice = slice(None), dtype: torch.dtype | None = None, dropout: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Deltas of `blocks` in nn.Linear orientation: layer name -> [n, out, in]."""
+        attn, fc1, fc2 = self.xw_deltas(blocks, dtype, dropout)
+        n, _, d, _ = attn.shape
+        return {
+            "attn.qkv": attn[:, :3].transpose(-1, -2).reshape(n, 3 * d, d),  # [n, 3, d, d] -> [n, 3d, d]
+            "attn.proj": attn[:, 3].transpose(-1, -2),  # [n, d, d]
+            "mlp.fc1": fc1.transpose(-1, -2),  # [n, h, d]
+            "mlp.fc2": fc2.transpose(-1, -2),  # [n, d, h]
+        }
+
+    def build(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook: build every layer's delta once for this forward."""
+        if self._folded:
+            return
+        self._deltas = self.linear_deltas(dropout=self.training and self.dropout > 0)
+
+    def release(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """Forward hook: drop this forward's deltas (autograd keeps what backward needs)."""
+        self._deltas = None
+
+    def delta(self, layer: str, block: int) -> torch.Tensor:
+        """The delta of `layer` in `block` for the current forward."""
+        deltas = self._deltas if self._deltas is not None else self.linear_deltas(slice(block, block + 1))
+        index = block if self._deltas is not None else 0
+        return deltas[layer][index]
+
+    def fuse(self) -> nn.Module:
+        """What timm's reparameterize_model leaves in place of the factors (the layers hold the deltas)."""
+        self._folded = True
+        return nn.Identity()
+
+
+def _xavier_then_zero(tensors: dict[str, nn.Parameter], zero: str) -> None:
+    for name, t in tensors.items():
+        if name == zero:
+            nn.init.zeros_(t)
+        else:
+            nn.init.xavier_uniform_(t)
+
+
+class EFFT2Factors(SharedFactors):
+    """U1 [d, r], V1 [r, d], C1 [r, r, 4L]; U2 [d, r], V2 [r, h], C2 [r, r, 2L]."""
+
+    def __init__(self, d: int, h: int, depth: int, opts: EFFTOptions, like: torch.Tensor) -> None:
+        super().__init__(opts.scale, opts.dropout)
+        r, kw = opts.rank, {"device": like.device, "dtype": like.dtype}
+        self.U1, self.V1 = nn.Parameter(torch.empty(d, r, **kw)), nn.Parameter(torch.empty(r, d, **kw))
+        self.C1 = nn.Parameter(torch.empty(r, r, 4 * depth, **kw))
+        self.U2, self.V2 = nn.Parameter(torch.empty(d, r, **kw)), nn.Parameter(torch.empty(r, h, **kw))
+        self.C2 = nn.Parameter(torch.empty(r, r, 2 * depth, **kw))
+        _xavier_then_zero({"U1": self.U1, "C1": self.C1, "V1": self.V1}, zero=opts.init[0].upper() + "1")
+        _xavier_then_zero({"U2": self.U2, "C2": self.C2, "V2": self.V2}, zero=opts.init[1].upper() + "2")
+
+    def xw_deltas(self, blocks, dtype, dropout):
+        u1, c1, v1, u2, c2, v2 = self._factors(("U1", "C1", "V1", "U2", "C2", "V2"), dtype, dropout)
+        start, stop, _ = blocks.indices(self.C2.shape[-1] // 2)
+        c1 = c1[:, :, 4 * start : 4 * stop]  # [r, r, 4n]
+        c2 = c2[:, :, 2 * start : 2 * stop]  # [r, r, 2n]
+        attn = self.scale * torch.einsum("ir,rsk->kis", u1, c1) @ v1  # [4n, d, r] @ [r, d] -> [4n, d, d]
+        ffn = self.scale * torch.einsum("ir,rsk->kis", u2, c2) @ v2  # [2n, d, r] @ [r, h] -> [2n, d, h]
+        n, d, h = stop - start, u1.shape[0], v2.shape[1]
+        ffn = ffn.view(n, 2, d, h)
+        return attn.view(n, 4, d, d), ffn[:, 0], ffn[:, 1].transpose(-1, -2)  # fc2 = (U2 C V2)ᵀ: [n, h, d]
+
+
+class EFFT1Factors(SharedFactors):
+    """U [4d, r], V [d, r], core Σ [3L, r, r]; the MLP must be 4d wide (the slabs are 4d×d)."""
+
+    def __init__(self, d: int, depth: int, opts: EFFTOptions, like: torch.Tensor) -> None:
+        super().__init__(opts.scale, opts.dropout)
+        r, kw = opts.rank, {"device": like.device, "dtype": like.dtype}
+        self.U = nn.Parameter(torch.empty(4 * d, r, **kw))
+        self.V = nn.Parameter(torch.empty(d, r, **kw))
+        self.core = nn.Parameter(torch.empty(3 * depth, r, r, **kw))
+        _xavier_then_zero({"U": self.U, "core": self.core, "V": self.V}, zero=opts.init.upper())
+
+    def xw_deltas(self, blocks, dtype, dropout):
+        u, core, v = self._factors(("U", "core", "V"), dtype, dropout)
+        start, stop, _ = blocks.indices(self.core.shape[0] // 3)
+        slabs = self.scale * (u @ core[3 * start : 3 * stop]) @ v.T  # [3n, 4d, r] @ [r, d] -> [3n, 4d, d]
+        n, d = stop - start, v.shape[0]
+        slabs = slabs.view(n, 3, 4 * d, d)
+        attn = slabs[:, 0].view(n, 4, d, d)  # [ΔW_q; ΔW_k; ΔW_v; ΔW_o] stacked on the input axis
+        return attn, slabs[:, 1].transpose(-1, -2), slabs[:, 2]  # fc1 = slab1ᵀ [n, d, 4d]; fc2 [n, 4d, d]
+
+
+class DeltaLinear(AdapterLayer):
+    """W' = W + ΔW[block] with ΔW from the shared factors; b unchanged. Folds to W + ΔW (float64)."""
+
+    def __init__(self, base: nn.Linear, factors: SharedFactors, layer: str, block: int) -> None:
+        super().__init__(base)
+        object.__setattr__(self, "factors", factors)  # a reference, not a submodule: stored once, on the model
+        self.layer, self.block = layer, block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.base.weight + self.factors.delta(self.layer, self.block), self.base.bias)
+
+    def folded_parameters(self) -> dict[str, torch.Tensor]:
+        deltas = self.factors.linear_deltas(slice(self.block, self.block + 1), dtype=torch.float64)
+        return {"weight": self.base.weight.to(torch.float64) + deltas[self.layer][0]}
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, block={self.block}"
+
+
+class _EFFT(AdapterMethod):
+    @abstractmethod
+    def make_factors(self, model: nn.Module, d: int, h: int, depth: int) -> SharedFactors:
+        """The method's factors for a ViT of width d, MLP width h and `depth` blocks."""
+
+    def attach(self, model: nn.Module) -> None:
+        targets = vit_targets(model, shifts=False)
+        first = model.blocks[0]
+        d, h = first.attn.qkv.in_features, first.mlp.fc1.out_features
+        for target in targets.linears:
+            layer = model.get_submodule(target.name)
+            block, name = target.name.split(".", 2)[1:]
+            expect = {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (h, d), "mlp.fc2": (d, h)}[name]
+            if tuple(layer.weight.shape) != expect:
+                raise AdapterError(
+                    f"layer '{target.name}' has weight shape {tuple(layer.weight.shape)}; {self.name} shares "
+                    f"factors across blocks and needs {expect} in every block"
+                )
+        factors = self.make_factors(model, d, h, targets.depth)
+        model.efft = factors
+        for target in targets.linears:
+            block, name = target.name.split(".", 2)[1:]
+            model.set_submodule(target.name, DeltaLinear(model.get_submodule(target.name), factors, name, int(block)))
+        model.patch_embed.register_forward_pre_hook(factors.build)
+        model.register_forward_hook(factors.release)
+
+
+class EFFT1(_EFFT):
+    """EFFT1: one U, V and a 3L-slice core over the [q; k; v; o], fc1ᵀ and fc2 slabs of every block."""
+
+    name = "efft1"
+    options_type = EFFTOptions
+
+    def make_factors(self, model, d, h, depth):
+        if h != 4 * d:
+            raise AdapterError(f"layer 'blocks.0.mlp.fc1' is {h} wide; efft1's 4d×d slabs need an MLP of 4·{d}")
+        return EFFT1Factors(d, depth, self.options, like=model.blocks[0].attn.qkv.weight)
+
+
+class EFFT2(_EFFT):
+    """EFFT2: attention factors U1, V1, C1 and FFN factors U2, V2, C2."""
+
+    name = "efft2"
+    options_type = EFFT2Options
+
+    def make_factors(self, model, d, h, depth):
+        return EFFT2Factors(d, h, depth, self.options, like=model.blocks[0].attn.qkv.weight)
