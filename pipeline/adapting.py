@@ -81,6 +81,7 @@ def adapt(model: nn.Module, method: str = "rlrr", *, num_classes: int | None = N
     adapter.attach(model)
     if num_classes is not None:
         _new_zero_head(model, num_classes)
+    model.train(model.training)  # new modules take the model's train/eval mode
     setattr(model, RECORD_ATTR, AdapterRecord(method, asdict(adapter.options), new_head=num_classes is not None))
     for _, p in trainable_named_parameters(model):
         p.requires_grad_(True)

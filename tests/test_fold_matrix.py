@@ -1,0 +1,162 @@
+"""Fold exactness over one matrix of adapter methods x ViTs, against folds written out from the papers'
+formulas in `reference_folds.py` (not vitfold's fold code).
+
+Each case: random base weights, every adapter and head tensor drawn at random (non-identity), batch
+sizes 1 and 4. A new adapter method is one row here plus its reference fold.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+
+import pytest
+import torch
+from conftest import images, make_vit, randomize_trainable, rel
+from reference_folds import reference_fold
+
+import pipeline
+
+VIT_B = ("vit_base_patch16_224", ())
+TINY_KW = (("img_size", 32), ("patch_size", 8))
+SLOW = pytest.mark.slow
+EFFT_OPTS = (("rank", 8), ("scale", 0.7))
+
+# id -> (method, options, backbone, create kwargs, new head classes). Heads of >= 100 classes, so that the
+# float32 error of a batch is a statistic (the 1.5x bar is noise over a dozen logits).
+CASES = {
+    "rlrr-vit_base": pytest.param(("rlrr", (), *VIT_B, 1000), marks=SLOW),
+    "rlrr-deit_small": ("rlrr", (), "deit_small_patch16_224", (), 100),
+    "rlrr-vit_small_img96_patch8": ("rlrr", (), "vit_small_patch16_224", (("img_size", 96), ("patch_size", 8)), 100),
+    "rlrr-tiny_avgpool_fc_norm": (
+        "rlrr",
+        (),
+        "vit_tiny_patch16_224",
+        TINY_KW + (("depth", 2), ("global_pool", "avg")),
+        100,
+    ),
+    "rlrr-tiny_reg_tokens": (
+        "rlrr",
+        (),
+        "vit_tiny_patch16_224",
+        TINY_KW + (("depth", 3), ("reg_tokens", 2), ("no_embed_class", True)),
+        100,
+    ),
+    "efft1-vit_base": pytest.param(("efft1", (("rank", 32), ("scale", 0.7)), *VIT_B, 1000), marks=SLOW),
+    "efft1-tiny_depth5": (
+        "efft1",
+        EFFT_OPTS + (("init", "u"),),
+        "vit_tiny_patch16_224",
+        TINY_KW + (("depth", 5),),
+        100,
+    ),
+    "efft2-vit_base": pytest.param(("efft2", (("rank", 32), ("scale", 0.7)), *VIT_B, 1000), marks=SLOW),
+    "efft2-small_depth3": (
+        "efft2",
+        EFFT_OPTS + (("init", "vu"),),
+        "vit_small_patch16_224",
+        TINY_KW + (("depth", 3),),
+        100,
+    ),
+    "efft2-tiny_mlp_ratio2": (
+        "efft2",
+        EFFT_OPTS,
+        "vit_tiny_patch16_224",
+        TINY_KW + (("depth", 2), ("mlp_ratio", 2.0)),
+        100,
+    ),
+}
+
+
+@lru_cache(maxsize=1)
+def built(method: str, options: tuple, name: str, kwargs: tuple, num_classes: int):
+    base = make_vit(name, **dict(kwargs))
+    adapted = pipeline.adapt(copy.deepcopy(base), method, num_classes=num_classes, **dict(options))
+    randomize_trainable(adapted, std=0.05)
+    folded = pipeline.fold(adapted).eval()
+    reference = make_vit(name, num_classes=num_classes, **dict(kwargs)).double()
+    reference.load_state_dict(reference_fold(adapted, method, dict(options)), strict=True)
+    base.reset_classifier(num_classes)  # the base with a head of the right size, for the "differs" check
+    base.head.weight.data.copy_(adapted.head.weight.data)
+    base.head.bias.data.copy_(adapted.head.bias.data)
+    return base, adapted, folded, reference
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_fold_is_exact(case):
+    base, adapted, folded, reference = built(*case)
+    adapted64 = copy.deepcopy(adapted).double()  # the unmerged model evaluated in float64
+    for batch in (1, 4):
+        x = images(adapted, batch)
+        with torch.no_grad():
+            y_base, y_adapted, y_folded = base(x), adapted(x), folded(x)
+            y64, y_ref = adapted64(x.double()), reference(x.double())
+        assert rel(y_adapted, y_base) >= 1e-2, "adapter is near identity: this test could not fail"
+        assert rel(y_ref, y64) <= 1e-10, f"batch {batch}: unmerged forward disagrees with the paper's formulas"
+        assert rel(y_folded, y_adapted) <= 1e-5, f"batch {batch}"
+        assert rel(y_folded, y64) <= 1.5 * rel(y_adapted, y64), f"batch {batch}"
+
+
+PLAIN_CASES = ["rlrr-deit_small", "rlrr-vit_small_img96_patch8", "efft1-tiny_depth5", "efft2-small_depth3"]
+
+
+@pytest.mark.parametrize("case", [CASES[c] for c in PLAIN_CASES], ids=PLAIN_CASES)
+def test_folded_model_is_plain_timm_and_loads_strictly(case):
+    _, _, name, kwargs, num_classes = case
+    _, adapted, folded, _ = built(*case)
+    fresh = make_vit(name, seed=123, num_classes=num_classes, **dict(kwargs))
+    assert {k: v.shape for k, v in folded.state_dict().items()} == {k: v.shape for k, v in fresh.state_dict().items()}
+    fresh.load_state_dict(folded.state_dict(), strict=True)
+    x = images(adapted, 2)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), folded(x))
+    assert type(folded) is type(fresh)
+    assert not any(isinstance(m, pipeline.adapters.AdapterModule) for m in folded.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in folded.modules()), "adapter hooks left"
+    assert not hasattr(folded, "vitfold_adapter")
+    assert all(p.requires_grad for p in folded.parameters())
+
+
+METHOD_OPTIONS = {"rlrr": {}, "efft1": {"rank": 4, "scale": 0.7}, "efft2": {"rank": 4, "scale": 0.7}}
+
+
+def _tiny_adapted(method: str, dtype: torch.dtype = torch.float32, num_classes: int | None = 3) -> torch.nn.Module:
+    model = make_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).to(dtype)
+    adapted = pipeline.adapt(model, method, num_classes=num_classes, **METHOD_OPTIONS[method])
+    randomize_trainable(adapted, std=0.3)
+    return adapted
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_fold_leaves_adapted_model_untouched(method):
+    adapted = _tiny_adapted(method)
+    before = {k: v.clone() for k, v in adapted.state_dict().items()}
+    pipeline.fold(adapted)
+    after = adapted.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert adapted._forward_hooks or method == "rlrr", "the adapted model lost its hooks"
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_fold_is_computed_in_float64_then_cast(method):
+    """bf16 weights: every folded weight equals the float64 formula rounded once to bf16."""
+    adapted = _tiny_adapted(method, dtype=torch.bfloat16, num_classes=None)
+    expected = reference_fold(adapted, method, METHOD_OPTIONS[method])
+    folded = pipeline.fold(adapted).state_dict()
+    for key in ("blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.weight", "blocks.1.norm2.weight", "norm.bias"):
+        assert folded[key].dtype == torch.bfloat16
+        assert torch.equal(folded[key], expected[key].to(torch.bfloat16)), key
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_timm_reparameterize_model_folds_through_fuse(method):
+    from timm.utils.model import reparameterize_model
+
+    adapted = _tiny_adapted(method).eval()
+    fused = reparameterize_model(adapted)
+    assert not any(isinstance(m, pipeline.adapters.AdapterLayer) for m in fused.modules())
+    folded = pipeline.fold(adapted)
+    x = images(adapted, 2)
+    with torch.no_grad():
+        assert rel(fused(x), adapted(x)) <= 1e-5
+        assert torch.equal(fused(x), folded(x))
