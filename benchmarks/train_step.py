@@ -1,5 +1,5 @@
-"""Training-step and inference timings: RLRR vs full fine-tuning vs the frozen forward, and the folded
-model vs a fresh timm model of the same configuration.
+"""Training-step and inference timings: RLRR and EFFT2 vs full fine-tuning vs the frozen forward, and
+the folded model vs a fresh timm model of the same configuration.
 
     python benchmarks/train_step.py --backbone vit_base_patch16_224 --batch-size 8 --out bench.json
 
@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="vit_small_patch16_224")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--num-classes", type=int, default=10)
+    ap.add_argument("--efft-rank", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--warmup", type=int, default=2)
@@ -92,10 +93,12 @@ def main() -> None:
 
     full = copy.deepcopy(base)
     rlrr = pipeline.adapt(copy.deepcopy(base), "rlrr", num_classes=args.num_classes)
+    efft2 = pipeline.adapt(copy.deepcopy(base), "efft2", num_classes=args.num_classes, rank=args.efft_rank)
     train = _time(
         {
             "full fine-tuning step": _train_step(full, x, y),
             "rlrr step": _train_step(rlrr, x, y),
+            f"efft2 r{args.efft_rank} step": _train_step(efft2, x, y),
             "frozen forward": _forward(base, x),
         },
         device,
@@ -103,7 +106,7 @@ def main() -> None:
         args.iters,
         args.rounds,
     )
-    del full
+    del full, efft2
     folded = pipeline.fold(rlrr)
     fresh = timm.create_model(args.backbone, num_classes=args.num_classes).to(device)
     infer = _time(
@@ -130,6 +133,9 @@ def main() -> None:
         "ratios": {
             "rlrr_step / full_step": t["rlrr step"]["median_ms"] / t["full fine-tuning step"]["median_ms"],
             "rlrr_step / frozen_forward": t["rlrr step"]["median_ms"] / t["frozen forward"]["median_ms"],
+            "efft2_step / full_step": t[f"efft2 r{args.efft_rank} step"]["median_ms"]
+            / t["full fine-tuning step"]["median_ms"],
+            "efft2_step / rlrr_step": t[f"efft2 r{args.efft_rank} step"]["median_ms"] / t["rlrr step"]["median_ms"],
             "folded / fresh": t["folded forward"]["median_ms"] / t["fresh timm forward"]["median_ms"],
             "unmerged / folded": t["unmerged rlrr forward"]["median_ms"] / t["folded forward"]["median_ms"],
         },

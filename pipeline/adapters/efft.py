@@ -80,7 +80,7 @@ class SharedFactors(AdapterModule):
         super().__init__()
         self.scale = float(scale)
         self.dropout = dropout
-        self._deltas: dict[str, torch.Tensor] | None = None  # this forward's deltas, built by `build`
+        self._deltas: dict[str, tuple[torch.Tensor, ...]] | None = None  # this forward's, per block
         self._folded = False  # set by `fuse`: the layers hold the deltas now, `build` has nothing to do
 
     def _factors(self, names: tuple[str, ...], dtype: torch.dtype | None, dropout: bool) -> list[torch.Tensor]:
@@ -88,39 +88,45 @@ class SharedFactors(AdapterModule):
         return [F.dropout(t, self.dropout, training=True) for t in tensors] if dropout else tensors
 
     @abstractmethod
-    def xw_deltas(
+    def stacked_deltas(
         self, blocks: slice, dtype: torch.dtype | None, dropout: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x·W deltas of `blocks`: attention [n, 4, d, d] (q, k, v, o), fc1 [n, d, h], fc2 [n, h, d]."""
+        """Contiguous nn.Linear-orientation deltas of `blocks` (n of them): attention [n, 4, d, d]
+        (q, k, v, o; each [out, in]), fc1 [n, h, d], fc2 [n, d, h]."""
 
     def linear_deltas(
         self, blocks: slice = slice(None), dtype: torch.dtype | None = None, dropout: bool = False
-    ) -> dict[str, torch.Tensor]:
-        """Deltas of `blocks` in nn.Linear orientation: layer name -> [n, out, in]."""
-        attn, fc1, fc2 = self.xw_deltas(blocks, dtype, dropout)
-        n, _, d, _ = attn.shape
-        return {
-            "attn.qkv": attn[:, :3].transpose(-1, -2).reshape(n, 3 * d, d),  # [n, 3, d, d] -> [n, 3d, d]
-            "attn.proj": attn[:, 3].transpose(-1, -2),  # [n, d, d]
-            "mlp.fc1": fc1.transpose(-1, -2),  # [n, h, d]
-            "mlp.fc2": fc2.transpose(-1, -2),  # [n, d, h]
-        }
+    ) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Deltas of `blocks`: layer name -> one [out, in] tensor per block.
+
+        Split with unbind/split only, so each layer's backward writes its own slice into one stack
+        instead of zero-filling a full-size gradient per layer."""
+        attn, fc1, fc2 = self.stacked_deltas(blocks, dtype, dropout)
+        d = attn.shape[-1]
+        qkv, proj = [], []
+        for block in attn.unbind(0):  # [4, d, d]
+            q_k_v, o = block.split([3, 1])
+            qkv.append(q_k_v.reshape(3 * d, d))  # [3, d, d] -> [3d, d], a view
+            proj.append(o.squeeze(0))
+        return {"attn.qkv": tuple(qkv), "attn.proj": tuple(proj), "mlp.fc1": fc1.unbind(0), "mlp.fc2": fc2.unbind(0)}
+
+    def _dropout_now(self) -> bool:
+        return self.training and self.dropout > 0
 
     def build(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook: build every layer's delta once for this forward."""
-        if self._folded:
-            return
-        self._deltas = self.linear_deltas(dropout=self.training and self.dropout > 0)
+        if not self._folded:
+            self._deltas = self.linear_deltas(dropout=self._dropout_now())
 
     def release(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """Forward hook: drop this forward's deltas (autograd keeps what backward needs)."""
         self._deltas = None
 
     def delta(self, layer: str, block: int) -> torch.Tensor:
-        """The delta of `layer` in `block` for the current forward."""
-        deltas = self._deltas if self._deltas is not None else self.linear_deltas(slice(block, block + 1))
-        index = block if self._deltas is not None else 0
-        return deltas[layer][index]
+        """The delta of `layer` in `block` for the current forward (built alone if called outside one)."""
+        if self._deltas is not None:
+            return self._deltas[layer][block]
+        return self.linear_deltas(slice(block, block + 1), dropout=self._dropout_now())[layer][0]
 
     def fuse(self) -> nn.Module:
         """What timm's reparameterize_model leaves in place of the factors (the layers hold the deltas)."""
@@ -149,16 +155,17 @@ class EFFT2Factors(SharedFactors):
         _xavier_then_zero({"U1": self.U1, "C1": self.C1, "V1": self.V1}, zero=opts.init[0].upper() + "1")
         _xavier_then_zero({"U2": self.U2, "C2": self.C2, "V2": self.V2}, zero=opts.init[1].upper() + "2")
 
-    def xw_deltas(self, blocks, dtype, dropout):
+    def stacked_deltas(self, blocks, dtype, dropout):
         u1, c1, v1, u2, c2, v2 = self._factors(("U1", "C1", "V1", "U2", "C2", "V2"), dtype, dropout)
         start, stop, _ = blocks.indices(self.C2.shape[-1] // 2)
+        n, d = stop - start, u1.shape[0]
         c1 = c1[:, :, 4 * start : 4 * stop]  # [r, r, 4n]
         c2 = c2[:, :, 2 * start : 2 * stop]  # [r, r, 2n]
-        attn = self.scale * torch.einsum("ir,rsk->kis", u1, c1) @ v1  # [4n, d, r] @ [r, d] -> [4n, d, d]
-        ffn = self.scale * torch.einsum("ir,rsk->kis", u2, c2) @ v2  # [2n, d, r] @ [r, h] -> [2n, d, h]
-        n, d, h = stop - start, u1.shape[0], v2.shape[1]
-        ffn = ffn.view(n, 2, d, h)
-        return attn.view(n, 4, d, d), ffn[:, 0], ffn[:, 1].transpose(-1, -2)  # fc2 = (U2 C V2)ᵀ: [n, h, d]
+        # (s U C V)ᵀ = s Vᵀ Cᵀ Uᵀ: q, k, v, o and fc1 are the transposes of their x·W deltas
+        attn = self.scale * torch.einsum("sj,rsk->kjr", v1, c1) @ u1.T  # [4n, d, r] @ [r, d] -> [4n, d, d]
+        fc1 = self.scale * torch.einsum("sj,rsk->kjr", v2, c2[:, :, 0::2]) @ u2.T  # [n, h, r] @ [r, d] -> [n, h, d]
+        fc2 = self.scale * torch.einsum("ir,rsk->kis", u2, c2[:, :, 1::2]) @ v2  # [n, d, r] @ [r, h] -> [n, d, h]
+        return attn.view(n, 4, d, d), fc1, fc2
 
 
 class EFFT1Factors(SharedFactors):
@@ -172,14 +179,18 @@ class EFFT1Factors(SharedFactors):
         self.core = nn.Parameter(torch.empty(3 * depth, r, r, **kw))
         _xavier_then_zero({"U": self.U, "core": self.core, "V": self.V}, zero=opts.init.upper())
 
-    def xw_deltas(self, blocks, dtype, dropout):
+    def stacked_deltas(self, blocks, dtype, dropout):
         u, core, v = self._factors(("U", "core", "V"), dtype, dropout)
         start, stop, _ = blocks.indices(self.core.shape[0] // 3)
-        slabs = self.scale * (u @ core[3 * start : 3 * stop]) @ v.T  # [3n, 4d, r] @ [r, d] -> [3n, 4d, d]
-        n, d = stop - start, v.shape[0]
-        slabs = slabs.view(n, 3, 4 * d, d)
-        attn = slabs[:, 0].view(n, 4, d, d)  # [ΔW_q; ΔW_k; ΔW_v; ΔW_o] stacked on the input axis
-        return attn, slabs[:, 1].transpose(-1, -2), slabs[:, 2]  # fc1 = slab1ᵀ [n, d, 4d]; fc2 [n, 4d, d]
+        n, d, r = stop - start, v.shape[0], v.shape[1]
+        core = core[3 * start : 3 * stop].view(n, 3, r, r)
+        # slab 0 = s U Σ0 Vᵀ stacks the x·W deltas of q, k, v, o on its input axis: part p is s U_p Σ0 Vᵀ,
+        # whose nn.Linear form is s V Σ0ᵀ U_pᵀ
+        v_core = self.scale * v @ core[:, 0].transpose(-1, -2)  # [d, r] @ [n, r, r] -> [n, d, r]
+        attn = v_core.unsqueeze(1) @ u.view(4, d, r).transpose(-1, -2)  # [n, 1, d, r] @ [4, r, d] -> [n, 4, d, d]
+        fc1 = self.scale * (u @ core[:, 1]) @ v.T  # slab 1 = ΔW_fc1ᵀ, already [out, in]: [n, 4d, d]
+        fc2 = self.scale * (v @ core[:, 2].transpose(-1, -2)) @ u.T  # slab 2ᵀ = s V Σ2ᵀ Uᵀ: [n, d, 4d]
+        return attn, fc1, fc2
 
 
 class DeltaLinear(AdapterLayer):
@@ -194,8 +205,8 @@ class DeltaLinear(AdapterLayer):
         return F.linear(x, self.base.weight + self.factors.delta(self.layer, self.block), self.base.bias)
 
     def folded_parameters(self) -> dict[str, torch.Tensor]:
-        deltas = self.factors.linear_deltas(slice(self.block, self.block + 1), dtype=torch.float64)
-        return {"weight": self.base.weight.to(torch.float64) + deltas[self.layer][0]}
+        (delta,) = self.factors.linear_deltas(slice(self.block, self.block + 1), dtype=torch.float64)[self.layer]
+        return {"weight": self.base.weight.to(torch.float64) + delta}
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, block={self.block}"
