@@ -1,4 +1,8 @@
-"""The run config: one dataclass, read from and written to YAML. `None` means "not set"."""
+"""The run config: dataclasses read from and written to YAML. `None` means "not set".
+
+`load_config` resolves every value (see `pipeline.recipes` for the order), so the `config.yaml` a run
+saves says exactly what ran.
+"""
 
 from __future__ import annotations
 
@@ -9,34 +13,88 @@ from typing import Any
 import yaml
 
 from pipeline.errors import VitfoldError
+from pipeline.recipes import method_train_defaults, resolve_recipe
+
+
+@dataclass
+class TrainConfig:
+    epochs: int | None = None
+    batch_size: int | None = None  # global batch (split over DDP processes)
+    lr: float | None = None
+    weight_decay: float | None = None  # not applied to biases, norms and 1-d tensors
+    warmup_epochs: float | None = None
+    warmup_lr: float | None = None
+    min_lr: float | None = None
+    drop_path: float | None = None
+    hflip: bool | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    label_smoothing: float = 0.0
+    eval_every: int = 1
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda
 
 
 @dataclass
 class RunConfig:
     backbone: str = "vit_tiny_patch16_224"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. img_size, patch_size, depth
+    checkpoint: str | None = None  # local weights for the backbone
+    pretrained: bool = False  # hub weights (needs network)
+    data: str = "digits"
     method: str = "rlrr"
     method_options: dict[str, Any] = field(default_factory=dict)  # e.g. init, rank, scale
-    num_classes: int | None = None
+    recipe: str | None = None
+    num_classes: int | None = None  # None: the dataset's class count
     seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["train"] = {k: list(v) if isinstance(v, tuple) else v for k, v in data["train"].items()}
+        return data
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(asdict(self), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def load_config(path: str | Path | None, **overrides: Any) -> RunConfig:
-    """Read a YAML run config (or the defaults), then apply the non-None `overrides`."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise VitfoldError(f"cannot read config {path}: {e}") from None
-        if not isinstance(data, dict):
-            raise VitfoldError(f"config {path}: expected a mapping at the top level")
-    known = {f.name for f in fields(RunConfig)}
+def _check_keys(data: dict[str, Any], cls: type, where: str) -> None:
+    known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise VitfoldError(f"config {path}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+        raise VitfoldError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise VitfoldError(f"cannot read config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise VitfoldError(f"config {path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, train: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
+    """Defaults < method's paper recipe < `recipe` < config file < non-None `overrides` (and `train`)."""
+    data = _read_yaml(path) if path is not None else {}
+    where = f"config {path}" if path is not None else "config"
+    _check_keys(data, RunConfig, where)
+    user_train = dict(data.pop("train", None) or {})
+    _check_keys(user_train, TrainConfig, f"{where}: train")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return RunConfig(**data)
+    user_train.update({k: v for k, v in (train or {}).items() if v is not None})
+
+    method = data.get("method", RunConfig.method)
+    train_values, options = method_train_defaults(method), {}
+    if data.get("recipe"):
+        recipe_method, train_values, options = resolve_recipe(data["recipe"])
+        if "method" in data and data["method"] != recipe_method:
+            raise VitfoldError(f"recipe '{data['recipe']}' is for method '{recipe_method}', not '{data['method']}'")
+        data["method"] = recipe_method
+    train_values.update(user_train)
+    for key in ("mean", "std"):
+        if train_values.get(key) is not None:
+            train_values[key] = tuple(float(v) for v in train_values[key])
+    data["method_options"] = {**options, **(data.get("method_options") or {})}
+    return RunConfig(**data, train=TrainConfig(**train_values))

@@ -17,3 +17,11 @@ class FoldError(VitfoldError):
 
 class BackboneError(VitfoldError):
     """The backbone cannot be created or its weights cannot be had."""
+
+
+class DataError(VitfoldError):
+    """A dataset cannot be read: a bad --data spec, a missing split, an empty class, a corrupt image."""
+
+
+class CheckpointError(VitfoldError):
+    """A checkpoint cannot be read or does not fit the backbone or the run."""
