@@ -7,6 +7,7 @@ pipeline.load_adapter(other_adapted_model, state)
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
@@ -52,10 +53,17 @@ def _adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parame
 
 
 def trainable_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Adapter tensors, then the new head's (if `adapt` made one): exactly what the adapter file holds."""
-    yield from _adapter_named_parameters(model)
-    if adapter_record(model).new_head:
-        yield from _head_named_parameters(model)
+    """Adapter tensors (and, for full fine-tuning, the base), then the new head's if `adapt` made one:
+    exactly what the adapter file holds. Each tensor once."""
+    record = adapter_record(model)
+    seen: set[int] = set()
+    head = _head_named_parameters(model) if record.new_head else iter(())
+    for name, p in itertools.chain(
+        _adapter_named_parameters(model), get_method(record.method).trainable_base(model), head
+    ):
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield name, p
 
 
 def _new_zero_head(model: nn.Module, num_classes: int) -> None:
@@ -114,8 +122,10 @@ def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """backbone_params (frozen base, head excluded), adapter_params (head excluded), head_params."""
-    adapter = sum(p.numel() for _, p in _adapter_named_parameters(model))
+    """backbone_params (base, head excluded), adapter_params (trainable, head excluded), head_params."""
+    head_ids = {id(p) for _, p in _head_named_parameters(model)}
+    added = sum(p.numel() for _, p in _adapter_named_parameters(model))
+    trainable = sum(p.numel() for _, p in trainable_named_parameters(model) if id(p) not in head_ids)
     head = sum(p.numel() for _, p in _head_named_parameters(model))
     total = sum(p.numel() for p in model.parameters())
-    return {"backbone_params": total - adapter - head, "adapter_params": adapter, "head_params": head}
+    return {"backbone_params": total - added - head, "adapter_params": trainable, "head_params": head}

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from torch import nn
 
-from pipeline.errors import BackboneError
+from pipeline.errors import BackboneError, CheckpointError
 
 HUB_TIMEOUT_S = 3.0
 
@@ -50,3 +51,63 @@ def create_backbone(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn
     if not isinstance(model, VisionTransformer):
         raise BackboneError(f"backbone '{name}' is a {type(model).__name__}, not a timm VisionTransformer")
     return model
+
+
+def _read_state_dict(path: Path) -> dict[str, Any]:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "module"):  # common training-checkpoint wrappers
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        return state
+    raise CheckpointError(f"checkpoint {path}: unknown format '{suffix}' (use .safetensors, .pth/.bin or .npz)")
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load local backbone weights: `.safetensors`, `.pth`/`.bin` (weights_only) or Google `.npz`.
+
+    Every backbone key must be present with its shape; the classifier head may differ (a new head
+    replaces it). Fails naming the first missing, unexpected or mismatched key.
+    """
+    from timm.models.vision_transformer import _load_weights, checkpoint_filter_fn
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix.lower() == ".npz":
+        try:
+            _load_weights(model, str(path))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path} does not fit the backbone: {e}") from None
+        return
+    try:
+        state = checkpoint_filter_fn(_read_state_dict(path), model)  # timm's own key/format conversions
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable file is an input error naming the file
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    own = model.state_dict()
+    head = {k for k in own if k.startswith(("head.", "head_dist."))}
+    for key, value in own.items():
+        if key not in state:
+            if key in head:
+                continue
+            raise CheckpointError(f"checkpoint {path} lacks '{key}' that the backbone needs")
+        if tuple(state[key].shape) != tuple(value.shape):
+            if key in head:
+                state.pop(key)
+                continue
+            raise CheckpointError(
+                f"checkpoint {path}: '{key}' has shape {tuple(state[key].shape)}, the backbone has {tuple(value.shape)}"
+            )
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise CheckpointError(f"checkpoint {path} has '{unexpected[0]}', which the backbone does not have")
+    model.load_state_dict(state, strict=False)

@@ -12,19 +12,25 @@ from typing import Any
 STAGES = ("train", "fold", "export", "verify", "bench", "report")
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to a temp file beside `path`, then rename: a reader never sees half a file."""
+def atomic_replace(path: str | Path, data: bytes) -> Path:
+    """Write `data` to a temp file beside `path`, fsync, then rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_replace(path, text.encode())
 
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:

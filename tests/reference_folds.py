@@ -75,7 +75,24 @@ def efft1(sd: dict[str, Tensor], options: dict) -> dict[str, Tensor]:
     return _add_linear_deltas(sd, deltas)
 
 
-REFERENCE_FOLDS = {"rlrr": rlrr, "efft1": efft1, "efft2": efft2}
+def lora(sd: dict[str, Tensor], options: dict) -> dict[str, Tensor]:
+    """W' = W + (α / r) B A, α = r unless given."""
+    r = options["rank"]
+    scaling = options.get("alpha", r) / r
+    out = {}
+    for key in [k for k in sd if k.endswith(".A")]:
+        p = key[: -len(".A")]
+        a, b, w, bias = _pop(sd, p, ("A", "B", "base.weight", "base.bias"))
+        out[f"{p}.weight"], out[f"{p}.bias"] = w + scaling * b @ a, bias
+    return {**sd, **out}
+
+
+def unchanged(sd: dict[str, Tensor], options: dict) -> dict[str, Tensor]:
+    """Linear probe and full fine-tuning train the plain model's own tensors: nothing to fold."""
+    return sd
+
+
+REFERENCE_FOLDS = {"rlrr": rlrr, "efft1": efft1, "efft2": efft2, "lora": lora, "linear": unchanged, "full": unchanged}
 
 
 def reference_fold(adapted: torch.nn.Module, method: str, options: dict) -> dict[str, Tensor]:

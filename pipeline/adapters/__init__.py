@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pipeline.adapters.base import AdapterLayer, AdapterMethod, AdapterModule, AdapterRecord
+from pipeline.adapters.baselines import FullFineTune, LinearProbe, LoRA
 from pipeline.adapters.efft import EFFT1, EFFT2
 from pipeline.adapters.rlrr import RLRR
 from pipeline.errors import AdapterError
 
-METHODS: dict[str, type[AdapterMethod]] = {cls.name: cls for cls in (RLRR, EFFT1, EFFT2)}
+METHODS: dict[str, type[AdapterMethod]] = {
+    cls.name: cls for cls in (RLRR, EFFT1, EFFT2, LoRA, LinearProbe, FullFineTune)
+}
 
 
 def get_method(name: str) -> type[AdapterMethod]:

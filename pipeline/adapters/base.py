@@ -66,6 +66,22 @@ class AdapterLayer(AdapterModule):
         return plain
 
 
+class AdditiveLinear(AdapterLayer):
+    """W' = W + ΔW, b unchanged: one matmul with the summed weight; folds to W + ΔW built in float64."""
+
+    base: nn.Linear
+
+    @abstractmethod
+    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """ΔW [out, in] for this forward (in `dtype` if given, for the fold)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.base.weight + self.delta(), self.base.bias)
+
+    def folded_parameters(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.base.weight.to(torch.float64) + self.delta(torch.float64)}
+
+
 @dataclass(frozen=True)
 class AdapterRecord:
     """What `pipeline.adapt` did to a model; kept on it as `model.vitfold_adapter`."""
@@ -93,3 +109,8 @@ class AdapterMethod(ABC):
     @abstractmethod
     def attach(self, model: nn.Module) -> None:
         """Wrap the model's layers in adapter layers, in place (the caller freezes the rest)."""
+
+    @classmethod
+    def trainable_base(cls, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        """Base parameters that train too (full fine-tuning); none for a parameter-efficient method."""
+        return iter(())

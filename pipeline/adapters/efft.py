@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.adapters.base import AdapterLayer, AdapterMethod, AdapterModule
+from pipeline.adapters.base import AdapterMethod, AdapterModule, AdditiveLinear
 from pipeline.errors import AdapterError
 from pipeline.vit import vit_targets
 
@@ -193,7 +193,7 @@ class EFFT1Factors(SharedFactors):
         return attn, fc1, fc2
 
 
-class DeltaLinear(AdapterLayer):
+class DeltaLinear(AdditiveLinear):
     """W' = W + ΔW[block] with ΔW from the shared factors; b unchanged. Folds to W + ΔW (float64)."""
 
     def __init__(self, base: nn.Linear, factors: SharedFactors, layer: str, block: int) -> None:
@@ -201,12 +201,11 @@ class DeltaLinear(AdapterLayer):
         object.__setattr__(self, "factors", factors)  # a reference, not a submodule: stored once, on the model
         self.layer, self.block = layer, block
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.base.weight + self.factors.delta(self.layer, self.block), self.base.bias)
-
-    def folded_parameters(self) -> dict[str, torch.Tensor]:
-        (delta,) = self.factors.linear_deltas(slice(self.block, self.block + 1), dtype=torch.float64)[self.layer]
-        return {"weight": self.base.weight.to(torch.float64) + delta}
+    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if dtype is None:
+            return self.factors.delta(self.layer, self.block)
+        (delta,) = self.factors.linear_deltas(slice(self.block, self.block + 1), dtype=dtype)[self.layer]
+        return delta
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, block={self.block}"
