@@ -18,7 +18,9 @@ class _UserError(click.ClickException):
     """A `VitfoldError` shown as one line, exiting with its code (2: input error)."""
 
     def __init__(self, error: VitfoldError) -> None:
-        super().__init__(str(error))
+        # an error re-raised from a DataLoader worker carries the worker's traceback: keep its last line
+        last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        super().__init__(last.removeprefix(f"{type(error).__module__}.{type(error).__name__}: "))
         self.exit_code = error.exit_code
 
 

@@ -12,6 +12,12 @@ from typing import Any
 STAGES = ("train", "fold", "export", "verify", "bench", "report")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_replace(path: str | Path, data: bytes) -> Path:
     """Write `data` to a temp file beside `path`, fsync, then rename: a reader never sees half a file."""
     path = Path(path)
@@ -22,6 +28,7 @@ def atomic_replace(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an artifact gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -201,6 +201,15 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: bool) -> tuple[
     return loss_sum / count, correct / count
 
 
+def _tensorboard(log_dir: Path):
+    """A SummaryWriter when TensorBoard is installed, else None (metrics.csv is always written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
 def _progress(iterable, total: int, desc: str, enabled: bool):
     """A per-epoch bar on an interactive terminal (rank 0); logs get one line per epoch instead."""
     from tqdm import tqdm
@@ -239,6 +248,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     elif resume:
         log(f"no {ckpt_path} yet: starting from epoch 1")
     total_steps = tc.epochs * len(sampler)
+    board = _tensorboard(train_dir / "tensorboard") if d.main else None
     for epoch in range(start_epoch, tc.epochs):
         sampler.set_epoch(epoch)
         net.train()
@@ -296,6 +306,11 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             torch.save(state, buffer)
             atomic_replace(ckpt_path, buffer.getvalue())
             write_metrics(train_dir / "metrics.csv", history)
+            if board is not None:
+                for key in ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "img_per_s"):
+                    if row[key] != "":
+                        board.add_scalar(key, row[key], epoch + 1)
+                board.flush()
             log(
                 f"epoch {epoch + 1}/{tc.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}"
                 + (f", {splits.eval_split} acc {row['eval_acc']:.3f}" if row["eval_acc"] != "" else "")
