@@ -11,6 +11,7 @@ from typing import Any
 import click
 import yaml
 
+from export import DEFAULT_FORMATS
 from pipeline.errors import VitfoldError
 
 
@@ -130,18 +131,39 @@ def train(  # one parameter per option, as click passes them
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def fold(run_dir: str) -> None:
+    """Fold RUN_DIR's trained adapter into the backbone: RUN_DIR/fold/model.safetensors."""
+    from pipeline.fold_stage import fold_stage
+
+    fold_stage(Path(run_dir), log=_echo)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--format", "formats", default=",".join(DEFAULT_FORMATS), show_default=True,
+              help="Comma-separated: onnx, torchscript, aoti, tensorrt.")  # fmt: skip
+@click.option("--precision", default="fp32", show_default=True, help="fp32 | fp16 (onnx, tensorrt).")
+@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset (>= 17).")
+@click.option("--triton", "triton_dir", type=click.Path(file_okay=False), help="Also write a Triton model repository.")
+@click.option("--device", default="cpu", show_default=True, help="Device for the AOTInductor package: cpu | cuda.")
+def export(run_dir: str, formats: str, precision: str, opset: int, triton_dir: str | None, device: str) -> None:
+    """Export RUN_DIR's folded model: RUN_DIR/export/ (model.onnx, model.pt, model.pt2, model.plan)."""
+    from export.stage import export_stage, parse_formats
+
+    export_stage(Path(run_dir), parse_formats(formats), precision, opset,
+                 Path(triton_dir) if triton_dir else None, device, log=_echo)  # fmt: skip
+
+
+@main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run config (YAML).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 def run(config_path: str | None, out: str) -> None:
     """Run the pipeline stages that exist into the run directory OUT; name the ones still missing."""
-    import torch
-    from safetensors.torch import load_file
-
-    from pipeline.adapting import load_adapter
+    from export.stage import export_stage
     from pipeline.config import load_config
-    from pipeline.run import atomic_write_json, atomic_write_text
-    from pipeline.selfcheck import fold_check
-    from pipeline.train import build_model, load_splits
+    from pipeline.fold_stage import fold_stage
+    from pipeline.run import atomic_write_text
     from pipeline.train import train as train_stage
 
     if config_path is not None and not Path(config_path).is_file():
@@ -152,16 +174,10 @@ def run(config_path: str | None, out: str) -> None:
     same_config = saved.is_file() and saved.read_text() == cfg.to_yaml()
     atomic_write_text(saved, cfg.to_yaml())
     _echo(f"run directory: {run_dir}  (backbone {cfg.backbone}, method {cfg.method}, data {cfg.data})")
-    result = train_stage(cfg, run_dir, resume=same_config, log=_echo)  # an unchanged config resumes or skips
-
-    splits = load_splits(cfg)
-    model = load_adapter(build_model(cfg, splits.num_classes), load_file(run_dir / "train" / "adapter.safetensors"))
-    images = torch.stack([splits.eval[i][0] for i in range(min(16, len(splits.eval)))])
-    check = fold_check(model, [images[:1], images])
-    atomic_write_json(run_dir / "check" / "fold_check.json", {**check, "eval_acc": result["best_acc"]})
-    worst = max(row["folded_vs_unmerged"] for row in check["results"])
-    _echo(f"fold check on {splits.eval_split} images: folded vs unmerged max rel. error {worst:.2e}")
-    _echo("stages not implemented yet: fold (stage), export, verify, bench, report")
+    train_stage(cfg, run_dir, resume=same_config, log=_echo)  # an unchanged config resumes or skips
+    fold_stage(run_dir, log=_echo)
+    export_stage(run_dir, list(DEFAULT_FORMATS), log=_echo)
+    _echo("stages not implemented yet: verify, bench, report")
 
 
 if __name__ == "__main__":

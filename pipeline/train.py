@@ -38,6 +38,7 @@ from pipeline.backbones import create_backbone, load_checkpoint
 from pipeline.config import RunConfig
 from pipeline.data import ImageTransform, Splits, build_splits, parse_data_spec
 from pipeline.errors import VitfoldError
+from pipeline.manifest import record_stage
 from pipeline.run import atomic_replace, atomic_write_text
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "img_per_s", "seconds")
@@ -220,6 +221,7 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dict[str, Any]:
     """Train into `run_dir/train/`; returns the final epoch's metrics row (and the best accuracy)."""
+    run_started = time.perf_counter()
     d = init_distributed(cfg.train.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -318,6 +320,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             )
     if start_epoch >= tc.epochs:
         log(f"{ckpt_path}: all {tc.epochs} epochs already completed")
+    elif d.main:
+        inputs = [run_dir / "config.yaml"] + ([Path(cfg.checkpoint)] if cfg.checkpoint else [])
+        outputs = [train_dir / n for n in ("adapter.safetensors", "adapter_last.safetensors", "metrics.csv")]
+        record_stage(run_dir, "train", [p for p in inputs if p.is_file()], outputs, time.perf_counter() - run_started)
     if d.world > 1:
         dist.barrier()
     return {**history[-1], "best_acc": best_acc}

@@ -1,0 +1,29 @@
+"""torch.export + AOTInductor: a `.pt2` package with dynamic batch, for CPU (or CUDA on a GPU machine),
+loaded with `torch._inductor.aoti_load_package`. Needs a C++ compiler at export time."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.artifacts import batch_dim, example_input, staged_files
+from pipeline.errors import VitfoldError
+
+
+def require_compiler() -> None:
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        raise VitfoldError("aoti export needs a C++ compiler (c++, g++ or clang++) on PATH")
+
+
+def export_aoti(model: nn.Module, path: Path, image_size: tuple[int, int], device: str = "cpu") -> list[Path]:
+    require_compiler()
+    model = model.eval().to(device)
+    example = example_input(image_size).to(device)
+    with torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes=(batch_dim(),))
+    with staged_files(path.parent) as tmp:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / path.name))
+    return [path]

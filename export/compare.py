@@ -1,0 +1,80 @@
+"""Comparison statistics of logits against a reference, tolerances, and the per-block localisation.
+
+For logits y (a backend) and r (the reference), rows = images:
+
+    max_abs   = max |y − r|            mean_abs = mean |y − r|       p99_abs = 99th pct of |y − r|
+    max_rel   = max |y − r| / max |r|  (error relative to the logit scale; the export bar is 1e-4)
+    cosine_min     = min over images of cos(y_i, r_i)
+    top1_agreement = share of images with argmax y_i = argmax r_i
+    kl_mean        = mean over images of KL(softmax r_i ‖ softmax y_i)
+
+All in float64. A backend passes when max_rel ≤ tol.max_rel, cosine_min ≥ tol.cosine_min and
+top1_agreement ≥ tol.top1_min.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_rel: float
+    cosine_min: float
+    top1_min: float
+
+    def check(self, stats: dict[str, float]) -> bool:
+        return (
+            stats["max_rel"] <= self.max_rel
+            and stats["cosine_min"] >= self.cosine_min
+            and stats["top1_agreement"] >= self.top1_min
+        )
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+# fp32: the fold and every fp32 artifact must agree to float32 rounding; fp16 artifacts to fp16 rounding,
+# and may flip no more than 2% of top-1 decisions (near-ties).
+DEFAULT_TOLERANCES = {
+    "fp32": Tolerance(max_rel=1e-4, cosine_min=0.99999, top1_min=1.0),
+    "fp16": Tolerance(max_rel=2e-2, cosine_min=0.999, top1_min=0.98),
+}
+
+
+def tolerance_for(precision: str, overrides: dict[str, float] | None = None) -> Tolerance:
+    return replace(DEFAULT_TOLERANCES[precision], **(overrides or {}))
+
+
+def logit_stats(y: torch.Tensor, r: torch.Tensor) -> dict[str, float]:
+    """The statistics above for (B, C) logits."""
+    y, r = y.detach().cpu().double(), r.detach().cpu().double()
+    diff = (y - r).abs()
+    log_p, log_q = torch.log_softmax(r, -1), torch.log_softmax(y, -1)
+    return {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "p99_abs": float(torch.quantile(diff.flatten(), 0.99)),
+        "max_rel": float(diff.max() / r.abs().max().clamp_min(1e-30)),
+        "cosine_min": float(torch.nn.functional.cosine_similarity(y, r, dim=-1).min()),
+        "top1_agreement": float((y.argmax(-1) == r.argmax(-1)).double().mean()),
+        "kl_mean": float((log_p.exp() * (log_p - log_q)).sum(-1).mean()),
+    }
+
+
+def block_errors(blocks: list[torch.Tensor], reference: list[torch.Tensor]) -> list[float]:
+    """‖b − r‖ / ‖r‖ per block output."""
+    pairs = zip(blocks, reference, strict=True)
+    return [float((b.cpu().double() - r.cpu().double()).norm() / r.cpu().double().norm()) for b, r in pairs]
+
+
+def first_diverging_block(errors: list[float], threshold: float) -> dict[str, Any]:
+    """The first block whose relative error exceeds `threshold`; if none does, the part after the blocks
+    (final norm, pooling, head)."""
+    for k, err in enumerate(errors):
+        if err > threshold:
+            return {"block": k, "where": f"blocks.{k}", "relative_error": err, "block_errors": errors}
+    return {"block": None, "where": "after the last block (norm / head)", "block_errors": errors}

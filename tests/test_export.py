@@ -1,0 +1,219 @@
+"""The fold and export stages on a trained tiny run, and ONNX of real-size ViT-B with random weights."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+import yaml
+from conftest import randomize_trainable
+from safetensors.torch import load_file, save_file
+
+import pipeline
+from export.onnx import export_onnx
+from pipeline.config import load_config
+from pipeline.errors import FoldError, VitfoldError
+from pipeline.fold_stage import fold_stage
+from pipeline.train import build_model, train
+
+TINY = {"img_size": 16, "patch_size": 4, "depth": 2}
+QUIET = {"log": lambda _: None}
+
+
+def _close(actual: np.ndarray, expected: torch.Tensor) -> None:
+    """max |Δ| ≤ 1e-4 · max |logit| (the export bar)."""
+    expected = expected.detach().numpy()
+    assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A tiny RLRR run trained one epoch, folded, and exported to onnx, torchscript and aoti."""
+    from export.stage import export_stage
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": TINY, "data": "digits:0-4", "method": "rlrr",
+           "train": {"epochs": 1, "lr": 3e-3, "warmup_epochs": 0, "batch_size": 32}}  # fmt: skip
+    (run_dir / "config.yaml").write_text(load_config(None, **{k: v for k, v in cfg.items() if k != "train"},
+                                                     train=cfg["train"]).to_yaml())  # fmt: skip
+    train(load_config(run_dir / "config.yaml"), run_dir, **QUIET)
+    fold_stage(run_dir, **QUIET)
+    export_stage(run_dir, ["onnx", "torchscript", "aoti"], triton_dir=run_dir / "triton", **QUIET)
+    return run_dir
+
+
+def _adapted(run_dir: Path) -> torch.nn.Module:
+    """The unmerged adapted model, rebuilt independently of the fold stage."""
+    cfg = load_config(run_dir / "config.yaml")
+    model = build_model(cfg, num_classes=5)
+    return pipeline.load_adapter(model, load_file(run_dir / "train" / "adapter.safetensors")).eval()
+
+
+def _timm_folded(run_dir: Path) -> torch.nn.Module:
+    """fold/model.safetensors loaded by timm alone, as the README tells users."""
+    path = str(run_dir / "fold" / "model.safetensors")
+    return timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=5, **TINY,
+                             pretrained_cfg_overlay={"file": path, "num_classes": 5}).eval()  # fmt: skip
+
+
+def test_fold_stage_output_is_plain_timm_equal_to_unmerged(run):
+    folded, adapted = _timm_folded(run), _adapted(run)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        y, ref = folded(x), adapted(x)
+    assert float((y - ref).norm() / ref.norm()) <= 1e-5
+    manifest = json.loads((run / "manifest.json").read_text())
+    digest = hashlib.sha256((run / "fold" / "model.safetensors").read_bytes()).hexdigest()
+    assert manifest["stages"]["fold"]["outputs"] == {"fold/model.safetensors": digest}
+    assert set(manifest["stages"]) >= {"train", "fold", "export"}
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_artifacts_match_the_folded_model(run, batch):
+    import onnxruntime as ort
+
+    folded = _timm_folded(run)
+    x = torch.randn(batch, 3, 16, 16)
+    with torch.no_grad():
+        ref = folded(x)
+    session = ort.InferenceSession(str(run / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    _close(session.run(None, {"input": x.numpy()})[0], ref)
+    scripted = torch.jit.load(str(run / "export" / "model.pt"))
+    with torch.no_grad():
+        _close(scripted(x).numpy(), ref)
+    package = torch._inductor.aoti_load_package(str(run / "export" / "model.pt2"))
+    with torch.no_grad():
+        _close(package(x).numpy(), ref)
+
+
+def test_triton_repository_lists_the_built_artifacts(run):
+    configs = sorted(p.relative_to(run / "triton").as_posix() for p in (run / "triton").rglob("config.pbtxt"))
+    assert configs == ["vit_tiny_patch16_224_onnx/config.pbtxt", "vit_tiny_patch16_224_torchscript/config.pbtxt"]
+
+
+def test_changed_artifact_is_refused_by_hash(run, tmp_path):
+    from export.stage import export_stage
+
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(run, copy_dir, ignore=shutil.ignore_patterns("export", "triton"))
+    model_file = copy_dir / "fold" / "model.safetensors"
+    data = bytearray(model_file.read_bytes())
+    data[-1] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    with pytest.raises(VitfoldError, match="does not match the sha256 the fold stage recorded"):
+        export_stage(copy_dir, ["onnx"], **QUIET)
+
+
+def test_fold_stage_refuses_nan_adapter_and_writes_nothing(run, tmp_path):
+    bad = tmp_path / "bad"
+    (bad / "train").mkdir(parents=True)
+    shutil.copy(run / "config.yaml", bad / "config.yaml")
+    from safetensors import safe_open
+
+    src = run / "train" / "adapter.safetensors"
+    with safe_open(src, "pt") as f:
+        meta = f.metadata()
+    state = load_file(src)
+    state["blocks.1.mlp.fc1.s_in"][0, 3] = float("nan")
+    save_file(state, bad / "train" / "adapter.safetensors", metadata=meta)
+    with pytest.raises(FoldError, match=r"blocks\.1\.mlp\.fc1\.s_in"):
+        fold_stage(bad, **QUIET)
+    assert not (bad / "fold" / "model.safetensors").exists()
+
+
+def test_interrupted_onnx_export_leaves_no_finished_looking_file(tmp_path, monkeypatch):
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY).eval()
+
+    def broken_check(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken_check)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        export_onnx(model, tmp_path / "export" / "model.onnx", (16, 16))
+    assert list((tmp_path / "export").iterdir()) == []
+
+
+def _onnx_signature(path: Path) -> tuple[collections.Counter, int]:
+    graph = onnx.load(str(path)).graph
+    weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.dims]  # not constants
+    return collections.Counter(n.op_type for n in graph.node), sum(int(np.prod(t.dims)) for t in weights)
+
+
+@pytest.mark.parametrize("method", ["rlrr", "efft2", "lora"])
+def test_onnx_of_folded_model_is_the_base_architecture(tmp_path, method):
+    options = {"rlrr": {}, "efft2": {"rank": 4}, "lora": {"rank": 4}}[method]
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", num_classes=6, **TINY).eval()
+    randomize_trainable(base, seed=2)  # "pretrained": no two tensors equal (the exporter shares equal constants)
+    adapted = pipeline.adapt(copy.deepcopy(base), method, **options)
+    randomize_trainable(adapted)
+    export_onnx(pipeline.fold(adapted), tmp_path / "folded" / "model.onnx", (16, 16))
+    export_onnx(base, tmp_path / "base" / "model.onnx", (16, 16))
+    folded_ops, folded_params = _onnx_signature(tmp_path / "folded" / "model.onnx")
+    base_ops, base_params = _onnx_signature(tmp_path / "base" / "model.onnx")
+    assert folded_ops == base_ops
+    assert folded_params == base_params
+    assert 0 <= base_params - sum(p.numel() for p in base.parameters()) <= 8  # + the exporter's scalar constants
+
+
+@pytest.mark.slow
+def test_vit_base_onnx_matches_folded_at_batch_1_and_5(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    adapted = pipeline.adapt(timm.create_model("vit_base_patch16_224").eval(), "rlrr", num_classes=10)
+    randomize_trainable(adapted, std=0.05)
+    folded = pipeline.fold(adapted).eval()
+    path = tmp_path / "model.onnx"
+    export_onnx(folded, path, (224, 224))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 224, 224)
+        with torch.no_grad():
+            _close(session.run(None, {"input": x.numpy()})[0], folded(x))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True)
+
+
+def test_export_cli_errors_are_one_line_exit_2(run, tmp_path):
+    for args, message in [
+        (["export", str(run), "--format", "openvino"], "unknown format 'openvino'"),
+        (["export", str(run), "--format", "tensorrt"], "tensorrt"),
+        (["export", str(run), "--opset", "13", "--format", "onnx"], "--opset 13"),
+        (["fold", str(tmp_path / "nothing")], "is not a run directory"),
+    ]:
+        result = _cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = [line for line in result.stderr.strip().splitlines() if line and "torch.onnx" not in line]
+        assert len(lines) == 1 and message in lines[0], (args, result.stderr)
+
+
+def test_fp16_onnx_export_stays_close(run, tmp_path):
+    import onnxruntime as ort
+
+    from export.stage import export_stage
+
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(run, copy_dir, ignore=shutil.ignore_patterns("export", "triton"))
+    export_stage(copy_dir, ["onnx"], precision="fp16", **QUIET)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = _timm_folded(copy_dir)(x).numpy()
+    session = ort.InferenceSession(str(copy_dir / "export" / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"input": x.numpy()})[0]
+    assert out.dtype == np.float32
+    assert np.abs(out - ref).max() <= 2e-2 * np.abs(ref).max()
+    assert yaml.safe_load((copy_dir / "config.yaml").read_text())["method"] == "rlrr"

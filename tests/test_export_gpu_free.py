@@ -1,0 +1,195 @@
+"""Export pieces that need no GPU: FP16 ONNX op placement, Triton configs, and the TensorRT builder's
+choices per TensorRT major version (driven through a recording stand-in of the tensorrt API, since
+neither this machine nor CI has TensorRT; the real build is the `tensorrt`-marked test)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+
+from export.fp16 import FP32_OPS, convert_onnx_fp16
+from export.onnx import export_onnx
+from export.triton import write_triton_repository
+
+TINY = {"img_size": 16, "patch_size": 4, "depth": 2}
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=4, **TINY).eval()
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_onnx(model, path, (16, 16))
+    return path, model
+
+
+def test_fp16_onnx_keeps_fragile_ops_fp32_and_io_fp32(onnx_model, tmp_path):
+    src, model = onnx_model
+    dst = convert_onnx_fp16(src, tmp_path / "model.fp16.onnx")
+    graph = onnx.load(str(dst)).graph
+    produced_by = {out: node for node in graph.node for out in node.output}
+    fragile = [n for n in graph.node if n.op_type in FP32_OPS]
+    assert {n.op_type for n in fragile} >= {"LayerNormalization", "Softmax"}
+    for node in fragile:  # every input arrives through a Cast to float32 (or is a float32 graph input)
+        for name in node.input:
+            if name and name in produced_by and produced_by[name].op_type == "Cast":
+                to = next(a.i for a in produced_by[name].attribute if a.name == "to")
+                assert to == onnx.TensorProto.FLOAT, node.name
+    matmul_weights = {t.name: t.data_type for t in graph.initializer if t.dims and len(t.dims) == 2}
+    assert set(matmul_weights.values()) == {onnx.TensorProto.FLOAT16}
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_triton_configs_name_the_tensors_of_each_backend(onnx_model, tmp_path):
+    src, _ = onnx_model
+    scripted = tmp_path / "model.pt"
+    scripted.write_bytes(b"torchscript bytes")
+    configs = write_triton_repository(
+        tmp_path / "repo", {"onnx": src, "torchscript": scripted}, model_name="vit", input_name="input",
+        output_name="logits", image_shape=(3, 16, 16), num_classes=4, max_batch_size=16,
+    )  # fmt: skip
+    onnx_cfg, ts_cfg = (c.read_text() for c in configs)
+    assert 'platform: "onnxruntime_onnx"' in onnx_cfg and 'name: "input"' in onnx_cfg and 'name: "logits"' in onnx_cfg
+    assert 'platform: "pytorch_libtorch"' in ts_cfg and 'name: "INPUT__0"' in ts_cfg and "OUTPUT__0" in ts_cfg
+    for cfg in (onnx_cfg, ts_cfg):
+        assert "max_batch_size: 16" in cfg and "dims: [ 3, 16, 16 ]" in cfg and "dims: [ 4 ]" in cfg
+        assert "dynamic_batching" in cfg
+    assert (tmp_path / "repo" / "vit_onnx" / "1" / "model.onnx").read_bytes() == src.read_bytes()
+    assert (tmp_path / "repo" / "vit_torchscript" / "1" / "model.pt").read_bytes() == b"torchscript bytes"
+    assert not [p for p in (tmp_path / "repo").iterdir() if p.name.startswith(".")]
+
+
+class _Recorder(types.SimpleNamespace):
+    """Stand-in for the tensorrt API: records every flag, precision and profile the builder sets."""
+
+
+def _fake_tensorrt(version: str, calls: list) -> types.ModuleType:
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    trt.float32 = "float32"
+    trt.Logger = type("Logger", (), {"WARNING": 1, "__init__": lambda self, *a: None})
+    trt.LayerType = types.SimpleNamespace(NORMALIZATION="norm", MATRIX_MULTIPLY="mm")
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY")
+    layers = [_Recorder(type=t, num_outputs=1, precision=None, outputs={}) for t in ("mm", "norm", "mm", "norm")]
+    for layer in layers:
+        layer.set_output_type = lambda j, dt, layer=layer: layer.outputs.__setitem__(j, dt)
+
+    class Network:
+        num_layers = len(layers)
+
+        def get_layer(self, i):
+            return layers[i]
+
+        def get_input(self, i):
+            return _Recorder(shape=(-1, 3, 16, 16))
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            calls.append(("parse", Path(path).name))
+            return True
+
+    class Config:
+        def set_memory_pool_limit(self, pool, size):
+            calls.append(("workspace", size))
+
+        def set_flag(self, flag):
+            calls.append(("set", flag))
+
+        def clear_flag(self, flag):
+            calls.append(("clear", flag))
+
+        def add_optimization_profile(self, profile):
+            calls.append(("profile", profile.shapes))
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            calls.append(("network_flags", flags))
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            profile = _Recorder(shapes={})
+            profile.set_shape = lambda name, *s: profile.shapes.__setitem__(name, s)
+            return profile
+
+        def build_serialized_network(self, network, config):
+            return b"plan bytes"
+
+    trt.OnnxParser, trt.Builder, trt._layers = Parser, Builder, layers
+    return trt
+
+
+@pytest.mark.parametrize("version", ["10.9.0", "11.1.0"])
+def test_tensorrt_fp16_build_choices_per_major_version(onnx_model, tmp_path, monkeypatch, version):
+    import export.tensorrt as tensorrt_export
+
+    calls: list = []
+    trt = _fake_tensorrt(version, calls)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(tensorrt_export, "_device", lambda: {"gpu": "test GPU", "compute_capability": "9.0"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    src, _ = onnx_model
+    onnx_copy = tmp_path / "model.onnx"
+    onnx_copy.write_bytes(src.read_bytes())
+    plan = tensorrt_export.build_engine(onnx_copy, tmp_path / "model.plan", precision="fp16", batch=(1, 4, 16))
+    info = json.loads(plan.with_suffix(".json").read_text())
+    assert plan.read_bytes() == b"plan bytes" and info["tensorrt"] == version
+    assert ("clear", "TF32") in calls
+    assert ("profile", {"input": ((1, 3, 16, 16), (4, 3, 16, 16), (16, 3, 16, 16))}) in calls
+    if version.startswith("10"):
+        assert ("network_flags", 0) in calls and ("parse", "model.onnx") in calls
+        assert ("set", "FP16") in calls and ("set", "OBEY") in calls
+        assert [layer.precision for layer in trt._layers] == [None, "float32", None, "float32"]
+        assert info["normalization_layers_fp32"] == 2 and not info["strongly_typed"]
+    else:
+        assert ("network_flags", 1) in calls and ("parse", "model.fp16.onnx") in calls
+        assert not [c for c in calls if c[0] == "set"]  # the removed precision flags are never touched
+        assert (tmp_path / "model.fp16.onnx").is_file() and info["strongly_typed"]
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_tensorrt_engine_matches_onnx(onnx_model, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (extra [trt])")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU; none is visible")
+    import tensorrt as trt
+
+    from export.tensorrt import build_engine
+
+    src, model = onnx_model
+    plan = build_engine(src, tmp_path / "model.plan", precision="fp32", batch=(1, 2, 4))
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
+    context = engine.create_execution_context()
+    x = torch.randn(3, 3, 16, 16, device="cuda")
+    out = torch.empty(3, 4, device="cuda")
+    context.set_input_shape("input", tuple(x.shape))
+    context.set_tensor_address("input", x.data_ptr())
+    context.set_tensor_address("logits", out.data_ptr())
+    context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        ref = model.cuda()(x)
+    assert float((out - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+    assert np.isfinite(out.cpu().numpy()).all()
