@@ -31,7 +31,7 @@ def folded_model(run_dir: Path) -> nn.Module:
     cfg = run_config(run_dir)
     path = verified_input(run_dir, run_dir / "fold" / "model.safetensors", "fold")
     num_classes = _num_classes(path)
-    overlay = {"file": str(path), "num_classes": num_classes}
+    overlay = {"file": str(path), "num_classes": num_classes, "custom_load": False}  # see pipeline.fold_stage
     model = timm.create_model(
         cfg.backbone, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **cfg.backbone_kwargs
     )

@@ -18,6 +18,7 @@ which verify uses to name the first block where a backend diverges.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from export.artifacts import INPUT_NAME, OUTPUT_NAME
 from pipeline.errors import VitfoldError
+from pipeline.manifest import verified_input
 
 ARTIFACTS = {"torchscript": "model.pt", "onnxruntime": "model.onnx", "aoti": "model.pt2", "tensorrt": "model.plan"}
 MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
@@ -95,7 +97,9 @@ class TorchScriptRunner(Runner):
 
     def __init__(self, path: Path, device: str) -> None:
         super().__init__(device)
-        self.module = torch.jit.load(str(path), map_location=self.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation: the README says so
+            self.module = torch.jit.load(str(path), map_location=self.device)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,7 +227,7 @@ def open_runner(name: str, run_dir: Path, device: str = "cpu", threads: int | No
 
         build = {"torch-unmerged": unmerged_model, "torch-folded": folded_model, "torch-base": base_model}[name]
         return TorchRunner(name, build(run_dir), device)
-    path = run_dir / "export" / ARTIFACTS[name]
+    path = verified_input(run_dir, run_dir / "export" / ARTIFACTS[name], "export")  # refuses a changed artifact
     if name == "onnxruntime":
         return OnnxRuntimeRunner(path, device, threads)
     return {"torchscript": TorchScriptRunner, "aoti": AOTIRunner, "tensorrt": TensorRTRunner}[name](path, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,29 +156,96 @@ def export(run_dir: str, formats: str, precision: str, opset: int, triton_dir: s
                  Path(triton_dir) if triton_dir else None, device, log=_echo)  # fmt: skip
 
 
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--backends", help="Comma-separated (default: every available one): torchscript, onnxruntime, aoti, "
+              "tensorrt. torch-folded (the fold) is always checked.")  # fmt: skip
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--samples", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Evaluation images, and as many random images.")  # fmt: skip
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
+@click.option("--max-rel", type=float, help="Tolerance: max |Δ| / max |logit| (default fp32 1e-4, fp16 2e-2).")
+@click.option("--cosine-min", type=float, help="Tolerance: least cosine similarity of a logit vector.")
+@click.option("--top1-min", type=float, help="Tolerance: least top-1 agreement.")
+def verify(run_dir: str, backends: str | None, batch_sizes: str, samples: int, device: str,
+           max_rel: float | None, cosine_min: float | None, top1_min: float | None) -> None:  # fmt: skip
+    """Check that every artifact computes what the unmerged adapted model computes (exit 0 pass, 1 mismatch)."""
+    from export.bench import parse_batch_sizes
+    from export.verify import verify_stage
+
+    limits = {"max_rel": max_rel, "cosine_min": cosine_min, "top1_min": top1_min}
+    result = verify_stage(Path(run_dir), _names(backends), parse_batch_sizes(batch_sizes), samples, device,
+                          {k: v for k, v in limits.items() if v is not None}, log=_echo)  # fmt: skip
+    _echo(f"wrote {Path(run_dir) / 'verify' / 'verify.json'}, verify.md, junit.xml")
+    if not result["passed"]:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--backends", help="Comma-separated (default: every available one): torch-unmerged, torch-folded, "
+              "torch-base, torchscript, onnxruntime, aoti, tensorrt.")  # fmt: skip
+@click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: torch's current count).")
+@click.option("--min-iters", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Timed calls (or --min-seconds).")  # fmt: skip
+@click.option("--min-seconds", default=3.0, show_default=True, type=float, help="Timed seconds (or --min-iters).")
+def bench(run_dir: str, backends: str | None, batch_sizes: str, device: str, threads: int | None, min_iters: int,
+          min_seconds: float) -> None:  # fmt: skip
+    """Latency of every backend per batch size: RUN_DIR/bench/bench.json, bench.csv, latency.png."""
+    from export.bench import bench_stage, parse_batch_sizes
+
+    bench_stage(Path(run_dir), _names(backends), parse_batch_sizes(batch_sizes), device, threads, min_iters,
+                min_seconds, log=_echo)  # fmt: skip
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def report(run_dir: str) -> None:
+    """Write RUN_DIR/REPORT.md from the stages' outputs."""
+    from pipeline.report import report_stage
+
+    report_stage(Path(run_dir), log=_echo)
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run config (YAML).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-def run(config_path: str | None, out: str) -> None:
-    """Run the pipeline stages that exist into the run directory OUT; name the ones still missing."""
-    from export.stage import export_stage
+@click.option("--force", "force", help="Rerun from this stage on (pretrain, train, compare, fold, export, verify, "
+              "bench, report).")  # fmt: skip
+def run(config_path: str | None, out: str, force: str | None) -> None:
+    """Run every stage that is out of date into the run directory OUT (exit 1 if verify fails)."""
     from pipeline.config import load_config
-    from pipeline.fold_stage import fold_stage
+    from pipeline.manifest import read_manifest
+    from pipeline.pretrain import pretrained_path
     from pipeline.run import atomic_write_text
-    from pipeline.train import train as train_stage
+    from pipeline.stages import run_pipeline
 
     if config_path is not None and not Path(config_path).is_file():
         raise VitfoldError(f"config file not found: {config_path}")
     cfg = load_config(config_path)
+    if cfg.pretrain:
+        if cfg.checkpoint or cfg.pretrained:
+            raise VitfoldError("config: 'pretrain' makes the backbone weights; drop 'checkpoint'/'pretrained'")
+        cfg.checkpoint = str(pretrained_path(cfg))
     run_dir = Path(out)
     saved = run_dir / "config.yaml"
-    same_config = saved.is_file() and saved.read_text() == cfg.to_yaml()
-    atomic_write_text(saved, cfg.to_yaml())
+    if not saved.is_file() or saved.read_text() != cfg.to_yaml():  # rewritten only when it changes
+        atomic_write_text(saved, cfg.to_yaml())
     _echo(f"run directory: {run_dir}  (backbone {cfg.backbone}, method {cfg.method}, data {cfg.data})")
-    train_stage(cfg, run_dir, resume=same_config, log=_echo)  # an unchanged config resumes or skips
-    fold_stage(run_dir, log=_echo)
-    export_stage(run_dir, list(DEFAULT_FORMATS), log=_echo)
-    _echo("stages not implemented yet: verify, bench, report")
+    started = time.perf_counter()
+    outcome = run_pipeline(cfg, run_dir, force, log=_echo)
+    ran = [name for name, what in outcome.items() if what != "up to date"]
+    _echo(f"done in {time.perf_counter() - started:.1f} s; ran: {', '.join(ran) or 'nothing (all up to date)'}; "
+          f"report: {run_dir / 'REPORT.md'}")  # fmt: skip
+    if not read_manifest(run_dir)["stages"].get("verify", {}).get("passed", True):
+        _echo(f"verify FAILED: see {run_dir / 'verify' / 'verify.md'}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

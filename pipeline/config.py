@@ -36,6 +36,33 @@ class TrainConfig:
 
 
 @dataclass
+class ExportConfig:
+    formats: list[str] = field(default_factory=lambda: ["onnx", "torchscript", "aoti"])
+    precision: str = "fp32"
+    opset: int = 18
+    device: str = "cpu"  # the AOTInductor package's device
+
+
+@dataclass
+class VerifyConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    samples: int = 16  # evaluation images, and as many random images
+    backends: list[str] | None = None  # None: every available export
+    device: str = "cpu"
+    tolerances: dict[str, float] = field(default_factory=dict)  # max_rel, cosine_min, top1_min
+
+
+@dataclass
+class BenchConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    backends: list[str] | None = None  # None: every available backend
+    device: str = "cpu"
+    threads: int | None = None
+    min_iters: int = 50
+    min_seconds: float = 3.0
+
+
+@dataclass
 class RunConfig:
     backbone: str = "vit_tiny_patch16_224"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. img_size, patch_size, depth
@@ -48,6 +75,13 @@ class RunConfig:
     num_classes: int | None = None  # None: the dataset's class count
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
+    # `vitfold run` only: pre-train the backbone first ({data, train}), and the methods to compare with
+    # ({method: {method_options, train}}); the stages' settings.
+    pretrain: dict[str, Any] | None = None
+    compare: dict[str, dict[str, Any]] = field(default_factory=dict)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -56,6 +90,19 @@ class RunConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+TRAINING_KEYS = ("backbone", "backbone_kwargs", "checkpoint", "pretrained", "data", "method", "method_options",
+                 "recipe", "num_classes", "seed", "train")  # fmt: skip
+
+
+def training_params(cfg: RunConfig) -> dict[str, Any]:
+    """The part of the config that decides what training computes (not pretrain/compare/export/...)."""
+    data = cfg.to_dict()
+    return {k: data[k] for k in TRAINING_KEYS}
+
+
+SECTIONS = {"export": ExportConfig, "verify": VerifyConfig, "bench": BenchConfig}
 
 
 def _check_keys(data: dict[str, Any], cls: type, where: str) -> None:
@@ -80,6 +127,12 @@ def load_config(path: str | Path | None = None, train: dict[str, Any] | None = N
     data = _read_yaml(path) if path is not None else {}
     where = f"config {path}" if path is not None else "config"
     _check_keys(data, RunConfig, where)
+    for key, cls in SECTIONS.items():
+        section = data.get(key) or {}
+        if not isinstance(section, dict):
+            raise VitfoldError(f"{where}: '{key}' must be a mapping")
+        _check_keys(section, cls, f"{where}: {key}")
+        data[key] = cls(**section)
     user_train = dict(data.pop("train", None) or {})
     _check_keys(user_train, TrainConfig, f"{where}: train")
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -3,10 +3,12 @@
 The output is a plain timm state_dict; timm loads it with no vitfold code:
 
     timm.create_model(name, pretrained=True, num_classes=N, **backbone_kwargs,
-                      pretrained_cfg_overlay=dict(file="RUN/fold/model.safetensors", num_classes=N))
+                      pretrained_cfg_overlay=dict(file="RUN/fold/model.safetensors", num_classes=N,
+                                                  custom_load=False))
 
 (`num_classes` belongs in the overlay too: otherwise timm drops a head whose size differs from the
-pretrained config's.)
+pretrained config's; `custom_load=False`, or older timm releases (1.0.29 seen) read the file as the
+original JAX `.npz` of `vit_*_patch16_224`.)
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def load_command(cfg: RunConfig, num_classes: int, path: Path) -> str:
     kwargs = "".join(f", {k}={v!r}" for k, v in cfg.backbone_kwargs.items())
     return (
         f"timm.create_model({cfg.backbone!r}, pretrained=True, num_classes={num_classes}{kwargs}, "
-        f"pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes={num_classes}))"
+        f"pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes={num_classes}, custom_load=False))"
     )
 
 

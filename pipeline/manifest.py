@@ -81,3 +81,35 @@ def verified_input(run_dir: Path, path: Path, producer: str) -> Path:
     if key in recorded and recorded[key] != sha256(path):
         raise VitfoldError(f"{path} does not match the sha256 the {producer} stage recorded: refusing a changed file")
     return path
+
+
+def annotate_stage(run_dir: Path, stage: str, **fields: Any) -> None:
+    """Add fields (e.g. the settings it ran with) to a recorded stage's entry."""
+    manifest = read_manifest(run_dir)
+    manifest["stages"].setdefault(stage, {"status": "running"}).update(fields)
+    atomic_write_json(run_dir / MANIFEST, manifest)
+
+
+def stale_reason(run_dir: Path, stage: str, inputs: list[Path], params: dict[str, Any]) -> str | None:
+    """Why `stage` must run again (None: it is up to date): not run, other settings, an input missing or
+    changed since it ran, or an output missing or not matching the sha256 recorded when it was written."""
+    entry = read_manifest(run_dir)["stages"].get(stage)
+    if entry is None or entry.get("status") != "done":
+        return "not run yet" if entry is None else "it did not finish"
+    if entry.get("params") != params:
+        changed = sorted(k for k in params.keys() | (entry.get("params") or {}).keys()
+                         if params.get(k) != (entry.get("params") or {}).get(k))  # fmt: skip
+        return f"its settings changed ({', '.join(changed) or 'none recorded'})"
+    for path in inputs:
+        key = str(path.relative_to(run_dir) if path.is_relative_to(run_dir) else path)
+        if not path.is_file():
+            return f"its input {key} is missing"
+        if entry["inputs"].get(key) != sha256(path):
+            return f"its input {key} changed"
+    for key, digest in entry["outputs"].items():
+        path = run_dir / key
+        if not path.is_file():
+            return f"its output {key} is missing"
+        if sha256(path) != digest:
+            return f"its output {key} does not match its recorded sha256 (changed or corrupted)"
+    return None

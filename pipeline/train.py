@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from pipeline.adapting import adapt, adapter_record, adapter_state_dict, load_adapter, trainable_named_parameters
 from pipeline.backbones import create_backbone, load_checkpoint
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, training_params
 from pipeline.data import ImageTransform, Splits, build_splits, parse_data_spec
 from pipeline.errors import VitfoldError
 from pipeline.manifest import record_stage
@@ -136,10 +136,15 @@ def data_transform(cfg: RunConfig, model: nn.Module) -> ImageTransform:
     return ImageTransform(tuple(model.patch_embed.img_size), mean, std, hflip=bool(cfg.train.hflip))
 
 
+def input_transform(cfg: RunConfig) -> ImageTransform:
+    """The backbone's input size and the run's normalisation."""
+    probe = create_backbone(cfg.backbone, **cfg.backbone_kwargs)  # its input size and pretrained_cfg only
+    return data_transform(cfg, probe)
+
+
 def load_splits(cfg: RunConfig) -> Splits:
     """The configured dataset, transformed for the backbone's input size and normalisation."""
-    probe = create_backbone(cfg.backbone, **cfg.backbone_kwargs)  # its input size and pretrained_cfg only
-    return build_splits(parse_data_spec(cfg.data), data_transform(cfg, probe))
+    return build_splits(parse_data_spec(cfg.data), input_transform(cfg))
 
 
 def adapter_metadata(cfg: RunConfig, model: nn.Module, extra: dict[str, Any]) -> dict[str, str]:
@@ -238,8 +243,11 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     ckpt_path = train_dir / "last.ckpt"
     history: list[dict[str, Any]] = []
     start_epoch, step, best_acc = 0, 0, -1.0
-    if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True) if resume and ckpt_path.is_file() else None
+    if state is not None and state.get("config") != training_params(cfg):
+        log(f"{ckpt_path} was written for other training settings: starting from epoch 1")
+        state = None
+    if state is not None:
         load_adapter(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
@@ -247,7 +255,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
         log(f"resuming after epoch {start_epoch} of {tc.epochs} from {ckpt_path}")
         if d.main:
             write_metrics(train_dir / "metrics.csv", history)  # drop any row written after that checkpoint
-    elif resume:
+    elif resume and not ckpt_path.is_file():
         log(f"no {ckpt_path} yet: starting from epoch 1")
     total_steps = tc.epochs * len(sampler)
     board = _tensorboard(train_dir / "tensorboard") if d.main else None
@@ -302,7 +310,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
                 "adapter": adapter_state_dict(model),
                 "optimizer": optimizer.state_dict(),
                 "rng": _rng_state(),
-                "config": cfg.to_dict(),
+                "config": training_params(cfg),
             }
             buffer = io.BytesIO()
             torch.save(state, buffer)
@@ -320,7 +328,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             )
     if start_epoch >= tc.epochs:
         log(f"{ckpt_path}: all {tc.epochs} epochs already completed")
-    elif d.main:
+    if d.main:
         inputs = [run_dir / "config.yaml"] + ([Path(cfg.checkpoint)] if cfg.checkpoint else [])
         outputs = [train_dir / n for n in ("adapter.safetensors", "adapter_last.safetensors", "metrics.csv")]
         record_stage(run_dir, "train", [p for p in inputs if p.is_file()], outputs, time.perf_counter() - run_started)

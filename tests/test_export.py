@@ -17,7 +17,7 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import randomize_trainable
+from conftest import QUIET, TINY_RUN, randomize_trainable
 from safetensors.torch import load_file, save_file
 
 import pipeline
@@ -25,10 +25,9 @@ from export.onnx import export_onnx
 from pipeline.config import load_config
 from pipeline.errors import FoldError, VitfoldError
 from pipeline.fold_stage import fold_stage
-from pipeline.train import build_model, train
+from pipeline.train import build_model
 
-TINY = {"img_size": 16, "patch_size": 4, "depth": 2}
-QUIET = {"log": lambda _: None}
+TINY = TINY_RUN["backbone_kwargs"]
 
 
 def _close(actual: np.ndarray, expected: torch.Tensor) -> None:
@@ -37,20 +36,10 @@ def _close(actual: np.ndarray, expected: torch.Tensor) -> None:
     assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A tiny RLRR run trained one epoch, folded, and exported to onnx, torchscript and aoti."""
-    from export.stage import export_stage
-
-    run_dir = tmp_path_factory.mktemp("run")
-    cfg = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": TINY, "data": "digits:0-4", "method": "rlrr",
-           "train": {"epochs": 1, "lr": 3e-3, "warmup_epochs": 0, "batch_size": 32}}  # fmt: skip
-    (run_dir / "config.yaml").write_text(load_config(None, **{k: v for k, v in cfg.items() if k != "train"},
-                                                     train=cfg["train"]).to_yaml())  # fmt: skip
-    train(load_config(run_dir / "config.yaml"), run_dir, **QUIET)
-    fold_stage(run_dir, **QUIET)
-    export_stage(run_dir, ["onnx", "torchscript", "aoti"], triton_dir=run_dir / "triton", **QUIET)
-    return run_dir
+@pytest.fixture
+def run(exported_run: Path) -> Path:
+    """The shared tiny run (conftest): trained, folded, exported to onnx, torchscript, aoti and triton."""
+    return exported_run
 
 
 def _adapted(run_dir: Path) -> torch.nn.Module:
@@ -63,8 +52,9 @@ def _adapted(run_dir: Path) -> torch.nn.Module:
 def _timm_folded(run_dir: Path) -> torch.nn.Module:
     """fold/model.safetensors loaded by timm alone, as the README tells users."""
     path = str(run_dir / "fold" / "model.safetensors")
+    overlay = {"file": path, "num_classes": 5, "custom_load": False}
     return timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=5, **TINY,
-                             pretrained_cfg_overlay={"file": path, "num_classes": 5}).eval()  # fmt: skip
+                             pretrained_cfg_overlay=overlay).eval()  # fmt: skip
 
 
 def test_fold_stage_output_is_plain_timm_equal_to_unmerged(run):

@@ -1,0 +1,122 @@
+"""The bench stage on a tiny trained, folded and exported run: files, rows, ratios, manifest, errors."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUIET, copy_run
+
+from export.bench import ROW_KEYS, bench_stage, parse_batch_sizes
+from pipeline.errors import VitfoldError
+
+FAST = {"min_iters": 5, "min_seconds": 0.05, "warmup_seconds": 0.01}
+BACKENDS = ["torch-folded", "torch-base", "torch-unmerged", "onnxruntime", "torchscript"]
+BATCHES = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def run(exported_run: Path, tmp_path_factory) -> Path:
+    """A copy of the shared tiny run (conftest), which bench writes into."""
+    return copy_run(exported_run, tmp_path_factory.mktemp("bench") / "run")
+
+
+@pytest.fixture(scope="module")
+def benched(run) -> tuple[Path, list[dict], list[str]]:
+    lines: list[str] = []
+    rows = bench_stage(run, BACKENDS, BATCHES, threads=1, log=lines.append, **FAST)
+    return run, rows, lines
+
+
+def test_writes_json_csv_and_png(benched):
+    run, rows, _ = benched
+    out = run / "bench"
+    summary = json.loads((out / "bench.json").read_text())
+    assert summary["rows"] == rows
+    assert summary["threads"] == 1 and summary["device"] == "cpu" and summary["machine"]["cpu"]
+    assert summary["image_size"] == [16, 16] and summary["skipped"] == {}
+    with open(out / "bench.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == ROW_KEYS
+        assert len(list(reader)) == len(rows)
+    png = (out / "latency.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_rows_cover_every_backend_and_batch_with_sane_statistics(benched):
+    _, rows, _ = benched
+    assert {(r["backend"], r["batch_size"]) for r in rows} == {(b, n) for b in BACKENDS for n in BATCHES}
+    for row in rows:
+        assert tuple(row) == ROW_KEYS
+        assert row["iterations"] >= 5
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["throughput_ips"] > 0
+        assert row["throughput_ips"] == pytest.approx(row["batch_size"] * 1000 / row["mean_ms"], rel=1e-3)
+    providers = {r["backend"]: r["device"] for r in rows}
+    assert providers["onnxruntime"] == "CPUExecutionProvider" and providers["torch-folded"] == "cpu"
+
+
+def test_ratios_are_recorded_and_logged_for_each_batch_size(benched):
+    run, _, lines = benched
+    ratios = json.loads((run / "bench" / "bench.json").read_text())["ratios"]
+    for key in ("folded_vs_base", "unmerged_vs_folded"):
+        assert set(ratios[key]) == {"1", "2"} and all(r > 0 for r in ratios[key].values())
+        assert sum(line.startswith(key) for line in lines) == 1
+
+
+def test_manifest_records_the_bench_outputs(benched):
+    run, _, _ = benched
+    stage = json.loads((run / "manifest.json").read_text())["stages"]["bench"]
+    files = ["bench/bench.json", "bench/bench.csv", "bench/latency.png"]
+    assert stage["outputs"] == {f: hashlib.sha256((run / f).read_bytes()).hexdigest() for f in files}
+    assert {"fold/model.safetensors", "export/model.onnx", "export/model.pt"} <= set(stage["inputs"])
+    assert stage["batch_sizes"] == list(BATCHES) and stage["device"] == "cpu"
+
+
+def test_missing_artifact_is_skipped_with_its_reason(run, tmp_path):
+    run = copy_run(run, tmp_path / "run", without=("bench",))
+    (run / "export" / "model.pt2").unlink()  # as if aoti was never exported
+    lines: list[str] = []
+    bench_stage(run, ["torch-base", "aoti"], (1,), threads=1, log=lines.append, **FAST)
+    summary = json.loads((run / "bench" / "bench.json").read_text())
+    assert "export/model.pt2 not built" in summary["skipped"]["aoti"]
+    assert [r["backend"] for r in summary["rows"]] == ["torch-base"]
+    assert any(line.startswith("skipping aoti: ") for line in lines)
+    with pytest.raises(VitfoldError, match="nothing to bench: aoti: export/model.pt2 not built"):
+        bench_stage(run, ["aoti"], (1,), **QUIET, **FAST)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"backends": ["openvino"]}, "unknown backend 'openvino'"),
+        ({"batch_sizes": (1, 0)}, "positive integers, got 0"),
+        ({"batch_sizes": (2.5,)}, "positive integers, got 2.5"),
+    ],
+)
+def test_bad_options_are_one_line_errors(run, kwargs, message):
+    with pytest.raises(VitfoldError, match=message) as error:
+        bench_stage(run, **{"backends": ["torch-base"], **kwargs}, **QUIET, **FAST)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_an_error(run):
+    with pytest.raises(VitfoldError, match="device 'cuda': no CUDA GPU visible"):
+        bench_stage(run, ["torch-base"], device="cuda", **QUIET, **FAST)
+
+
+def test_missing_run_dir_is_an_error(tmp_path):
+    with pytest.raises(VitfoldError, match="is not a run directory"):
+        bench_stage(tmp_path / "nothing", ["torch-base"], **QUIET, **FAST)
+
+
+def test_parse_batch_sizes():
+    assert parse_batch_sizes("1, 8,32") == (1, 8, 32)
+    for text, bad in [("1,x", "'x'"), ("0", "'0'"), ("-4", "'-4'"), ("", "no batch size")]:
+        with pytest.raises(VitfoldError, match=f"--batch-sizes: .*{bad}"):
+            parse_batch_sizes(text)
