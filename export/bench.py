@@ -379,7 +379,11 @@ def _chart(summary: dict[str, Any]) -> bytes:
     ax.invert_yaxis()
     p50s = [r["p50_ms"] for r in rows]
     if max(p50s) > LOG_SCALE_SPREAD * min(p50s):
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 10, 100 rather than 10^0 ...
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(x=0.15)
     ax.set_xlabel("p50 latency per call (ms), whisker to p90" + (" — log scale" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel("backend")

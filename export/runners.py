@@ -212,6 +212,11 @@ def unavailable(name: str, run_dir: Path, device: str) -> str | None:
         return f"the {MODULES[name]} package is not installed"
     if name == "tensorrt" and not torch.cuda.is_available():
         return "TensorRT needs a CUDA GPU"
+    if name == "onnxruntime" and device.startswith("cuda"):
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "this onnxruntime build has no CUDAExecutionProvider (pip install 'vitfold[gpu]')"
     if name in ARTIFACTS and not (run_dir / "export" / ARTIFACTS[name]).is_file():
         return f"export/{ARTIFACTS[name]} not built (vitfold export --format ...)"
     return None
@@ -222,6 +227,9 @@ def open_runner(name: str, run_dir: Path, device: str = "cpu", threads: int | No
     reason = unavailable(name, run_dir, device)
     if reason:
         raise VitfoldError(f"backend {name}: {reason}")
+    if device.startswith("cuda"):  # fp32 means fp32: no TF32 in torch's matmuls and convolutions either
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     if name in TORCH_RUNNERS:
         from export.models import base_model, folded_model, unmerged_model
 

@@ -58,6 +58,7 @@ def record_stage(
 ) -> dict[str, Any]:
     """Write the stage's entry (status "done") into RUN/manifest.json and return it."""
     manifest = read_manifest(run_dir)
+    pending = manifest.get("pending", {}).pop(stage, None)  # the settings `vitfold run` started it with
     entry = {
         "status": "done",
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -66,6 +67,7 @@ def record_stage(
         "outputs": _hashes(run_dir, outputs),
         "versions": versions(),
         **extra,
+        **({"params": pending} if pending is not None else {}),
     }
     manifest["stages"][stage] = entry
     atomic_write_json(run_dir / MANIFEST, manifest)
@@ -83,10 +85,13 @@ def verified_input(run_dir: Path, path: Path, producer: str) -> Path:
     return path
 
 
-def annotate_stage(run_dir: Path, stage: str, **fields: Any) -> None:
-    """Add fields (e.g. the settings it ran with) to a recorded stage's entry."""
+def start_stage(run_dir: Path, stage: str, params: dict[str, Any]) -> None:
+    """Mark `stage` as running with `params`; `record_stage` files the params with its entry when it is
+    done, so a stage killed before that is never taken for finished (a stage run on its own records none)."""
     manifest = read_manifest(run_dir)
-    manifest["stages"].setdefault(stage, {"status": "running"}).update(fields)
+    if stage in manifest["stages"]:
+        manifest["stages"][stage]["status"] = "running"
+    manifest.setdefault("pending", {})[stage] = params
     atomic_write_json(run_dir / MANIFEST, manifest)
 
 

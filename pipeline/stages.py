@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.config import RunConfig, training_params
 from pipeline.errors import VitfoldError
-from pipeline.manifest import annotate_stage, read_manifest, record_stage, stale_reason
+from pipeline.manifest import read_manifest, record_stage, stale_reason, start_stage
 
 RESUMABLE = ("not run yet", "it did not finish")
 
@@ -148,9 +148,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, force: str | None = None, log=pr
             outcome[stage.name] = "up to date"
             continue
         log(f"== {stage.name}: running ({why})")
-        if why not in RESUMABLE:
-            annotate_stage(run_dir, stage.name, status="running")
+        start_stage(run_dir, stage.name, params)
         stage.run(run_dir, cfg, why, log)
-        annotate_stage(run_dir, stage.name, params=params)
         outcome[stage.name] = f"ran: {why}"
     return outcome

@@ -5,6 +5,7 @@ neither this machine nor CI has TensorRT; the real build is the `tensorrt`-marke
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -193,3 +194,18 @@ def test_tensorrt_engine_matches_onnx(onnx_model, tmp_path):
         ref = model.cuda()(x)
     assert float((out - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
     assert np.isfinite(out.cpu().numpy()).all()
+
+
+def test_import_export_and_help_without_onnxruntime_or_tensorrt():
+    """`import export` (every module) and `vitfold --help` with both optional runtimes made unimportable."""
+    code = (
+        "import sys\n"
+        "sys.modules['onnxruntime'] = None; sys.modules['tensorrt'] = None  # import now raises ImportError\n"
+        "import export, export.stage, export.runners, export.verify, export.bench, export.tensorrt, export.triton\n"
+        "from pipeline.cli import main\n"
+        "sys.argv = ['vitfold', '--help']\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "export" in result.stdout and "verify" in result.stdout and "bench" in result.stdout
