@@ -15,6 +15,7 @@ from datetime import date
 
 import timm
 import torch
+from steps import training_step  # benchmarks/steps.py
 
 import pipeline
 
@@ -26,16 +27,7 @@ def measure(backbone: str, method: str, options: dict, batch: int, steps: int, c
     adapted = pipeline.adapt(timm.create_model(backbone), method, num_classes=100, **options).cuda().train()
     params = [p for p in adapted.parameters() if p.requires_grad]
     model = torch.compile(adapted) if compile_model else adapted
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    x = torch.randn(batch, 3, *adapted.patch_embed.img_size, device="cuda")
-    y = torch.randint(0, 100, (batch,), device="cuda")
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = training_step(model, params, batch, classes=100)
 
     for _ in range(5):
         step()

@@ -9,6 +9,7 @@ import argparse
 
 import timm
 import torch
+from steps import training_step  # benchmarks/steps.py
 from torch.profiler import ProfilerActivity, profile
 
 import pipeline
@@ -25,16 +26,7 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     torch.manual_seed(0)
     model = pipeline.adapt(timm.create_model(args.backbone), args.method, num_classes=100).to(args.device).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = torch.randn(args.batch_size, 3, *model.patch_embed.img_size, device=args.device)
-    y = torch.randint(0, 100, (args.batch_size,), device=args.device)
-
-    def step() -> None:
-        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = training_step(model, [p for p in model.parameters() if p.requires_grad], args.batch_size, classes=100)
 
     for _ in range(5):
         step()
