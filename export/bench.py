@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from export.models import folded_model, run_config
-from export.runners import RUNNER_NAMES, Runner, open_runner, unavailable
+from export.runners import RUNNER_NAMES, Runner, open_runner, runner_inputs, unavailable
 from pipeline.errors import VitfoldError
 from pipeline.manifest import record_stage
 from pipeline.run import atomic_replace, atomic_write_json, atomic_write_text
@@ -45,16 +45,6 @@ RATIOS = {"folded_vs_base": ("torch-folded", "torch-base"), "unmerged_vs_folded"
 RATIO_NOTES = {
     "folded_vs_base": "~1.0: the folded model is the base architecture",
     "unmerged_vs_folded": "folding's speedup",
-}
-# what each backend reads from the run directory (recorded as the stage's inputs)
-BACKEND_INPUTS = {
-    "torch-unmerged": ["train/adapter.safetensors"],
-    "torch-folded": ["fold/model.safetensors"],
-    "torch-base": ["fold/model.safetensors"],
-    "torchscript": ["export/model.pt"],
-    "onnxruntime": ["export/model.onnx", "export/model.onnx.data"],  # .data only for models over 2 GB
-    "aoti": ["export/model.pt2"],
-    "tensorrt": ["export/model.plan"],
 }
 LOG_SCALE_SPREAD = 20  # log latency axis when the slowest p50 is more than this times the fastest
 
@@ -334,7 +324,7 @@ def _machine(device: str) -> dict[str, Any]:
 
 def _inputs(run_dir: Path, backends: list[str]) -> list[Path]:
     """The files the benched backends read (the config, the export summary, their artifacts) that exist."""
-    names = ["config.yaml", "export/export.json", *(f for name in backends for f in BACKEND_INPUTS[name])]
+    names = ["config.yaml", "export/export.json", *(f for name in backends for f in runner_inputs(name))]
     return [run_dir / name for name in dict.fromkeys(names) if (run_dir / name).is_file()]
 
 

@@ -9,7 +9,8 @@ to the runner that needs it; `unavailable(name, run_dir, device)` says why one c
     torch-folded    fold/model.safetensors loaded by timm
     torch-base      the plain base architecture (latency baseline)
     torchscript     export/model.pt      onnxruntime  export/model.onnx (CPU or CUDA EP, TF32 off)
-    aoti            export/model.pt2     tensorrt     export/model.plan
+    aoti            export/model.pt2     onnxruntime-fp16  export/model.fp16.onnx
+    tensorrt        export/model.plan
 
 Torch runners and onnxruntime can also return every transformer block's output (`block_outputs`),
 which verify uses to name the first block where a backend diverges.
@@ -29,10 +30,13 @@ from export.artifacts import INPUT_NAME, OUTPUT_NAME
 from pipeline.errors import VitfoldError
 from pipeline.manifest import verified_input
 
-ARTIFACTS = {"torchscript": "model.pt", "onnxruntime": "model.onnx", "aoti": "model.pt2", "tensorrt": "model.plan"}
-MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
-TORCH_RUNNERS = ("torch-unmerged", "torch-folded", "torch-base")
-RUNNER_NAMES = (*TORCH_RUNNERS, "torchscript", "onnxruntime", "aoti", "tensorrt")
+ARTIFACTS = {"torchscript": "model.pt", "onnxruntime": "model.onnx", "onnxruntime-fp16": "model.fp16.onnx",
+             "aoti": "model.pt2", "tensorrt": "model.plan"}  # fmt: skip
+MODULES = {"onnxruntime": "onnxruntime", "onnxruntime-fp16": "onnxruntime", "tensorrt": "tensorrt"}
+TORCH_INPUTS = {"torch-unmerged": "train/adapter.safetensors", "torch-folded": "fold/model.safetensors",
+                "torch-base": "fold/model.safetensors"}  # fmt: skip
+TORCH_RUNNERS = tuple(TORCH_INPUTS)
+RUNNER_NAMES = (*TORCH_RUNNERS, "torchscript", "onnxruntime", "onnxruntime-fp16", "aoti", "tensorrt")
 
 
 class Runner:
@@ -121,11 +125,9 @@ class AOTIRunner(Runner):
 class OnnxRuntimeRunner(Runner):
     """ONNX Runtime: CPU EP on cpu; CUDA EP (TF32 off, IO binding to torch tensors) on cuda."""
 
-    name = "onnxruntime"
-
-    def __init__(self, path: Path, device: str, threads: int | None = None) -> None:
-
+    def __init__(self, path: Path, device: str, threads: int | None = None, name: str = "onnxruntime") -> None:
         super().__init__(device)
+        self.name = name
         self.path, self.threads = path, threads
         if self.device.type == "cuda":
             index = self.device.index or 0
@@ -202,6 +204,14 @@ class TensorRTRunner(Runner):
         self.context = self.engine = None
 
 
+def runner_inputs(name: str) -> list[str]:
+    """The run-directory files backend `name` reads (an ONNX file's `.data` beside it, when there is one)."""
+    if name in TORCH_INPUTS:
+        return [TORCH_INPUTS[name]]
+    path = f"export/{ARTIFACTS[name]}"
+    return [path, f"{path}.data"] if path.endswith(".onnx") else [path]
+
+
 def unavailable(name: str, run_dir: Path, device: str) -> str | None:
     """Why runner `name` cannot run on `device` for this run (None when it can)."""
     if name not in RUNNER_NAMES:
@@ -212,7 +222,7 @@ def unavailable(name: str, run_dir: Path, device: str) -> str | None:
         return f"the {MODULES[name]} package is not installed"
     if name == "tensorrt" and not torch.cuda.is_available():
         return "TensorRT needs a CUDA GPU"
-    if name == "onnxruntime" and device.startswith("cuda"):
+    if name.startswith("onnxruntime") and device.startswith("cuda"):
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -236,6 +246,6 @@ def open_runner(name: str, run_dir: Path, device: str = "cpu", threads: int | No
         build = {"torch-unmerged": unmerged_model, "torch-folded": folded_model, "torch-base": base_model}[name]
         return TorchRunner(name, build(run_dir), device)
     path = verified_input(run_dir, run_dir / "export" / ARTIFACTS[name], "export")  # refuses a changed artifact
-    if name == "onnxruntime":
-        return OnnxRuntimeRunner(path, device, threads)
+    if name.startswith("onnxruntime"):
+        return OnnxRuntimeRunner(path, device, threads, name)
     return {"torchscript": TorchScriptRunner, "aoti": AOTIRunner, "tensorrt": TensorRTRunner}[name](path, device)

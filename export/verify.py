@@ -32,7 +32,7 @@ from pipeline.manifest import record_stage
 from pipeline.run import atomic_write_json, atomic_write_text
 
 REFERENCE, FOLDED = "torch-unmerged", "torch-folded"
-EXPORT_BACKENDS = ("torchscript", "onnxruntime", "aoti", "tensorrt")
+EXPORT_BACKENDS = ("torchscript", "onnxruntime", "onnxruntime-fp16", "aoti", "tensorrt")
 LOCALISE_IMAGES = 4
 
 
@@ -57,7 +57,9 @@ def _logits(runner: Runner, images: torch.Tensor, batch_size: int) -> torch.Tens
 
 
 def _precision(run_dir: Path, backend: str) -> str:
-    """fp16 only for a TensorRT plan built in fp16 (the ONNX verified is the fp32 model.onnx)."""
+    """fp16 for the fp16 ONNX and for a TensorRT plan built in fp16."""
+    if backend == "onnxruntime-fp16":
+        return "fp16"
     info = run_dir / "export" / "model.json"
     if backend == "tensorrt" and info.is_file():
         return json.loads(info.read_text()).get("precision", "fp32")

@@ -207,3 +207,9 @@ def test_fp16_onnx_export_stays_close(run, tmp_path):
     assert out.dtype == np.float32
     assert np.abs(out - ref).max() <= 2e-2 * np.abs(ref).max()
     assert yaml.safe_load((copy_dir / "config.yaml").read_text())["method"] == "rlrr"
+    from export.verify import verify_stage
+
+    result = verify_stage(copy_dir, ["onnxruntime-fp16"], (1, 3), samples=4, **QUIET)
+    rows = [r for r in result["results"] if r["backend"] == "onnxruntime-fp16"]
+    assert result["passed"] and len(rows) == 2 and all(r["precision"] == "fp16" for r in rows)
+    assert all(1e-6 < r["max_rel"] <= 2e-2 for r in rows)  # fp16 rounding shows, within the fp16 tolerance
