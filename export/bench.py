@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from export.models import folded_model, run_config
-from export.runners import RUNNER_NAMES, Runner, open_runner, runner_inputs, unavailable
+from export.runners import RUNNER_NAMES, Runner, default_backends, open_runner, runner_inputs, unavailable
 from pipeline.errors import VitfoldError
 from pipeline.manifest import record_stage
 from pipeline.run import atomic_replace, atomic_write_json, atomic_write_text
@@ -73,7 +73,7 @@ def bench_stage(
 ) -> list[dict]:
     """Time every available backend at every batch size; write RUN/bench/ and record the stage."""
     batch_sizes = _checked_batch_sizes(batch_sizes)
-    names = _checked_backends(backends)
+    names = _checked_backends(run_dir, backends)
     _check_device(device)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise VitfoldError(f"threads must be a positive integer, got {threads!r}")
@@ -129,8 +129,8 @@ def _checked_batch_sizes(batch_sizes: Iterable[Any]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(sizes))
 
 
-def _checked_backends(backends: list[str] | None) -> list[str]:
-    names = list(dict.fromkeys(RUNNER_NAMES if backends is None else backends))
+def _checked_backends(run_dir: Path, backends: list[str] | None) -> list[str]:
+    names = list(dict.fromkeys(default_backends(run_dir, RUNNER_NAMES) if backends is None else backends))
     if not names:
         raise VitfoldError(f"no backend to bench (choose from {', '.join(RUNNER_NAMES)})")
     for name in names:

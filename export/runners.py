@@ -204,6 +204,12 @@ class TensorRTRunner(Runner):
         self.context = self.engine = None
 
 
+def default_backends(run_dir: Path, names: tuple[str, ...]) -> list[str]:
+    """`names`, less onnxruntime-fp16 when no fp16 ONNX was exported (an option, not a missing artifact)."""
+    fp16 = (run_dir / "export" / ARTIFACTS["onnxruntime-fp16"]).is_file()
+    return [n for n in names if n != "onnxruntime-fp16" or fp16]
+
+
 def runner_inputs(name: str) -> list[str]:
     """The run-directory files backend `name` reads (an ONNX file's `.data` beside it, when there is one)."""
     if name in TORCH_INPUTS:

@@ -26,7 +26,7 @@ import torch
 
 from export.compare import block_errors, first_diverging_block, logit_stats, tolerance_for
 from export.models import run_config
-from export.runners import Runner, open_runner, unavailable
+from export.runners import Runner, default_backends, open_runner, unavailable
 from pipeline.errors import VitfoldError
 from pipeline.manifest import record_stage
 from pipeline.run import atomic_write_json, atomic_write_text
@@ -69,7 +69,7 @@ def _precision(run_dir: Path, backend: str) -> str:
 def _backends(run_dir: Path, requested: list[str] | None, device: str, log) -> tuple[list[str], dict[str, str]]:
     skipped: dict[str, str] = {}
     chosen = []
-    for name in requested or EXPORT_BACKENDS:
+    for name in requested or default_backends(run_dir, EXPORT_BACKENDS):
         if name not in EXPORT_BACKENDS:
             raise VitfoldError(f"--backends: unknown backend '{name}' (choose from {', '.join(EXPORT_BACKENDS)})")
         reason = unavailable(name, run_dir, device)
