@@ -38,14 +38,15 @@ LOCALISE_IMAGES = 4
 
 def verify_inputs(run_dir: Path, samples: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """`samples` real evaluation images (seeded choice) and `samples` seeded random images, (n, 3, H, W)."""
-    from pipeline.train import input_transform, load_splits
+    from pipeline.data import build_splits, parse_data_spec
+    from pipeline.train import input_transform
 
     cfg = run_config(run_dir)
     g = torch.Generator().manual_seed(seed)
-    evaluation = load_splits(cfg).eval
+    transform = input_transform(cfg)
+    evaluation = build_splits(parse_data_spec(cfg.data), transform).eval
     picks = torch.randperm(len(evaluation), generator=g)[:samples].tolist()
     real = torch.stack([evaluation[i][0] for i in picks])
-    transform = input_transform(cfg)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (transform.mean, transform.std))
     noise = (torch.rand(samples, 3, *transform.size, generator=g) - mean) / std
     return {"real": real, "random": noise}

@@ -33,12 +33,16 @@ def method_config(cfg: RunConfig, method: str, entry: dict[str, Any]) -> RunConf
 
 def run_result(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
     """Method, trainable parameter counts and best evaluation accuracy of a finished training run."""
+    from safetensors import safe_open
+
     from pipeline.adapting import parameter_counts
-    from pipeline.train import build_model, load_splits
+    from pipeline.train import build_model
 
     with open(run_dir / "train" / "metrics.csv") as f:
         accuracies = [float(r["eval_acc"]) for r in csv.DictReader(f) if r["eval_acc"] != ""]
-    counts = parameter_counts(build_model(cfg, load_splits(cfg).num_classes))
+    with safe_open(run_dir / "train" / "adapter.safetensors", "pt") as f:
+        num_classes = int((f.metadata() or {})["num_classes"])
+    counts = parameter_counts(build_model(cfg, num_classes))
     return {"method": cfg.method, "method_options": cfg.method_options, "seed": cfg.seed, "epochs": cfg.train.epochs,
             "lr": cfg.train.lr, "adapter_params": counts["adapter_params"], "head_params": counts["head_params"],
             "trainable_params": counts["adapter_params"] + counts["head_params"],
