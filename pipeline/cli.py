@@ -100,12 +100,13 @@ def _echo(message: str) -> None:
 @click.option("--eval-every", type=click.IntRange(min=1))
 @click.option("--num-workers", type=click.IntRange(min=0))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--compile", "compile_model", is_flag=True, default=None, help="torch.compile the training step.")
 @click.option("--seed", type=int)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train/last.ckpt with OUT/config.yaml.")
 def train(  # one parameter per option, as click passes them
     config_path, backbone, checkpoint, pretrained, data, method, recipe, rank, options, num_classes, epochs,
-    batch_size, lr, weight_decay, drop_path, eval_every, num_workers, device, seed, out, resume,
+    batch_size, lr, weight_decay, drop_path, eval_every, num_workers, device, compile_model, seed, out, resume,
 ) -> None:  # fmt: skip
     """Fine-tune a timm ViT with an adapter; writes OUT/config.yaml and OUT/train/."""
     from pipeline.config import load_config
@@ -123,7 +124,8 @@ def train(  # one parameter per option, as click passes them
         backbone=backbone, checkpoint=checkpoint, pretrained=pretrained, data=data, method=method, recipe=recipe,
         num_classes=num_classes, seed=seed, method_options=method_options or None,
         train={"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-               "drop_path": drop_path, "eval_every": eval_every, "num_workers": num_workers, "device": device},
+               "drop_path": drop_path, "eval_every": eval_every, "num_workers": num_workers, "device": device,
+               "compile": compile_model},
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) == 0:
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())

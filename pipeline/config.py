@@ -33,6 +33,7 @@ class TrainConfig:
     eval_every: int = 1
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the training forward/backward (fewer kernel launches on a GPU)
 
 
 @dataclass

@@ -238,6 +238,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     loader = DataLoader(splits.train, batch_sampler=sampler, num_workers=tc.num_workers, pin_memory=amp)
     eval_loader = DataLoader(splits.eval, batch_size=max(1, tc.batch_size // d.world), num_workers=tc.num_workers)
     net = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
+    if tc.compile:  # the weights, adapter state and checkpoints stay those of `model`
+        net = torch.compile(net)
     optimizer = make_optimizer(model, tc.weight_decay)
     train_dir = run_dir / "train"
     ckpt_path = train_dir / "last.ckpt"
