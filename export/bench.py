@@ -35,7 +35,7 @@ from tqdm import tqdm
 from export.models import folded_model, run_config
 from export.runners import RUNNER_NAMES, Runner, default_backends, open_runner, runner_inputs, unavailable
 from pipeline.errors import VitfoldError
-from pipeline.manifest import record_stage
+from pipeline.manifest import cpu_name, record_stage
 from pipeline.run import atomic_replace, atomic_write_json, atomic_write_text
 
 ROW_KEYS = ("backend", "device", "batch_size", "iterations", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "throughput_ips")
@@ -113,7 +113,7 @@ def bench_stage(
     }
     outputs = _write_outputs(run_dir / "bench", summary)
     ran = list(dict.fromkeys(r["backend"] for r in rows))
-    record_stage(run_dir, "bench", _inputs(run_dir, ran), outputs, time.perf_counter() - started,
+    record_stage(run_dir, "bench", _inputs(run_dir, names), outputs, time.perf_counter() - started,
                  device=device, batch_sizes=list(batch_sizes), threads=threads, backends=ran)  # fmt: skip
     log(f"bench: {', '.join(str(p.relative_to(run_dir)) for p in outputs)}")
     return rows
@@ -305,25 +305,16 @@ def _ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
     return ratios
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine(device: str) -> dict[str, Any]:
-    machine = {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform()}
+    machine = {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform()}
     if torch.device(device).type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return machine
 
 
 def _inputs(run_dir: Path, backends: list[str]) -> list[Path]:
-    """The files the benched backends read (the config, the export summary, their artifacts) that exist."""
+    """The files the backends asked for read (the config, the export summary, their artifacts) that exist,
+    skipped ones included: `vitfold run` compares these with what export wrote."""
     names = ["config.yaml", "export/export.json", *(f for name in backends for f in runner_inputs(name))]
     return [run_dir / name for name in dict.fromkeys(names) if (run_dir / name).is_file()]
 

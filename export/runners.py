@@ -26,12 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from export import FILES
 from export.artifacts import INPUT_NAME, OUTPUT_NAME
 from pipeline.errors import VitfoldError
 from pipeline.manifest import verified_input
 
-ARTIFACTS = {"torchscript": "model.pt", "onnxruntime": "model.onnx", "onnxruntime-fp16": "model.fp16.onnx",
-             "aoti": "model.pt2", "tensorrt": "model.plan"}  # fmt: skip
+BACKEND_FORMATS = {"torchscript": "torchscript", "onnxruntime": "onnx", "onnxruntime-fp16": "onnx-fp16",
+                   "aoti": "aoti", "tensorrt": "tensorrt"}  # fmt: skip
+ARTIFACTS = {backend: FILES[fmt] for backend, fmt in BACKEND_FORMATS.items()}  # the file in RUN/export/
 MODULES = {"onnxruntime": "onnxruntime", "onnxruntime-fp16": "onnxruntime", "tensorrt": "tensorrt"}
 TORCH_INPUTS = {"torch-unmerged": "train/adapter.safetensors", "torch-folded": "fold/model.safetensors",
                 "torch-base": "fold/model.safetensors"}  # fmt: skip

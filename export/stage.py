@@ -10,14 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from export import FORMATS
+from export import FILES, FORMATS
 from export.artifacts import INPUT_NAME, OUTPUT_NAME
 from export.models import folded_model, run_config
 from pipeline.errors import VitfoldError
 from pipeline.manifest import record_stage
 from pipeline.run import atomic_write_json
-
-FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "aoti": "model.pt2", "tensorrt": "model.plan"}
 
 
 def parse_formats(text: str) -> list[str]:
@@ -82,7 +80,7 @@ def export_stage(
         if precision == "fp16":
             from export.fp16 import convert_onnx_fp16
 
-            timed("onnx-fp16", lambda: [convert_onnx_fp16(onnx_path, out_dir / "model.fp16.onnx")])  # one file
+            timed("onnx-fp16", lambda: [convert_onnx_fp16(onnx_path, out_dir / FILES["onnx-fp16"])])  # one file
     if "torchscript" in formats:
         from export.torchscript import export_torchscript
 
@@ -106,7 +104,7 @@ def export_stage(
 
         built = {fmt: out_dir / FILES[fmt] for fmt in ("onnx", "torchscript", "tensorrt") if fmt in artifacts}
         if "onnx-fp16" in artifacts:
-            built["onnx"] = out_dir / "model.fp16.onnx"
+            built["onnx"] = out_dir / FILES["onnx-fp16"]
         configs = write_triton_repository(
             triton_dir, built, model_name=cfg.backbone.split(".")[0], input_name=INPUT_NAME,
             output_name=OUTPUT_NAME, image_shape=(3, *size), num_classes=num_classes, precision=precision,

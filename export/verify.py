@@ -26,7 +26,7 @@ import torch
 
 from export.compare import block_errors, first_diverging_block, logit_stats, tolerance_for
 from export.models import run_config
-from export.runners import Runner, default_backends, open_runner, unavailable
+from export.runners import Runner, default_backends, open_runner, runner_inputs, unavailable
 from pipeline.errors import VitfoldError
 from pipeline.manifest import record_stage
 from pipeline.run import atomic_write_json, atomic_write_text
@@ -238,8 +238,9 @@ def _write(run_dir: Path, result: dict[str, Any], seconds: float) -> None:
     atomic_write_json(out / "verify.json", result)
     atomic_write_text(out / "verify.md", _markdown(result))
     atomic_write_text(out / "junit.xml", _junit(result))
-    inputs = [run_dir / "train" / "adapter.safetensors", run_dir / "fold" / "model.safetensors"]
-    inputs += [p for p in sorted((run_dir / "export").glob("model.*")) if p.suffix in (".onnx", ".pt", ".pt2", ".plan")]
+    # every artifact present, verified or skipped: `vitfold run` compares these with what export wrote
+    files = dict.fromkeys(f for name in (REFERENCE, FOLDED, *EXPORT_BACKENDS) for f in runner_inputs(name))
+    inputs = [run_dir / f for f in files if (run_dir / f).is_file()]
     record_stage(
         run_dir,
         "verify",

@@ -39,6 +39,17 @@ def versions() -> dict[str, str]:
     return found
 
 
+def cpu_name() -> str:
+    """The CPU model, as /proc/cpuinfo names it (else what `platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def read_manifest(run_dir: Path) -> dict[str, Any]:
     path = run_dir / MANIFEST
     if not path.is_file():

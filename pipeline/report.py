@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.config import load_config
 from pipeline.errors import VitfoldError
-from pipeline.manifest import read_manifest, record_stage
+from pipeline.manifest import cpu_name, read_manifest, record_stage
 from pipeline.run import atomic_write_text
 
 REPORT = "REPORT.md"
@@ -22,17 +22,9 @@ SOURCES = ("compare/compare.json", "verify/verify.json", "bench/bench.json")
 def _machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return (
-        f"{platform.system()} {platform.release()}, {cpu} ({_cores()} cores){gpu}; Python {platform.python_version()}"
-    )
+    system = f"{platform.system()} {platform.release()}"
+    return f"{system}, {cpu_name()} ({_cores()} cores){gpu}; Python {platform.python_version()}"
 
 
 def _cores() -> int:
