@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: .venv
-	$(PY) -m ruff check pipeline export tests benchmarks
+	$(PY) -m ruff check vitfold pipeline export tests benchmarks
 	$(PY) -m pytest -q
 
 train-export: .venv
@@ -27,8 +27,8 @@ bench: .venv
 	$(PY) benchmarks/train_step.py
 
 lint: .venv
-	$(PY) -m ruff check pipeline export tests benchmarks
-	$(PY) -m ruff format --check pipeline export tests benchmarks
+	$(PY) -m ruff check vitfold pipeline export tests benchmarks
+	$(PY) -m ruff format --check vitfold pipeline export tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -8,20 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
 import timm
 import torch
 
-import pipeline
-from export.aoti import export_aoti
-from export.onnx import export_onnx
-from export.torchscript import export_torchscript
-
-EXPORTERS = {"onnx": (export_onnx, "model.onnx"), "torchscript": (export_torchscript, "model.pt"),
-             "aoti": (export_aoti, "model.pt2")}  # fmt: skip
+import vitfold
+from vitfold.export import export
 
 
 def main() -> None:
@@ -31,24 +25,34 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.manual_seed(0)
-    adapted = pipeline.adapt(timm.create_model(args.backbone).eval(), "rlrr", num_classes=10)
+    adapted = vitfold.adapt(timm.create_model(args.backbone).eval(), "rlrr", num_classes=10)
     with torch.no_grad():
         for p in adapted.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-    folded = pipeline.fold(adapted).eval()
-    size = tuple(folded.patch_embed.img_size)
+    folded = vitfold.fold(adapted).eval()
+    size = (3, *folded.patch_embed.img_size)
     rows = []
+
+    def record(fmt: str, files: list[Path], seconds: float) -> None:
+        rows.append(
+            {
+                "format": fmt,
+                "seconds": round(seconds, 1),
+                "megabytes": round(sum(f.stat().st_size for f in files) / 1e6, 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
-        for fmt in args.formats.split(","):
-            exporter, name = EXPORTERS[fmt]
-            start = time.perf_counter()
-            files = exporter(folded, Path(tmp) / fmt / name, size)
-            rows.append({"format": fmt, "seconds": round(time.perf_counter() - start, 1),
-                         "megabytes": round(sum(f.stat().st_size for f in files) / 1e6, 1)})  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
-    result = {"date": date.today().isoformat(), "backbone": args.backbone, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
+        export(folded, Path(tmp), args.formats.split(","), size, on_artifact=record)
+    result = {
+        "date": date.today().isoformat(),
+        "backbone": args.backbone,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -14,6 +14,6 @@ print(json.dumps({"torch": torch.__version__, "timm": timm.__version__, "onnxrun
 PY
 python benchmarks/gpu_train.py --out "$OUT/gpu_train.json"
 RUN=/tmp/vitb-cuda
-python -m pipeline.cli run --config benchmarks/configs/vitb_cuda.yaml --out "$RUN" 2>&1 | grep -v "it/s\]" | tail -80
+python -m vitfold run --config benchmarks/configs/vitb_cuda.yaml --out "$RUN" 2>&1 | grep -v "it/s\]" | tail -80
 cp -r "$RUN/verify" "$RUN/bench" "$RUN/REPORT.md" "$RUN/manifest.json" "$OUT/" 2>/dev/null
 cp "$RUN/export/export.json" "$OUT/" 2>/dev/null

@@ -15,16 +15,17 @@ from datetime import date
 
 import timm
 import torch
-from steps import training_step  # benchmarks/steps.py
 
-import pipeline
+import vitfold
+
+from steps import training_step  # benchmarks/steps.py
 
 METHODS = {"full": {}, "rlrr": {}, "efft2": {"rank": 32}, "lora": {"rank": 8}}
 
 
 def measure(backbone: str, method: str, options: dict, batch: int, steps: int, compile_model: bool = False) -> dict:
     torch.manual_seed(0)
-    adapted = pipeline.adapt(timm.create_model(backbone), method, num_classes=100, **options).cuda().train()
+    adapted = vitfold.adapt(timm.create_model(backbone), method, num_classes=100, **options).cuda().train()
     params = [p for p in adapted.parameters() if p.requires_grad]
     model = torch.compile(adapted) if compile_model else adapted
     step = training_step(model, params, batch, classes=100)
@@ -38,10 +39,14 @@ def measure(backbone: str, method: str, options: dict, batch: int, steps: int, c
         step()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = {"method": method, "options": options, "compiled": compile_model,
-              "trainable_params": sum(p.numel() for p in params),
-              "img_per_s": round(batch * steps / seconds, 1),
-              "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}  # fmt: skip
+    result = {
+        "method": method,
+        "options": options,
+        "compiled": compile_model,
+        "trainable_params": sum(p.numel() for p in params),
+        "img_per_s": round(batch * steps / seconds, 1),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    }
     return result  # the model and optimizer go with this frame; main() empties the cache
 
 
@@ -63,8 +68,15 @@ def main() -> None:
         r["img_per_s_vs_full"] = round(r["img_per_s"] / full["img_per_s"], 3)
         r["memory_vs_full"] = round(r["peak_memory_gib"] / full["peak_memory_gib"], 3)
         print(json.dumps(r))
-    result = {"date": date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "backbone": args.backbone, "batch_size": args.batch_size, "dtype": "bf16", "rows": rows}  # fmt: skip
+    result = {
+        "date": date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "backbone": args.backbone,
+        "batch_size": args.batch_size,
+        "dtype": "bf16",
+        "rows": rows,
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -9,10 +9,11 @@ import argparse
 
 import timm
 import torch
-from steps import training_step  # benchmarks/steps.py
 from torch.profiler import ProfilerActivity, profile
 
-import pipeline
+import vitfold
+
+from steps import training_step  # benchmarks/steps.py
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     torch.manual_seed(0)
-    model = pipeline.adapt(timm.create_model(args.backbone), args.method, num_classes=100).to(args.device).train()
+    model = vitfold.adapt(timm.create_model(args.backbone), args.method, num_classes=100).to(args.device).train()
     step = training_step(model, [p for p in model.parameters() if p.requires_grad], args.batch_size, classes=100)
 
     for _ in range(5):

@@ -14,33 +14,16 @@ import copy
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from datetime import date
 
 import timm
 import torch
 
-import pipeline
+import vitfold
+from vitfold.export.timing import interleaved_rounds
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    model.train()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()
-
-    return step
+from steps import training_step  # benchmarks/steps.py
 
 
 def _forward(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -53,20 +36,14 @@ def _forward(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def _time(variants: dict[str, Callable[[], None]], device, warmup: int, iters: int, rounds: int) -> dict:
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            _sync(device)
-            samples[name].append((time.perf_counter() - start) * 1e3 / iters)
+def _time(variants: dict[str, Callable[[], None]], device: torch.device, warmup: int, iters: int, rounds: int) -> dict:
+    samples = interleaved_rounds(variants, warmup=warmup, iters=iters, rounds=rounds, device=str(device))
     return {name: {"median_ms": statistics.median(s), "min_ms": min(s), "rounds": s} for name, s in samples.items()}
+
+
+def _step(model: torch.nn.Module, batch: int, classes: int) -> Callable[[], None]:
+    model.train()
+    return training_step(model, [p for p in model.parameters() if p.requires_grad], batch, classes)
 
 
 def main() -> None:
@@ -89,16 +66,15 @@ def main() -> None:
     base = timm.create_model(args.backbone, num_classes=args.num_classes).to(device)
     size = base.patch_embed.img_size
     x = torch.randn(args.batch_size, 3, *size, device=device)
-    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
 
     full = copy.deepcopy(base)
-    rlrr = pipeline.adapt(copy.deepcopy(base), "rlrr", num_classes=args.num_classes)
-    efft2 = pipeline.adapt(copy.deepcopy(base), "efft2", num_classes=args.num_classes, rank=args.efft_rank)
+    rlrr = vitfold.adapt(copy.deepcopy(base), "rlrr", num_classes=args.num_classes)
+    efft2 = vitfold.adapt(copy.deepcopy(base), "efft2", num_classes=args.num_classes, rank=args.efft_rank)
     train = _time(
         {
-            "full fine-tuning step": _train_step(full, x, y),
-            "rlrr step": _train_step(rlrr, x, y),
-            f"efft2 r{args.efft_rank} step": _train_step(efft2, x, y),
+            "full fine-tuning step": _step(full, args.batch_size, args.num_classes),
+            "rlrr step": _step(rlrr, args.batch_size, args.num_classes),
+            f"efft2 r{args.efft_rank} step": _step(efft2, args.batch_size, args.num_classes),
             "frozen forward": _forward(base, x),
         },
         device,
@@ -107,7 +83,7 @@ def main() -> None:
         args.rounds,
     )
     del full, efft2
-    folded = pipeline.fold(rlrr)
+    folded = vitfold.fold(rlrr)
     fresh = timm.create_model(args.backbone, num_classes=args.num_classes).to(device)
     infer = _time(
         {

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.adapting import parameter_counts
-from pipeline.config import load_config
-from pipeline.train import build_model, train
+from vitfold.pipeline.adapting import parameter_counts
+from vitfold.pipeline.config import load_config
+from vitfold.pipeline.models import build_model
+from vitfold.pipeline.stages import run_stage
 
 METHODS = {
     "linear": {},
@@ -40,10 +41,16 @@ def main() -> None:
     for method, options in METHODS.items():
         cfg = load_config(args.config, method=method, method_options=options, train={"epochs": args.epochs})
         with tempfile.TemporaryDirectory() as tmp:
-            result = train(cfg, Path(tmp), log=lambda _: None)
+            result = run_stage("train", Path(tmp), settings=cfg, log=lambda _: None)
         counts = parameter_counts(build_model(cfg, num_classes=5))
-        rows.append({"method": method, "img_per_s": result["img_per_s"], "trainable": counts["adapter_params"],
-                     "eval_acc": result["eval_acc"]})  # fmt: skip
+        rows.append(
+            {
+                "method": method,
+                "img_per_s": result["img_per_s"],
+                "trainable": counts["adapter_params"],
+                "eval_acc": result["eval_acc"],
+            }
+        )
         print(f"{method:8s} {result['img_per_s']:8.1f} img/s   trainable {counts['adapter_params']:>9,}")
     report = {
         "date": date.today().isoformat(),

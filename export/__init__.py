@@ -1,11 +1,42 @@
-"""vitfold export side: exporters, runners, comparison, benchmarking, reports.
+"""vitfold.export: exporters, runners, comparison and timing for any timm model and any artifact path.
 
-Optional runtimes (onnxruntime-gpu, tensorrt) are imported lazily inside the modules that need them,
-so `import export` works without them.
+    from vitfold.export import export, open_runner, compare
+    files = export(model, "out/", formats=("onnx", "torchscript", "aoti"), input_size=(3, 224, 224))
+    with open_runner("onnxruntime", files["onnx"]) as runner:
+        ok = compare(reference_logits, runner(images))   # truthy when within tolerance; ok.to_dict()
+
+Nothing here knows a run directory. Optional runtimes (onnxruntime-gpu, tensorrt) are imported lazily
+inside the modules that need them, so `import vitfold.export` works without them, and importing this
+package imports neither torch nor onnx.
 """
+
+from importlib import import_module
+from typing import Any
 
 FORMATS = ("onnx", "torchscript", "aoti", "tensorrt")
 DEFAULT_FORMATS = ("onnx", "torchscript", "aoti")  # tensorrt needs the [trt] extra and a GPU
-# the file each format writes in RUN/export/ ("onnx-fp16": the --precision fp16 ONNX)
-FILES = {"onnx": "model.onnx", "onnx-fp16": "model.fp16.onnx", "torchscript": "model.pt", "aoti": "model.pt2",
-         "tensorrt": "model.plan"}  # fmt: skip
+PRECISIONS = ("fp32", "fp16")
+# the file each format writes into the output folder ("onnx-fp16": the ONNX of precision fp16)
+FILES = {
+    "onnx": "model.onnx",
+    "onnx-fp16": "model.fp16.onnx",
+    "torchscript": "model.pt",
+    "aoti": "model.pt2",
+    "tensorrt": "model.plan",
+}
+
+_API = {
+    "export": "vitfold.export.exporting",
+    "open_runner": "vitfold.export.runners",
+    "compare": "vitfold.export.comparison",
+    "Comparison": "vitfold.export.comparison",
+    "Tolerance": "vitfold.export.comparison",
+}
+
+__all__ = ["DEFAULT_FORMATS", "FILES", "FORMATS", "PRECISIONS", *sorted(_API)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'vitfold.export' has no attribute {name!r}")

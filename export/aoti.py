@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.artifacts import batch_dim, example_input, staged_files
-from pipeline.errors import VitfoldError
+from vitfold.errors import VitfoldError
+from vitfold.export.artifacts import batch_dim, example_input, staged_files
 
 
 def require_compiler() -> None:

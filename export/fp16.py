@@ -12,12 +12,22 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from export.artifacts import staged_files
+from vitfold.export.artifacts import staged_files
 
 FP32_OPS = (
-    "LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2",
-    "Pow", "Sqrt", "Reciprocal", "Exp", "Log", "Erf",
-)  # fmt: skip
+    "LayerNormalization",
+    "Softmax",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceL2",
+    "Pow",
+    "Sqrt",
+    "Reciprocal",
+    "Exp",
+    "Log",
+    "Erf",
+)
 
 
 def convert_onnx_fp16(src: Path, dst: Path) -> Path:

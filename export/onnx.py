@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.artifacts import INPUT_NAME, OUTPUT_NAME, batch_dim, example_input, staged_files
-from pipeline.errors import VitfoldError
+from vitfold.errors import VitfoldError
+from vitfold.export.artifacts import INPUT_NAME, OUTPUT_NAME, batch_dim, example_input, staged_files
 
 MIN_OPSET = 17
 SINGLE_FILE_LIMIT = 1_800_000_000  # bytes of weights; protobuf refuses messages over 2 GB
 
 
 def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], opset: int = 18) -> list[Path]:
-    """Write `path` (and its `.data` file when needed) atomically; returns the files written."""
+    """Write `path` (and its `.data` file when needed) atomically; returns the files written, `path` first."""
     import onnx
 
     if opset < MIN_OPSET:
@@ -46,5 +46,5 @@ def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], opset
                 verbose=False,
             )
         onnx.checker.check_model(str(target), full_check=True)
-        written = [path.parent / p.name for p in tmp.iterdir() if p.is_file()]
-    return sorted(written)
+        extra = sorted(path.parent / p.name for p in tmp.iterdir() if p.is_file() and p.name != path.name)
+    return [path, *extra]

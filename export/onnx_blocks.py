@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from pipeline.errors import VitfoldError
+from vitfold.errors import VitfoldError
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 BLOCK = re.compile(r"^blocks\.(\d+)$")

@@ -1,19 +1,18 @@
-"""Runners: one interface over every way of computing the model's logits.
+"""Runners: one interface over every way of computing a model's logits, opened by path.
 
-A runner is opened on a run directory (`open_runner(name, run_dir, device)`), takes an image batch
-already on its device (`to_device`), returns logits on that device (`__call__`), and is closed with
-`close()`. Runtimes are imported when a runner opens, so a missing optional dependency only matters
-to the runner that needs it; `unavailable(name, run_dir, device)` says why one cannot run.
+    with open_runner("onnxruntime", "out/model.onnx", device="cpu") as runner:
+        logits = runner(runner.to_device(images))          # (B, 3, H, W) -> (B, num_classes)
 
-    torch-unmerged  base backbone + trained adapter (the reference)
-    torch-folded    fold/model.safetensors loaded by timm
-    torch-base      the plain base architecture (latency baseline)
-    torchscript     export/model.pt      onnxruntime  export/model.onnx (CPU or CUDA EP, TF32 off)
-    aoti            export/model.pt2     onnxruntime-fp16  export/model.fp16.onnx
-    tensorrt        export/model.plan
+Runtimes (the `backend` of `open_runner`):
 
-Torch runners and onnxruntime can also return every transformer block's output (`block_outputs`),
-which verify uses to name the first block where a backend diverges.
+    torch        an nn.Module (pass the model instead of a path)
+    torchscript  a `.pt` from torch.jit          onnxruntime  a `.onnx` (CPU EP, or CUDA EP with TF32 off)
+    aoti         a `.pt2` AOTInductor package    tensorrt     a `.plan` (needs the [trt] extra and a GPU)
+
+A runtime is imported when its runner opens, so a missing optional dependency only matters to the
+runner that needs it; `unavailable(backend, device)` says why one cannot run. Torch runners and
+onnxruntime can also return every transformer block's output (`block_outputs`), which verify uses to
+name the first block where a backend diverges.
 """
 
 from __future__ import annotations
@@ -26,33 +25,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from export import FILES
-from export.artifacts import INPUT_NAME, OUTPUT_NAME
-from pipeline.errors import VitfoldError
-from pipeline.manifest import verified_input
+from vitfold.errors import VitfoldError
+from vitfold.export.artifacts import INPUT_NAME, OUTPUT_NAME
 
-BACKEND_FORMATS = {"torchscript": "torchscript", "onnxruntime": "onnx", "onnxruntime-fp16": "onnx-fp16",
-                   "aoti": "aoti", "tensorrt": "tensorrt"}  # fmt: skip
-ARTIFACTS = {backend: FILES[fmt] for backend, fmt in BACKEND_FORMATS.items()}  # the file in RUN/export/
-MODULES = {"onnxruntime": "onnxruntime", "onnxruntime-fp16": "onnxruntime", "tensorrt": "tensorrt"}
-TORCH_INPUTS = {"torch-unmerged": "train/adapter.safetensors", "torch-folded": "fold/model.safetensors",
-                "torch-base": "fold/model.safetensors"}  # fmt: skip
-TORCH_RUNNERS = tuple(TORCH_INPUTS)
-RUNNER_NAMES = (*TORCH_RUNNERS, "torchscript", "onnxruntime", "onnxruntime-fp16", "aoti", "tensorrt")
+RUNTIMES = ("torch", "torchscript", "onnxruntime", "aoti", "tensorrt")
+MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}  # optional packages
 
 
 class Runner:
-    """Base: logits of an image batch on `device`. Subclasses set `provider` when it is not the device."""
+    """Base: logits of an image batch on `device`. `provider` says what computes them when it is not
+    simply the device (an ONNX Runtime execution provider)."""
 
-    name = ""
+    runtime = ""
 
     def __init__(self, device: str) -> None:
         self.device = torch.device(device)
         self.provider = self.device.type
 
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.provider})"
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, torch.float32).contiguous()
@@ -75,9 +69,11 @@ class Runner:
 class TorchRunner(Runner):
     """An eager nn.Module; block outputs through forward hooks on `model.blocks`."""
 
-    def __init__(self, name: str, model: nn.Module, device: str) -> None:
+    runtime = "torch"
+
+    def __init__(self, model: nn.Module, device: str) -> None:
         super().__init__(device)
-        self.name, self.model = name, model.eval().to(self.device)
+        self.model = model.eval().to(self.device)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +95,7 @@ class TorchRunner(Runner):
 
 
 class TorchScriptRunner(Runner):
-    name = "torchscript"
+    runtime = "torchscript"
 
     def __init__(self, path: Path, device: str) -> None:
         super().__init__(device)
@@ -113,7 +109,7 @@ class TorchScriptRunner(Runner):
 
 
 class AOTIRunner(Runner):
-    name = "aoti"
+    runtime = "aoti"
 
     def __init__(self, path: Path, device: str) -> None:
         super().__init__(device)
@@ -127,9 +123,10 @@ class AOTIRunner(Runner):
 class OnnxRuntimeRunner(Runner):
     """ONNX Runtime: CPU EP on cpu; CUDA EP (TF32 off, IO binding to torch tensors) on cuda."""
 
-    def __init__(self, path: Path, device: str, threads: int | None = None, name: str = "onnxruntime") -> None:
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, device: str, threads: int | None = None) -> None:
         super().__init__(device)
-        self.name = name
         self.path, self.threads = path, threads
         if self.device.type == "cuda":
             index = self.device.index or 0
@@ -139,8 +136,9 @@ class OnnxRuntimeRunner(Runner):
         self.session = self._session(str(path))
         self.provider = self.session.get_providers()[0]
         if self.device.type == "cuda" and self.provider != "CUDAExecutionProvider":
-            raise VitfoldError(f"onnxruntime has no CUDA execution provider here ({self.provider}): "
-                               "pip install 'vitfold[gpu]'")  # fmt: skip
+            raise VitfoldError(
+                f"onnxruntime has no CUDA execution provider here ({self.provider}): pip install 'vitfold[gpu]'"
+            )
         self._debug_session = None
 
     def _session(self, model: str | bytes) -> Any:
@@ -160,15 +158,17 @@ class OnnxRuntimeRunner(Runner):
         for name in names:
             binding.bind_output(name, "cuda", self.device.index or 0)
         session.run_with_iobinding(binding)
-        return [torch.from_dlpack(o) if hasattr(o, "__dlpack__") else torch.as_tensor(o.numpy(), device=self.device)
-                for o in binding.get_outputs()]  # fmt: skip
+        return [
+            torch.from_dlpack(o) if hasattr(o, "__dlpack__") else torch.as_tensor(o.numpy(), device=self.device)
+            for o in binding.get_outputs()
+        ]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(self.session, x, [OUTPUT_NAME])[0]
 
     def block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self._debug_session is None:
-            from export.onnx_blocks import with_block_outputs
+            from vitfold.export.onnx_blocks import with_block_outputs
 
             model, self._block_names = with_block_outputs(self.path)
             self._debug_session = self._session(model.SerializeToString())
@@ -181,10 +181,10 @@ class OnnxRuntimeRunner(Runner):
 class TensorRTRunner(Runner):
     """A TensorRT engine run with `execute_async_v3` on torch CUDA tensors (no host copies)."""
 
-    name = "tensorrt"
+    runtime = "tensorrt"
 
     def __init__(self, path: Path, device: str) -> None:
-        from export.tensorrt import require_tensorrt
+        from vitfold.export.tensorrt import require_tensorrt
 
         trt = require_tensorrt()
         super().__init__(device if device.startswith("cuda") else "cuda")
@@ -206,54 +206,42 @@ class TensorRTRunner(Runner):
         self.context = self.engine = None
 
 
-def default_backends(run_dir: Path, names: tuple[str, ...]) -> list[str]:
-    """`names`, less onnxruntime-fp16 when no fp16 ONNX was exported (an option, not a missing artifact)."""
-    fp16 = (run_dir / "export" / ARTIFACTS["onnxruntime-fp16"]).is_file()
-    return [n for n in names if n != "onnxruntime-fp16" or fp16]
-
-
-def runner_inputs(name: str) -> list[str]:
-    """The run-directory files backend `name` reads (an ONNX file's `.data` beside it, when there is one)."""
-    if name in TORCH_INPUTS:
-        return [TORCH_INPUTS[name]]
-    path = f"export/{ARTIFACTS[name]}"
-    return [path, f"{path}.data"] if path.endswith(".onnx") else [path]
-
-
-def unavailable(name: str, run_dir: Path, device: str) -> str | None:
-    """Why runner `name` cannot run on `device` for this run (None when it can)."""
-    if name not in RUNNER_NAMES:
-        return f"unknown backend '{name}' (choose from {', '.join(RUNNER_NAMES)})"
+def unavailable(backend: str, device: str = "cpu") -> str | None:
+    """Why runtime `backend` cannot run on `device` here (None when it can)."""
+    if backend not in RUNTIMES:
+        return f"unknown backend '{backend}' (choose from {', '.join(RUNTIMES)})"
     if device.startswith("cuda") and not torch.cuda.is_available():
         return "no CUDA GPU visible"
-    if name in MODULES and importlib.util.find_spec(MODULES[name]) is None:
-        return f"the {MODULES[name]} package is not installed"
-    if name == "tensorrt" and not torch.cuda.is_available():
+    if backend in MODULES and importlib.util.find_spec(MODULES[backend]) is None:
+        return f"the {MODULES[backend]} package is not installed"
+    if backend == "tensorrt" and not torch.cuda.is_available():
         return "TensorRT needs a CUDA GPU"
-    if name.startswith("onnxruntime") and device.startswith("cuda"):
+    if backend == "onnxruntime" and device.startswith("cuda"):
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return "this onnxruntime build has no CUDAExecutionProvider (pip install 'vitfold[gpu]')"
-    if name in ARTIFACTS and not (run_dir / "export" / ARTIFACTS[name]).is_file():
-        return f"export/{ARTIFACTS[name]} not built (vitfold export --format ...)"
     return None
 
 
-def open_runner(name: str, run_dir: Path, device: str = "cpu", threads: int | None = None) -> Runner:
-    """Open backend `name` for the run in `run_dir` (check `unavailable` first for a reason)."""
-    reason = unavailable(name, run_dir, device)
+def open_runner(backend: str, path: str | Path | nn.Module, device: str = "cpu", threads: int | None = None) -> Runner:
+    """Open runtime `backend` on the artifact at `path` (for "torch": the nn.Module itself).
+
+    A context manager; `runner(x)` takes an image batch on `runner.device` (`runner.to_device(x)`) and
+    returns logits there. On CUDA, fp32 means fp32: TF32 is switched off in torch's matmuls too."""
+    reason = unavailable(backend, device)
     if reason:
-        raise VitfoldError(f"backend {name}: {reason}")
-    if device.startswith("cuda"):  # fp32 means fp32: no TF32 in torch's matmuls and convolutions either
+        raise VitfoldError(f"backend {backend}: {reason}")
+    if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    if name in TORCH_RUNNERS:
-        from export.models import base_model, folded_model, unmerged_model
-
-        build = {"torch-unmerged": unmerged_model, "torch-folded": folded_model, "torch-base": base_model}[name]
-        return TorchRunner(name, build(run_dir), device)
-    path = verified_input(run_dir, run_dir / "export" / ARTIFACTS[name], "export")  # refuses a changed artifact
-    if name.startswith("onnxruntime"):
-        return OnnxRuntimeRunner(path, device, threads, name)
-    return {"torchscript": TorchScriptRunner, "aoti": AOTIRunner, "tensorrt": TensorRTRunner}[name](path, device)
+    if backend == "torch":
+        if not isinstance(path, nn.Module):
+            raise VitfoldError("backend torch: pass the nn.Module itself")
+        return TorchRunner(path, device)
+    path = Path(path)
+    if not path.is_file():
+        raise VitfoldError(f"backend {backend}: {path} not found")
+    if backend == "onnxruntime":
+        return OnnxRuntimeRunner(path, device, threads)
+    return {"torchscript": TorchScriptRunner, "aoti": AOTIRunner, "tensorrt": TensorRTRunner}[backend](path, device)

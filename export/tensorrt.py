@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from export.artifacts import INPUT_NAME, staged_files
-from pipeline.errors import VitfoldError
+from vitfold.errors import VitfoldError
+from vitfold.export.artifacts import INPUT_NAME, staged_files
 
 
 class TensorRTUnavailable(VitfoldError):
@@ -110,10 +110,16 @@ def build_engine(
     if serialized is None:
         raise VitfoldError(f"TensorRT failed to build an engine from {source} (see its log above)")
     info = {
-        "tensorrt": trt.__version__, **_device(), "precision": precision, "tf32": tf32,
-        "strongly_typed": strongly_typed, "normalization_layers_fp32": pinned,
-        "batch_min_opt_max": list(batch), "input_shape": list(shape), "onnx": source.name,
-    }  # fmt: skip
+        "tensorrt": trt.__version__,
+        **_device(),
+        "precision": precision,
+        "tf32": tf32,
+        "strongly_typed": strongly_typed,
+        "normalization_layers_fp32": pinned,
+        "batch_min_opt_max": list(batch),
+        "input_shape": list(shape),
+        "onnx": source.name,
+    }
     with staged_files(plan_path.parent) as tmp:
         (tmp / plan_path.with_suffix(".json").name).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / plan_path.name).write_bytes(bytes(serialized))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from export.artifacts import example_input, staged_files
+from vitfold.export.artifacts import example_input, staged_files
 
 
 def export_torchscript(model: nn.Module, path: Path, image_size: tuple[int, int]) -> list[Path]:

@@ -15,8 +15,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from vitfold.export import FILES
+
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torchscript": "pytorch_libtorch"}
-FILE_NAMES = {"onnx": "model.onnx", "tensorrt": "model.plan", "torchscript": "model.pt"}
 
 
 def _tensor(name: str, dims: tuple[int, ...]) -> str:
@@ -67,7 +68,7 @@ def write_triton_repository(
         try:
             version = tmp / "1"
             version.mkdir()
-            shutil.copy2(src, version / FILE_NAMES[fmt])
+            shutil.copy2(src, version / FILES[fmt])
             data = src.with_name(src.name + ".data")
             if fmt == "onnx" and data.is_file():  # external weights keep their recorded relative name
                 shutil.copy2(data, version / data.name)

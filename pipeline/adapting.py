@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.adapters import AdapterLayer, AdapterModule, AdapterRecord, get_method
-from pipeline.errors import AdapterError
+from vitfold.errors import AdapterError
+from vitfold.pipeline.adapters import AdapterLayer, AdapterModule, AdapterRecord, get_method
 
 RECORD_ATTR = "vitfold_adapter"
 

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from torch import nn
 
-from pipeline.errors import BackboneError, CheckpointError
+from vitfold.errors import BackboneError, CheckpointError
 
 HUB_TIMEOUT_S = 3.0
 
@@ -76,14 +76,16 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     Every backbone key must be present with its shape; the classifier head may differ (a new head
     replaces it). Fails naming the first missing, unexpected or mismatched key.
     """
-    from timm.models.vision_transformer import _load_weights, checkpoint_filter_fn
+    from timm.models.vision_transformer import checkpoint_filter_fn
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix.lower() == ".npz":
+        if not hasattr(model, "load_pretrained"):
+            raise CheckpointError(f"checkpoint {path}: {type(model).__name__} cannot read Google .npz weights")
         try:
-            _load_weights(model, str(path))
+            model.load_pretrained(str(path))  # timm's public reader of the original JAX checkpoints
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {path} does not fit the backbone: {e}") from None
         return
@@ -111,3 +113,27 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     if unexpected:
         raise CheckpointError(f"checkpoint {path} has '{unexpected[0]}', which the backbone does not have")
     model.load_state_dict(state, strict=False)
+
+
+def folded_load_call(backbone: str, num_classes: int, path: Path, backbone_kwargs: dict[str, Any]) -> str:
+    """The timm call that loads a folded checkpoint with no vitfold code, as a user would type it.
+
+    (`num_classes` belongs in the overlay too: otherwise timm drops a head whose size differs from the
+    pretrained config's; `custom_load=False`, or older timm releases (1.0.29 seen) read the file as the
+    original JAX `.npz` of `vit_*_patch16_224`.)"""
+    kwargs = "".join(f", {k}={v!r}" for k, v in backbone_kwargs.items())
+    return (
+        f"timm.create_model({backbone!r}, pretrained=True, num_classes={num_classes}{kwargs}, "
+        f"pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes={num_classes}, custom_load=False))"
+    )
+
+
+def load_folded(path: Path, backbone: str, num_classes: int, backbone_kwargs: dict[str, Any]) -> nn.Module:
+    """A folded checkpoint (a plain timm state_dict) loaded by timm alone, exactly as `folded_load_call` says."""
+    import timm
+
+    overlay = {"file": str(path), "num_classes": num_classes, "custom_load": False}
+    model = timm.create_model(
+        backbone, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **backbone_kwargs
+    )
+    return model.eval()

@@ -1,6 +1,6 @@
 """The run config: dataclasses read from and written to YAML. `None` means "not set".
 
-`load_config` resolves every value (see `pipeline.recipes` for the order), so the `config.yaml` a run
+`load_config` resolves every value (see `vitfold.pipeline.recipes` for the order), so the config a run
 saves says exactly what ran.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import VitfoldError
-from pipeline.recipes import method_train_defaults, resolve_recipe
+from vitfold.errors import VitfoldError
+from vitfold.pipeline.recipes import method_train_defaults, resolve_recipe
 
 
 @dataclass
@@ -21,7 +21,7 @@ class TrainConfig:
     epochs: int | None = None
     batch_size: int | None = None  # global batch (split over DDP processes)
     lr: float | None = None
-    weight_decay: float | None = None  # not applied to biases, norms and 1-d tensors
+    weight_decay: float | None = None  # not applied to names containing "bias" or "norm"
     warmup_epochs: float | None = None
     warmup_lr: float | None = None
     min_lr: float | None = None
@@ -42,6 +42,7 @@ class ExportConfig:
     precision: str = "fp32"
     opset: int = 18
     device: str = "cpu"  # the AOTInductor package's device
+    triton: str | None = None  # also write a Triton model repository into this folder
 
 
 @dataclass
@@ -61,6 +62,7 @@ class BenchConfig:
     threads: int | None = None
     min_iters: int = 50
     min_seconds: float = 3.0
+    warmup_seconds: float = 0.2
 
 
 @dataclass
@@ -93,8 +95,19 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-TRAINING_KEYS = ("backbone", "backbone_kwargs", "checkpoint", "pretrained", "data", "method", "method_options",
-                 "recipe", "num_classes", "seed", "train")  # fmt: skip
+TRAINING_KEYS = (
+    "backbone",
+    "backbone_kwargs",
+    "checkpoint",
+    "pretrained",
+    "data",
+    "method",
+    "method_options",
+    "recipe",
+    "num_classes",
+    "seed",
+    "train",
+)
 
 
 def training_params(cfg: RunConfig) -> dict[str, Any]:

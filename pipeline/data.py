@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from pipeline.errors import DataError
+from vitfold.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 DIGITS_EVAL_FRACTION = 0.25  # fixed, stratified split of the 1,797 digits: same eval set for every seed

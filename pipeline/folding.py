@@ -11,8 +11,8 @@ import copy
 
 from torch import nn
 
-from pipeline.adapters.base import AdapterModule, check_finite
-from pipeline.adapting import RECORD_ATTR, adapter_layers, adapter_modules, trainable_named_parameters
+from vitfold.pipeline.adapters.base import check_finite
+from vitfold.pipeline.adapting import RECORD_ATTR, adapter_layers, adapter_modules, trainable_named_parameters
 
 
 def fold(model: nn.Module) -> nn.Module:
@@ -26,13 +26,10 @@ def fold(model: nn.Module) -> nn.Module:
     plain = copy.deepcopy(model)
     for name, layer in list(adapter_layers(plain)):
         plain.set_submodule(name, layer.fuse())
-    for name, _ in list(adapter_modules(plain)):
+    for name, module in list(adapter_modules(plain)):
+        module.remove_hooks()
         parent, _, child = name.rpartition(".")
         delattr(plain.get_submodule(parent), child)
-    for module in plain.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), AdapterModule)]:
-                del hooks[key]
     delattr(plain, RECORD_ATTR)
     plain.requires_grad_(True)
     return plain

@@ -1,4 +1,4 @@
-"""Folds written out from the papers' formulas (REFERENCE §1, §2), apart from vitfold's fold code.
+"""Folds written out from the papers' formulas (RLRR paper §3.3, EFFT paper §3.2), apart from vitfold's fold code.
 
 Each takes the adapted model's state_dict (float64) and the method's options as the test set them,
 and returns the folded plain-timm state_dict.

@@ -7,15 +7,16 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import TINY, images, make_vit, randomize_trainable
 
-import pipeline
-from pipeline.errors import AdapterError, FoldError
+import vitfold
+from vitfold.errors import AdapterError, FoldError
+
+from helpers import TINY, images, make_vit, randomize_trainable
 
 
 def _adapted(seed: int = 0, num_classes: int | None = 4) -> torch.nn.Module:
     name, kwargs = TINY
-    model = pipeline.adapt(make_vit(name, seed=seed, **kwargs), "rlrr", num_classes=num_classes)
+    model = vitfold.adapt(make_vit(name, seed=seed, **kwargs), "rlrr", num_classes=num_classes)
     randomize_trainable(model, seed=seed + 10)
     return model
 
@@ -23,7 +24,7 @@ def _adapted(seed: int = 0, num_classes: int | None = 4) -> torch.nn.Module:
 def test_only_adapter_and_new_head_train_and_step_changes_only_them():
     model = _adapted()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == set(pipeline.adapter_state_dict(model))
+    assert trainable == set(vitfold.adapter_state_dict(model))
     assert {"head.weight", "head.bias", "blocks.0.attn.qkv.s_in", "patch_embed.proj.scale", "norm.shift"} <= trainable
     assert not any(".base." in n or n in ("pos_embed", "cls_token") for n in trainable)
     before = copy.deepcopy(model.state_dict())
@@ -38,7 +39,7 @@ def test_only_adapter_and_new_head_train_and_step_changes_only_them():
 
 def test_adapter_state_dict_holds_only_adapter_and_head_and_round_trips():
     source, target = _adapted(seed=0), _adapted(seed=5)
-    state = pipeline.adapter_state_dict(source)
+    state = vitfold.adapter_state_dict(source)
     base_keys = set(timm.create_model(TINY[0], num_classes=4, **TINY[1]).state_dict())
     assert not set(state) & (base_keys - {"head.weight", "head.bias"})
     assert sum(t.numel() for t in state.values()) < 0.05 * sum(p.numel() for p in source.parameters())
@@ -48,23 +49,23 @@ def test_adapter_state_dict_holds_only_adapter_and_head_and_round_trips():
     x = images(source, 3)
     with torch.no_grad():
         assert not torch.allclose(target(x), source(x))
-        pipeline.load_adapter(target, state)
+        vitfold.load_adapter(target, state)
         assert torch.equal(target(x), source(x))
 
 
 def test_load_adapter_rejects_mismatch_and_changes_nothing():
     model = _adapted()
-    state = pipeline.adapter_state_dict(model)
-    before = pipeline.adapter_state_dict(model)
+    state = vitfold.adapter_state_dict(model)
+    before = vitfold.adapter_state_dict(model)
     bad_shape = {**state, "blocks.0.attn.qkv.s_in": torch.zeros(1, 5)}
     with pytest.raises(AdapterError, match=r"blocks\.0\.attn\.qkv\.s_in.*\(1, 5\)"):
-        pipeline.load_adapter(model, {k: v + 1 for k, v in bad_shape.items()})
+        vitfold.load_adapter(model, {k: v + 1 for k, v in bad_shape.items()})
     missing = {k: v for k, v in state.items() if k != "norm.scale"}
     with pytest.raises(AdapterError, match="missing 'norm.scale'"):
-        pipeline.load_adapter(model, missing)
+        vitfold.load_adapter(model, missing)
     with pytest.raises(AdapterError, match="unexpected key 'extra'"):
-        pipeline.load_adapter(model, {**state, "extra": torch.zeros(1)})
-    assert all(torch.equal(before[k], v) for k, v in pipeline.adapter_state_dict(model).items())
+        vitfold.load_adapter(model, {**state, "extra": torch.zeros(1)})
+    assert all(torch.equal(before[k], v) for k, v in vitfold.adapter_state_dict(model).items())
 
 
 @pytest.mark.parametrize(
@@ -76,10 +77,10 @@ def test_fold_refuses_nan_naming_the_tensor_and_modifies_nothing(name):
         model.get_parameter(name).view(-1)[0] = float("nan")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(FoldError, match=name.replace(".", r"\.")):
-        pipeline.fold(model)
+        vitfold.fold(model)
     after = model.state_dict()
     assert all(torch.equal(before[k].nan_to_num(7.0), after[k].nan_to_num(7.0)) for k in before)
-    assert any(isinstance(m, pipeline.adapters.AdapterLayer) for m in model.modules())
+    assert any(isinstance(m, vitfold.pipeline.adapters.AdapterLayer) for m in model.modules())
 
 
 def test_adapter_fuse_refuses_inf():
@@ -92,23 +93,23 @@ def test_adapter_fuse_refuses_inf():
 
 def test_bad_options_are_one_line_errors_naming_the_option(tiny_vit):
     with pytest.raises(AdapterError, match="unknown option 'rank'"):
-        pipeline.adapt(copy.deepcopy(tiny_vit), "rlrr", rank=4)
+        vitfold.adapt(copy.deepcopy(tiny_vit), "rlrr", rank=4)
     with pytest.raises(AdapterError, match="'init'.*'zeros'"):
-        pipeline.adapt(copy.deepcopy(tiny_vit), "rlrr", init="zeros")
+        vitfold.adapt(copy.deepcopy(tiny_vit), "rlrr", init="zeros")
     with pytest.raises(AdapterError, match="unknown method 'lorax'"):
-        pipeline.adapt(copy.deepcopy(tiny_vit), "lorax")
+        vitfold.adapt(copy.deepcopy(tiny_vit), "lorax")
     with pytest.raises(AdapterError, match="num_classes"):
-        pipeline.adapt(copy.deepcopy(tiny_vit), "rlrr", num_classes=0)
-    adapted = pipeline.adapt(tiny_vit, "rlrr")
+        vitfold.adapt(copy.deepcopy(tiny_vit), "rlrr", num_classes=0)
+    adapted = vitfold.adapt(tiny_vit, "rlrr")
     with pytest.raises(AdapterError, match="already has a 'rlrr' adapter"):
-        pipeline.adapt(adapted, "rlrr")
+        vitfold.adapt(adapted, "rlrr")
     with pytest.raises(AdapterError, match="no vitfold adapter"):
-        pipeline.fold(make_vit(*TINY[:1], **TINY[1]))
+        vitfold.fold(make_vit(*TINY[:1], **TINY[1]))
 
 
 def test_unsupported_layers_are_named():
     no_bias = make_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, qkv_bias=False)
     with pytest.raises(AdapterError, match=r"'blocks\.0\.attn\.qkv' has no bias"):
-        pipeline.adapt(no_bias, "rlrr")
+        vitfold.adapt(no_bias, "rlrr")
     with pytest.raises(AdapterError, match="not a timm VisionTransformer|VisionTransformer"):
-        pipeline.adapt(torch.nn.Sequential(torch.nn.Linear(2, 2)), "rlrr")
+        vitfold.adapt(torch.nn.Sequential(torch.nn.Linear(2, 2)), "rlrr")

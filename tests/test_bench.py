@@ -9,14 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, copy_run
 
-from export.bench import ROW_KEYS, bench_stage, parse_batch_sizes
-from pipeline.errors import VitfoldError
+from vitfold.cli import parse_batch_sizes
+from vitfold.errors import VitfoldError
+from vitfold.pipeline.stages import run_stage
+from vitfold.pipeline.stages.bench import ROW_KEYS
+
+from helpers import copy_run
 
 FAST = {"min_iters": 5, "min_seconds": 0.05, "warmup_seconds": 0.01}
 BACKENDS = ["torch-folded", "torch-base", "torch-unmerged", "onnxruntime", "torchscript"]
-BATCHES = (1, 2)
+BATCHES = [1, 2]
+
+
+def bench(run: Path, backends: list[str], batch_sizes: list[int] | None = None, **kwargs) -> list[dict]:
+    settings = {"backends": backends, **({"batch_sizes": batch_sizes} if batch_sizes else {}), **FAST, **kwargs}
+    return run_stage("bench", run, **{"log": lambda _: None, **settings})
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +36,7 @@ def run(exported_run: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def benched(run) -> tuple[Path, list[dict], list[str]]:
     lines: list[str] = []
-    rows = bench_stage(run, BACKENDS, BATCHES, threads=1, log=lines.append, **FAST)
+    rows = bench(run, BACKENDS, BATCHES, threads=1, log=lines.append)
     return run, rows, lines
 
 
@@ -56,8 +64,9 @@ def test_rows_cover_every_backend_and_batch_with_sane_statistics(benched):
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
         assert row["throughput_ips"] > 0
         assert row["throughput_ips"] == pytest.approx(row["batch_size"] * 1000 / row["mean_ms"], rel=1e-3)
-    providers = {r["backend"]: r["device"] for r in rows}
+    providers = {r["backend"]: r["provider"] for r in rows}
     assert providers["onnxruntime"] == "CPUExecutionProvider" and providers["torch-folded"] == "cpu"
+    assert {r["device"] for r in rows} == {"cpu"} and {r["precision"] for r in rows} == {"fp32"}
 
 
 def test_ratios_are_recorded_and_logged_for_each_batch_size(benched):
@@ -81,42 +90,42 @@ def test_missing_artifact_is_skipped_with_its_reason(run, tmp_path):
     run = copy_run(run, tmp_path / "run", without=("bench",))
     (run / "export" / "model.pt2").unlink()  # as if aoti was never exported
     lines: list[str] = []
-    bench_stage(run, ["torch-base", "aoti"], (1,), threads=1, log=lines.append, **FAST)
+    bench(run, ["torch-base", "aoti"], [1], threads=1, log=lines.append)
     summary = json.loads((run / "bench" / "bench.json").read_text())
     assert "export/model.pt2 not built" in summary["skipped"]["aoti"]
     assert [r["backend"] for r in summary["rows"]] == ["torch-base"]
     assert any(line.startswith("skipping aoti: ") for line in lines)
     with pytest.raises(VitfoldError, match="nothing to bench: aoti: export/model.pt2 not built"):
-        bench_stage(run, ["aoti"], (1,), **QUIET, **FAST)
+        bench(run, ["aoti"], [1])
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"backends": ["openvino"]}, "unknown backend 'openvino'"),
-        ({"batch_sizes": (1, 0)}, "positive integers, got 0"),
-        ({"batch_sizes": (2.5,)}, "positive integers, got 2.5"),
+        ({"batch_sizes": [1, 0]}, "positive integers, got 0"),
+        ({"batch_sizes": [2.5]}, "positive integers, got 2.5"),
     ],
 )
 def test_bad_options_are_one_line_errors(run, kwargs, message):
     with pytest.raises(VitfoldError, match=message) as error:
-        bench_stage(run, **{"backends": ["torch-base"], **kwargs}, **QUIET, **FAST)
+        bench(run, **{"backends": ["torch-base"], **kwargs})
     assert "\n" not in str(error.value)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_an_error(run):
     with pytest.raises(VitfoldError, match="device 'cuda': no CUDA GPU visible"):
-        bench_stage(run, ["torch-base"], device="cuda", **QUIET, **FAST)
+        bench(run, ["torch-base"], device="cuda")
 
 
 def test_missing_run_dir_is_an_error(tmp_path):
     with pytest.raises(VitfoldError, match="is not a run directory"):
-        bench_stage(tmp_path / "nothing", ["torch-base"], **QUIET, **FAST)
+        bench(tmp_path / "nothing", ["torch-base"])
 
 
 def test_parse_batch_sizes():
-    assert parse_batch_sizes("1, 8,32") == (1, 8, 32)
+    assert parse_batch_sizes("1, 8,32") == [1, 8, 32]
     for text, bad in [("1,x", "'x'"), ("0", "'0'"), ("-4", "'-4'"), ("", "no batch size")]:
         with pytest.raises(VitfoldError, match=f"--batch-sizes: .*{bad}"):
             parse_batch_sizes(text)

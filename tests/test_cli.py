@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import time
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from vitfold.cli import main
 
 
 def _json(args: list[str]) -> dict:
@@ -60,28 +62,69 @@ def test_run_reports_unknown_config_key(tmp_path):
     assert f"config {cfg}: unknown key 'learning_rat'" in result.output
 
 
-BLOCK_OPTIONAL = (
-    "import sys\nfor name in ('onnxruntime', 'tensorrt'): sys.modules[name] = None  # import fails as if absent\n"
-)
+def _modules(package: str) -> list[str]:
+    """Every module of a vitfold package, by walking its folder (not by importing it)."""
+    import vitfold
+
+    folder = {"vitfold.export": "export", "vitfold.pipeline": "pipeline"}[package]
+    root = Path(vitfold.__file__).parent.parent / folder
+    return [
+        package + "." + ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        for p in sorted(root.rglob("*.py"))
+    ]
 
 
-def test_import_export_and_help_work_without_onnxruntime_and_tensorrt():
-    code = BLOCK_OPTIONAL + (
-        "import export, pipeline\n"
+def test_every_module_imports_and_help_is_instant_without_onnxruntime_and_tensorrt():
+    """With both optional runtimes unimportable: `vitfold --help` imports no torch, and every module of
+    vitfold.export and vitfold.pipeline imports."""
+    modules = _modules("vitfold.export") + _modules("vitfold.pipeline")
+    code = (
+        "import sys\n"
+        "for name in ('onnxruntime', 'tensorrt'): sys.modules[name] = None  # import fails as if absent\n"
         "from click.testing import CliRunner\n"
-        "from pipeline.cli import main\n"
+        "from vitfold.cli import main\n"
         "r = CliRunner().invoke(main, ['--help'])\n"
-        "assert r.exit_code == 0 and 'info' in r.output, r.output\n"
+        "assert r.exit_code == 0 and 'verify' in r.output and 'bench' in r.output, r.output\n"
         "assert 'torch' not in sys.modules, 'vitfold --help imported torch'\n"
+        "import importlib\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
     )
+    assert len(modules) > 30
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_one_import_name_that_no_local_file_shadows(tmp_path):
+    """vitfold installs one top-level package: it works from a folder whose export.py and pipeline.py
+    raise on import, and `export` / `pipeline` are not importable names of its own."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    for name in ("export.py", "pipeline.py"):
+        (shadow / name).write_text("raise RuntimeError('a user file was imported')\n")
+    script = Path(sys.executable).with_name("vitfold")
+    outputs = []
+    for command in (
+        [sys.executable, "-c", "import vitfold; print(vitfold.__version__, vitfold.adapt, vitfold.fold)"],
+        [sys.executable, "-m", "vitfold", "--help"],
+        [str(script), "--help"],
+    ):
+        result = subprocess.run(command, cwd=shadow, capture_output=True, text=True)
+        assert result.returncode == 0, (command, result.stderr)
+        outputs.append(result.stdout)
+    assert outputs[0].startswith(version("vitfold") + " <function adapt")
+    assert "verify" in outputs[1] and outputs[1] == outputs[2]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    probe = "import importlib.util as u; print(u.find_spec('export'), u.find_spec('pipeline'))"
+    for cwd, flags in ((empty, []), (shadow, ["-P"])):  # -P: the current folder is not on sys.path
+        out = subprocess.run([sys.executable, *flags, "-c", probe], cwd=cwd, capture_output=True, text=True)
+        assert out.stdout.strip() == "None None", out.stderr
 
 
 def test_pretrained_offline_fails_at_once_with_checkpoint_hint():
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there: offline
     code = (
-        "from pipeline.backbones import create_backbone\n"
-        "from pipeline.errors import BackboneError\n"
+        "from vitfold.pipeline.backbones import create_backbone\n"
+        "from vitfold.errors import BackboneError\n"
         "try:\n"
         "    create_backbone('vit_tiny_patch16_224', pretrained=True)\n"
         "except BackboneError as e:\n"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +10,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline.backbones import load_checkpoint
-from pipeline.data import ImageTransform, build_splits, parse_data_spec
-from pipeline.errors import CheckpointError, DataError
+from vitfold.errors import CheckpointError, DataError
+from vitfold.pipeline.backbones import load_checkpoint
+from vitfold.pipeline.data import ImageTransform, build_splits, parse_data_spec
+
+from helpers import vitfold_cli
 
 T = ImageTransform((16, 16), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -72,12 +72,24 @@ def test_corrupt_image_fails_train_with_one_line(tmp_path, workers):
     root = _folder(tmp_path, per_class=8)
     bad = root / "train" / "dog" / "0.png"
     bad.write_bytes(b"garbage")
-    args = ["train", "--data", f"folder:{root}", "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path / "r"),
-            "--backbone", "vit_tiny_patch16_224", "--num-workers", workers]  # fmt: skip
+    args = [
+        "train",
+        "--data",
+        f"folder:{root}",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path / "r"),
+        "--backbone",
+        "vit_tiny_patch16_224",
+        "--num-workers",
+        workers,
+    ]
     cfg = tmp_path / "c.yaml"
     cfg.write_text("backbone_kwargs: {img_size: 16, patch_size: 4, depth: 1}\n")
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--config", str(cfg)],
-                            capture_output=True, text=True)  # fmt: skip
+    result = vitfold_cli(*args, "--config", str(cfg))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"cannot read image {bad}" in lines[0], result.stderr

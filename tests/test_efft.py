@@ -8,19 +8,20 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import images, make_vit, randomize_trainable, rel
 
-import pipeline
-from pipeline.adapters.efft import SharedFactors
-from pipeline.cli import main
-from pipeline.errors import AdapterError, FoldError
+import vitfold
+from vitfold.cli import main
+from vitfold.errors import AdapterError, FoldError
+from vitfold.pipeline.adapters.efft import SharedFactors
+
+from helpers import images, make_vit, randomize_trainable, rel
 
 SMALL = {"img_size": 32, "patch_size": 8, "depth": 5}  # vit_tiny: d = 192, h = 768, L = 5
 FACTORS = {"efft1": ("U", "V", "core"), "efft2": ("U1", "V1", "C1", "U2", "V2", "C2")}
 
 
 def _small(method: str, seed: int = 0, **options) -> torch.nn.Module:
-    return pipeline.adapt(make_vit("vit_tiny_patch16_224", seed=seed, **SMALL), method, num_classes=10, **options)
+    return vitfold.adapt(make_vit("vit_tiny_patch16_224", seed=seed, **SMALL), method, num_classes=10, **options)
 
 
 @pytest.mark.parametrize(
@@ -41,16 +42,20 @@ def test_info_counts_match_the_paper(method, expected):
 @pytest.mark.parametrize("method", ["efft1", "efft2"])
 def test_factors_are_stored_once(method):
     model = _small(method, rank=4)
-    state = pipeline.adapter_state_dict(model)
+    state = vitfold.adapter_state_dict(model)
     assert set(state) == {f"efft.{n}" for n in FACTORS[method]} | {"head.weight", "head.bias"}
     shapes = {k: tuple(v.shape) for k, v in state.items() if k.startswith("efft.")}
     if method == "efft1":
         assert shapes == {"efft.U": (768, 4), "efft.V": (192, 4), "efft.core": (15, 4, 4)}
     else:
         assert shapes == {
-            "efft.U1": (192, 4), "efft.V1": (4, 192), "efft.C1": (4, 4, 20),
-            "efft.U2": (192, 4), "efft.V2": (4, 768), "efft.C2": (4, 4, 10),
-        }  # fmt: skip
+            "efft.U1": (192, 4),
+            "efft.V1": (4, 192),
+            "efft.C1": (4, 4, 20),
+            "efft.U2": (192, 4),
+            "efft.V2": (4, 768),
+            "efft.C2": (4, 4, 10),
+        }
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(state)
 
@@ -58,7 +63,7 @@ def test_factors_are_stored_once(method):
 @pytest.mark.parametrize(("method", "init"), [("efft1", "v"), ("efft1", "u"), ("efft2", "vv"), ("efft2", "vu")])
 def test_default_and_chosen_init_keep_the_base_function(method, init):
     base = make_vit("vit_tiny_patch16_224", **SMALL)
-    adapted = pipeline.adapt(copy.deepcopy(base), method, rank=4, scale=3.0, init=init)
+    adapted = vitfold.adapt(copy.deepcopy(base), method, rank=4, scale=3.0, init=init)
     x = images(base, 2)
     with torch.no_grad():
         assert rel(adapted(x), base(x)) <= 1e-6
@@ -78,7 +83,7 @@ BLOCK3_SLICES = {
 @pytest.mark.parametrize("method", ["efft1", "efft2"])
 def test_only_block_3_changes_when_only_its_core_slice_is_nonzero(method):
     base = make_vit("vit_tiny_patch16_224", **SMALL)
-    adapted = pipeline.adapt(copy.deepcopy(base), method, rank=4)
+    adapted = vitfold.adapt(copy.deepcopy(base), method, rank=4)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in adapted.efft.parameters():
@@ -88,7 +93,7 @@ def test_only_block_3_changes_when_only_its_core_slice_is_nonzero(method):
             kept = core[index].clone()
             core.zero_()
             core[index] = kept
-    folded = pipeline.fold(adapted).state_dict()
+    folded = vitfold.fold(adapted).state_dict()
     before = base.state_dict()
     changed = {k for k in before if not torch.equal(before[k], folded[k])}
     assert changed == {f"blocks.3.{n}.weight" for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
@@ -119,11 +124,11 @@ def test_deltas_are_built_once_per_forward(method, monkeypatch):
 @pytest.mark.parametrize("method", ["efft1", "efft2"])
 def test_dropout_acts_on_factors_in_training_only(method):
     model = make_vit("vit_tiny_patch16_224", **SMALL)  # eval mode
-    adapted = pipeline.adapt(model, method, rank=4, dropout=0.5)
+    adapted = vitfold.adapt(model, method, rank=4, dropout=0.5)
     assert not any(m.training for m in adapted.modules()), "adapt must keep the model's eval mode"
     randomize_trainable(adapted, std=0.5)
     x = images(adapted, 2)
-    folded = pipeline.fold(adapted)
+    folded = vitfold.fold(adapted)
     with torch.no_grad():
         assert torch.equal(adapted(x), adapted(x))
         assert rel(folded(x), adapted(x)) <= 1e-5
@@ -141,7 +146,7 @@ def test_fold_refuses_nan_factor(method, name):
         model.get_parameter(name).view(-1)[1] = float("nan")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(FoldError, match=f"'{name}'"):
-        pipeline.fold(model)
+        vitfold.fold(model)
     after = model.state_dict()
     assert all(torch.equal(before[k].nan_to_num(3.0), after[k].nan_to_num(3.0)) for k in before)
 
@@ -157,4 +162,4 @@ def test_option_errors_name_the_option():
         _small("efft2", dropout=1.5)
     narrow = make_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, mlp_ratio=2.0)
     with pytest.raises(AdapterError, match="blocks.0.mlp.fc1"):
-        pipeline.adapt(narrow, "efft1")
+        vitfold.adapt(narrow, "efft1")

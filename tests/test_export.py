@@ -7,8 +7,6 @@ import copy
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +15,16 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import QUIET, TINY_RUN, randomize_trainable
 from safetensors.torch import load_file, save_file
 
-import pipeline
-from export.onnx import export_onnx
-from pipeline.config import load_config
-from pipeline.errors import FoldError, VitfoldError
-from pipeline.fold_stage import fold_stage
-from pipeline.train import build_model
+import vitfold
+from vitfold.errors import FoldError, VitfoldError
+from vitfold.export.onnx import export_onnx
+from vitfold.pipeline.config import load_config
+from vitfold.pipeline.models import build_model
+from vitfold.pipeline.stages import run_stage
+
+from helpers import QUIET, TINY_RUN, randomize_trainable, vitfold_cli
 
 TINY = TINY_RUN["backbone_kwargs"]
 
@@ -46,15 +45,16 @@ def _adapted(run_dir: Path) -> torch.nn.Module:
     """The unmerged adapted model, rebuilt independently of the fold stage."""
     cfg = load_config(run_dir / "config.yaml")
     model = build_model(cfg, num_classes=5)
-    return pipeline.load_adapter(model, load_file(run_dir / "train" / "adapter.safetensors")).eval()
+    return vitfold.load_adapter(model, load_file(run_dir / "train" / "adapter.safetensors")).eval()
 
 
 def _timm_folded(run_dir: Path) -> torch.nn.Module:
     """fold/model.safetensors loaded by timm alone, as the README tells users."""
     path = str(run_dir / "fold" / "model.safetensors")
     overlay = {"file": path, "num_classes": 5, "custom_load": False}
-    return timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=5, **TINY,
-                             pretrained_cfg_overlay=overlay).eval()  # fmt: skip
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=True, num_classes=5, **TINY, pretrained_cfg_overlay=overlay
+    ).eval()
 
 
 def test_fold_stage_output_is_plain_timm_equal_to_unmerged(run):
@@ -93,8 +93,6 @@ def test_triton_repository_lists_the_built_artifacts(run):
 
 
 def test_changed_artifact_is_refused_by_hash(run, tmp_path):
-    from export.stage import export_stage
-
     copy_dir = tmp_path / "copy"
     shutil.copytree(run, copy_dir, ignore=shutil.ignore_patterns("export", "triton"))
     model_file = copy_dir / "fold" / "model.safetensors"
@@ -102,7 +100,7 @@ def test_changed_artifact_is_refused_by_hash(run, tmp_path):
     data[-1] ^= 0xFF
     model_file.write_bytes(bytes(data))
     with pytest.raises(VitfoldError, match="does not match the sha256 the fold stage recorded"):
-        export_stage(copy_dir, ["onnx"], **QUIET)
+        run_stage("export", copy_dir, formats=["onnx"], triton=None, **QUIET)
 
 
 def test_fold_stage_refuses_nan_adapter_and_writes_nothing(run, tmp_path):
@@ -118,7 +116,7 @@ def test_fold_stage_refuses_nan_adapter_and_writes_nothing(run, tmp_path):
     state["blocks.1.mlp.fc1.s_in"][0, 3] = float("nan")
     save_file(state, bad / "train" / "adapter.safetensors", metadata=meta)
     with pytest.raises(FoldError, match=r"blocks\.1\.mlp\.fc1\.s_in"):
-        fold_stage(bad, **QUIET)
+        run_stage("fold", bad, **QUIET)
     assert not (bad / "fold" / "model.safetensors").exists()
 
 
@@ -146,9 +144,9 @@ def test_onnx_of_folded_model_is_the_base_architecture(tmp_path, method):
     torch.manual_seed(0)
     base = timm.create_model("vit_tiny_patch16_224", num_classes=6, **TINY).eval()
     randomize_trainable(base, seed=2)  # "pretrained": no two tensors equal (the exporter shares equal constants)
-    adapted = pipeline.adapt(copy.deepcopy(base), method, **options)
+    adapted = vitfold.adapt(copy.deepcopy(base), method, **options)
     randomize_trainable(adapted)
-    export_onnx(pipeline.fold(adapted), tmp_path / "folded" / "model.onnx", (16, 16))
+    export_onnx(vitfold.fold(adapted), tmp_path / "folded" / "model.onnx", (16, 16))
     export_onnx(base, tmp_path / "base" / "model.onnx", (16, 16))
     folded_ops, folded_params = _onnx_signature(tmp_path / "folded" / "model.onnx")
     base_ops, base_params = _onnx_signature(tmp_path / "base" / "model.onnx")
@@ -162,9 +160,9 @@ def test_vit_base_onnx_matches_folded_at_batch_1_and_5(tmp_path):
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    adapted = pipeline.adapt(timm.create_model("vit_base_patch16_224").eval(), "rlrr", num_classes=10)
+    adapted = vitfold.adapt(timm.create_model("vit_base_patch16_224").eval(), "rlrr", num_classes=10)
     randomize_trainable(adapted, std=0.05)
-    folded = pipeline.fold(adapted).eval()
+    folded = vitfold.fold(adapted).eval()
     path = tmp_path / "model.onnx"
     export_onnx(folded, path, (224, 224))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -174,10 +172,6 @@ def test_vit_base_onnx_matches_folded_at_batch_1_and_5(tmp_path):
             _close(session.run(None, {"input": x.numpy()})[0], folded(x))
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True)
-
-
 def test_export_cli_errors_are_one_line_exit_2(run, tmp_path):
     for args, message in [
         (["export", str(run), "--format", "openvino"], "unknown format 'openvino'"),
@@ -185,7 +179,7 @@ def test_export_cli_errors_are_one_line_exit_2(run, tmp_path):
         (["export", str(run), "--opset", "13", "--format", "onnx"], "--opset 13"),
         (["fold", str(tmp_path / "nothing")], "is not a run directory"),
     ]:
-        result = _cli(*args)
+        result = vitfold_cli(*args)
         assert result.returncode == 2, (args, result.stderr)
         lines = [line for line in result.stderr.strip().splitlines() if line and "torch.onnx" not in line]
         assert len(lines) == 1 and message in lines[0], (args, result.stderr)
@@ -194,11 +188,9 @@ def test_export_cli_errors_are_one_line_exit_2(run, tmp_path):
 def test_fp16_onnx_export_stays_close(run, tmp_path):
     import onnxruntime as ort
 
-    from export.stage import export_stage
-
     copy_dir = tmp_path / "copy"
     shutil.copytree(run, copy_dir, ignore=shutil.ignore_patterns("export", "triton"))
-    export_stage(copy_dir, ["onnx"], precision="fp16", **QUIET)
+    run_stage("export", copy_dir, formats=["onnx"], precision="fp16", triton=None, **QUIET)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         ref = _timm_folded(copy_dir)(x).numpy()
@@ -207,9 +199,7 @@ def test_fp16_onnx_export_stays_close(run, tmp_path):
     assert out.dtype == np.float32
     assert np.abs(out - ref).max() <= 2e-2 * np.abs(ref).max()
     assert yaml.safe_load((copy_dir / "config.yaml").read_text())["method"] == "rlrr"
-    from export.verify import verify_stage
-
-    result = verify_stage(copy_dir, ["onnxruntime-fp16"], (1, 3), samples=4, **QUIET)
+    result = run_stage("verify", copy_dir, backends=["onnxruntime-fp16"], batch_sizes=[1, 3], samples=4, **QUIET)
     rows = [r for r in result["results"] if r["backend"] == "onnxruntime-fp16"]
     assert result["passed"] and len(rows) == 2 and all(r["precision"] == "fp16" for r in rows)
     assert all(1e-6 < r["max_rel"] <= 2e-2 for r in rows)  # fp16 rounding shows, within the fp16 tolerance

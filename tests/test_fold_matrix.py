@@ -12,10 +12,11 @@ from functools import lru_cache
 
 import pytest
 import torch
-from conftest import images, make_vit, randomize_trainable, rel
-from reference_folds import reference_fold
 
-import pipeline
+import vitfold
+
+from helpers import images, make_vit, randomize_trainable, rel
+from reference_folds import reference_fold
 
 VIT_B = ("vit_base_patch16_224", ())
 TINY_KW = (("img_size", 32), ("patch_size", 8))
@@ -73,9 +74,9 @@ CASES = {
 @lru_cache(maxsize=1)
 def built(method: str, options: tuple, name: str, kwargs: tuple, num_classes: int):
     base = make_vit(name, **dict(kwargs))
-    adapted = pipeline.adapt(copy.deepcopy(base), method, num_classes=num_classes, **dict(options))
+    adapted = vitfold.adapt(copy.deepcopy(base), method, num_classes=num_classes, **dict(options))
     randomize_trainable(adapted, std=0.05)
-    folded = pipeline.fold(adapted).eval()
+    folded = vitfold.fold(adapted).eval()
     reference = make_vit(name, num_classes=num_classes, **dict(kwargs)).double()
     reference.load_state_dict(reference_fold(adapted, method, dict(options)), strict=True)
     base.reset_classifier(num_classes)  # the base with a head of the right size, for the "differs" check
@@ -113,7 +114,7 @@ def test_folded_model_is_plain_timm_and_loads_strictly(case):
     with torch.no_grad():
         assert torch.equal(fresh(x), folded(x))
     assert type(folded) is type(fresh)
-    assert not any(isinstance(m, pipeline.adapters.AdapterModule) for m in folded.modules())
+    assert not any(isinstance(m, vitfold.pipeline.adapters.AdapterModule) for m in folded.modules())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in folded.modules()), "adapter hooks left"
     assert not hasattr(folded, "vitfold_adapter")
     assert all(p.requires_grad for p in folded.parameters())
@@ -130,7 +131,7 @@ METHOD_OPTIONS = {
 
 def _tiny_adapted(method: str, dtype: torch.dtype = torch.float32, num_classes: int | None = 3) -> torch.nn.Module:
     model = make_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).to(dtype)
-    adapted = pipeline.adapt(model, method, num_classes=num_classes, **METHOD_OPTIONS[method])
+    adapted = vitfold.adapt(model, method, num_classes=num_classes, **METHOD_OPTIONS[method])
     randomize_trainable(adapted, std=0.3)
     return adapted
 
@@ -139,7 +140,7 @@ def _tiny_adapted(method: str, dtype: torch.dtype = torch.float32, num_classes: 
 def test_fold_leaves_adapted_model_untouched(method):
     adapted = _tiny_adapted(method)
     before = {k: v.clone() for k, v in adapted.state_dict().items()}
-    pipeline.fold(adapted)
+    vitfold.fold(adapted)
     after = adapted.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert adapted._forward_hooks or not method.startswith("efft"), "the adapted model lost its hooks"
@@ -150,7 +151,7 @@ def test_fold_is_computed_in_float64_then_cast(method):
     """bf16 weights: every folded weight equals the float64 formula rounded once to bf16."""
     adapted = _tiny_adapted(method, dtype=torch.bfloat16, num_classes=None)
     expected = reference_fold(adapted, method, METHOD_OPTIONS[method])
-    folded = pipeline.fold(adapted).state_dict()
+    folded = vitfold.fold(adapted).state_dict()
     for key in ("blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.weight", "blocks.1.norm2.weight", "norm.bias"):
         assert folded[key].dtype == torch.bfloat16
         assert torch.equal(folded[key], expected[key].to(torch.bfloat16)), key
@@ -162,8 +163,8 @@ def test_timm_reparameterize_model_folds_through_fuse(method):
 
     adapted = _tiny_adapted(method).eval()
     fused = reparameterize_model(adapted)
-    assert not any(isinstance(m, pipeline.adapters.AdapterLayer) for m in fused.modules())
-    folded = pipeline.fold(adapted)
+    assert not any(isinstance(m, vitfold.pipeline.adapters.AdapterLayer) for m in fused.modules())
+    folded = vitfold.fold(adapted)
     x = images(adapted, 2)
     with torch.no_grad():
         assert rel(fused(x), adapted(x)) <= 1e-5

@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_run
 
-from pipeline.manifest import read_manifest, sha256
+from vitfold.pipeline.stages import RunDir
+from vitfold.pipeline.stages.manifest import read_manifest
+from vitfold.pipeline.stages.rundir import sha256
+
+from helpers import copy_run, vitfold_cli
 
 CONFIG = {
     "backbone": "vit_tiny_patch16_224",
@@ -35,9 +38,7 @@ ALL = ["pretrain", "train", "compare", "fold", "export", "verify", "bench", "rep
 
 def vitfold_run(config: Path, run: Path, cache: Path, *extra: str) -> tuple[int, list[str], str]:
     """Exit code, the stages that ran, and stderr."""
-    env = {**os.environ, "VITFOLD_CACHE": str(cache)}
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--out", str(run),
-                             *extra], capture_output=True, text=True, env=env)  # fmt: skip
+    result = vitfold_cli("run", "--config", str(config), "--out", str(run), *extra, env={"VITFOLD_CACHE": str(cache)})
     return result.returncode, re.findall(r"^== (\w+): running", result.stderr, re.M), result.stderr
 
 
@@ -66,15 +67,18 @@ def first(tmp_path_factory) -> tuple[Path, Path, Path, str]:
 def test_first_run_writes_report_verify_and_bench(first):
     _, run, cache, _ = first
     verify = json.loads((run / "verify" / "verify.json").read_text())
-    assert verify["passed"] and {r["backend"] for r in verify["results"]} == {"torch-folded", "torchscript",
-                                                                                "onnxruntime"}  # fmt: skip
+    assert verify["passed"] and {r["backend"] for r in verify["results"]} == {
+        "torch-folded",
+        "torchscript",
+        "onnxruntime",
+    }
     bench = json.loads((run / "bench" / "bench.json").read_text())
     assert {r["backend"] for r in bench["rows"]} >= {"torch-unmerged", "torch-folded", "torch-base"}
     report = (run / "REPORT.md").read_text()
     for heading in ("## Accuracy on the target task", "## Equivalence", "## Latency", "bench/latency.png"):
         assert heading in report
     assert "| rlrr (this run) |" in report and "| linear |" in report
-    manifest = read_manifest(run)["stages"]
+    manifest = read_manifest(RunDir(run))["stages"]
     assert list(manifest) == ALL and all(e["status"] == "done" for e in manifest.values())
     assert list(cache.rglob("*.safetensors")) == [Path(yaml.safe_load((run / "config.yaml").read_text())["checkpoint"])]
 
@@ -124,7 +128,7 @@ def test_flipped_byte_is_refused_by_verify_and_rebuilt_by_run(first, tmp_path):
     data = bytearray(onnx_file.read_bytes())
     data[len(data) // 2] ^= 0x01
     onnx_file.write_bytes(bytes(data))
-    alone = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(run)], capture_output=True, text=True)
+    alone = vitfold_cli("verify", str(run))
     assert alone.returncode == 2 and "does not match the sha256 the export stage recorded" in alone.stderr
     code, ran, log = vitfold_run(config, run, cache)
     assert code == 0 and ran[0] == "export", log
@@ -136,11 +140,15 @@ def test_killed_run_finishes_when_run_again(first, tmp_path):
     config, _, cache, _ = first
     run = tmp_path / "run"
     env = {**os.environ, "VITFOLD_CACHE": str(cache)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", str(config), "--out", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitfold", "run", "--config", str(config), "--out", str(run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "manifest.json").is_file() and "train" in read_manifest(run)["stages"]:
+        if (run / "manifest.json").is_file() and "train" in read_manifest(RunDir(run))["stages"]:
             break  # training is recorded (atomic manifest writes); the comparison's training is under way
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -154,10 +162,10 @@ def test_killed_run_finishes_when_run_again(first, tmp_path):
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_resolve(path):
-    from pipeline.config import load_config
-    from pipeline.stages import stages
+    from vitfold.pipeline.config import load_config
+    from vitfold.pipeline.stages.pipeline import stages_for
 
     cfg = load_config(path)
-    names = [s.name for s in stages(cfg)]
+    names = [s.name for s in stages_for(cfg)]
     assert "train" in names and names[-5:] == ALL[-5:]
     assert ("compare" in names) == bool(cfg.compare) and ("pretrain" in names) == bool(cfg.pretrain)

@@ -5,21 +5,22 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import images, make_vit, rel
 
-import pipeline
+import vitfold
+
+from helpers import images, make_vit, rel
 
 
 def test_identity_init_keeps_base_function():
     base = make_vit("deit_small_patch16_224")
-    adapted = pipeline.adapt(copy.deepcopy(base), "rlrr", init="identity")
+    adapted = vitfold.adapt(copy.deepcopy(base), "rlrr", init="identity")
     x = images(base, 2)
     with torch.no_grad():
         assert rel(adapted(x), base(x)) <= 1e-6
 
 
 def test_paper_init_is_not_identity_and_matches_official_distributions():
-    adapted = pipeline.adapt(make_vit("vit_small_patch16_224"), "rlrr")  # d = 384
+    adapted = vitfold.adapt(make_vit("vit_small_patch16_224"), "rlrr")  # d = 384
     fc1 = adapted.blocks[0].mlp.fc1  # in = 384, out = 1536
     assert fc1.s_in.abs().max() <= (6 / 384) ** 0.5 and fc1.s_in.abs().max() > 0.8 * (6 / 384) ** 0.5
     assert fc1.s_out.abs().max() <= 6**0.5 and fc1.s_out.abs().max() > 2.0

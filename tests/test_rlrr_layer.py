@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.adapters.rlrr import SSF, RLRRLinear
+from vitfold.pipeline.adapters.rlrr import SSF, RLRRLinear
 
 
 def test_rlrr_linear_matches_activation_space_form_per_qkv_block():

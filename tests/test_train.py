@@ -16,9 +16,12 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import pipeline
-from pipeline.config import load_config
-from pipeline.train import build_model, train
+import vitfold
+from vitfold.pipeline.config import load_config
+from vitfold.pipeline.models import build_model
+from vitfold.pipeline.stages import run_stage
+
+from helpers import vitfold_cli
 
 TINY = {"img_size": 16, "patch_size": 4, "depth": 2}
 FAST = {"lr": 3e-3, "warmup_epochs": 0, "min_lr": 1e-4, "weight_decay": 0.0, "drop_path": 0.0, "batch_size": 32}
@@ -45,16 +48,21 @@ def read_metrics(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def vitfold(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, **kwargs)
+def train(cfg, run: Path, **kwargs) -> dict:
+    return run_stage("train", run, settings=cfg, **kwargs)
 
 
 def test_train_cli_writes_the_run_directory(tmp_path):
     run = tmp_path / "run"
-    result = vitfold("train", "--config", str(tiny_config(tmp_path)), "--epochs", "2", "--out", str(run))
+    result = vitfold_cli("train", "--config", str(tiny_config(tmp_path)), "--epochs", "2", "--out", str(run))
     assert result.returncode == 0, result.stderr
-    for name in ("config.yaml", "train/adapter.safetensors", "train/adapter_last.safetensors", "train/metrics.csv",
-                 "train/last.ckpt"):  # fmt: skip
+    for name in (
+        "config.yaml",
+        "train/adapter.safetensors",
+        "train/adapter_last.safetensors",
+        "train/metrics.csv",
+        "train/last.ckpt",
+    ):
         assert (run / name).is_file(), name
     assert [row["epoch"] for row in read_metrics(run)] == ["1", "2"]
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -64,8 +72,10 @@ def test_train_cli_writes_the_run_directory(tmp_path):
         keys = set(f.keys())
     assert meta["method"] == "rlrr" and meta["backbone"] == "vit_tiny_patch16_224" and meta["num_classes"] == "10"
     assert not any(".base." in k or k in ("pos_embed", "cls_token") for k in keys)
-    backbone_bytes = 4 * sum(p.numel() for p in pipeline.adapt(
-        __import__("timm").create_model("vit_tiny_patch16_224", **TINY), "rlrr").parameters())  # fmt: skip
+    backbone_bytes = 4 * sum(
+        p.numel()
+        for p in vitfold.adapt(__import__("timm").create_model("vit_tiny_patch16_224", **TINY), "rlrr").parameters()
+    )
     assert (run / "train" / "adapter.safetensors").stat().st_size < 0.05 * backbone_bytes
 
 
@@ -92,8 +102,11 @@ def test_training_is_deterministic_given_the_seed(tmp_path):
 def test_sigkill_mid_epoch_then_resume(tmp_path):
     run = tmp_path / "run"
     config = tiny_config(tmp_path, epochs=3, batch_size=8)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--config", str(config), "--out", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitfold", "train", "--config", str(config), "--out", str(run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = run / "train" / "metrics.csv"
     deadline = time.monotonic() + 300
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
@@ -102,28 +115,41 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)  # epoch 2 has just started
     proc.wait()
     assert [row["epoch"] for row in read_metrics(run)] == ["1"]
-    result = vitfold("train", "--out", str(run), "--resume")
+    result = vitfold_cli("train", "--out", str(run), "--resume")
     assert result.returncode == 0, result.stderr
     assert "resuming after epoch 1 of 3" in result.stderr
     assert [row["epoch"] for row in read_metrics(run)] == ["1", "2", "3"]
     assert not list((run / "train").glob(".*.tmp")), "a temp file was left behind"
     cfg = load_config(run / "config.yaml")
     model = build_model(cfg, num_classes=10)
-    pipeline.load_adapter(model, load_file(run / "train" / "adapter_last.safetensors"))
+    vitfold.load_adapter(model, load_file(run / "train" / "adapter_last.safetensors"))
     state = torch.load(run / "train" / "last.ckpt", weights_only=True)
     assert state["epoch"] == 3
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
     config = tiny_config(tmp_path, epochs=1, batch_size=64)
-    single = vitfold("train", "--config", str(config), "--out", str(tmp_path / "one"))
+    single = vitfold_cli("train", "--config", str(config), "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     torchrun = Path(sys.executable).parent / "torchrun"
     ddp = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pipeline.cli", "train",
-         "--config", str(config), "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "vitfold",
+            "train",
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = (load_file(tmp_path / r / "train" / "adapter_last.safetensors") for r in ("one", "two"))
     assert one.keys() == two.keys()
@@ -138,8 +164,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     models = []
     for state in (one, two):
         model = build_model(load_config(config), num_classes=10).eval()
-        models.append(pipeline.load_adapter(model, state))
-    initial = pipeline.adapter_state_dict(build_model(load_config(config), num_classes=10))
+        models.append(vitfold.load_adapter(model, state))
+    initial = vitfold.adapter_state_dict(build_model(load_config(config), num_classes=10))
     assert not torch.equal(initial["blocks.0.mlp.fc1.f"], one["blocks.0.mlp.fc1.f"]), "nothing was trained"
     x = torch.randn(8, 3, 16, 16)
     with torch.no_grad():
@@ -149,7 +175,12 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 def test_recipes_fill_published_settings_and_flags_win(tmp_path):
     cfg = load_config(None, recipe="rlrr-vtab:dtd")
     assert (cfg.method, cfg.train.lr, cfg.train.drop_path, cfg.train.weight_decay, cfg.train.hflip) == (
-        "rlrr", 2e-3, 0.1, 5e-5, True)  # fmt: skip
+        "rlrr",
+        2e-3,
+        0.1,
+        5e-5,
+        True,
+    )
     assert cfg.train.batch_size == 32 and cfg.train.warmup_epochs == 10 and cfg.train.mean == (0.5, 0.5, 0.5)
     cfg = load_config(None, recipe="efft2-vtab:svhn")
     assert cfg.method == "efft2" and cfg.method_options == {"rank": 32, "scale": 80.0, "init": "vu"}
@@ -172,7 +203,7 @@ def test_recipes_fill_published_settings_and_flags_win(tmp_path):
     ],
 )
 def test_input_errors_exit_2_with_one_line(tmp_path, args, message):
-    result = vitfold("train", "--config", str(tiny_config(tmp_path, epochs=1)), *args, "--out", str(tmp_path / "r"))
+    result = vitfold_cli("train", "--config", str(tiny_config(tmp_path, epochs=1)), *args, "--out", str(tmp_path / "r"))
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and message in lines[0], result.stderr

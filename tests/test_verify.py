@@ -4,8 +4,6 @@ fails and is localised to its block, and a wrong fold is a fold error (its faith
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -13,14 +11,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import QUIET, copy_run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from export.compare import first_diverging_block, logit_stats
-from export.verify import verify_stage
-from pipeline.manifest import read_manifest, sha256
-from pipeline.run import atomic_write_json
+from vitfold.export.comparison import first_diverging_block, logit_stats
+from vitfold.pipeline.atomic import atomic_write_json
+from vitfold.pipeline.stages import RunDir, run_stage
+from vitfold.pipeline.stages.manifest import read_manifest
+from vitfold.pipeline.stages.rundir import sha256
+
+from helpers import QUIET, copy_run, vitfold_cli
 
 
 def test_logit_stats_against_hand_computed_values():
@@ -48,7 +48,7 @@ def test_first_diverging_block():
 
 def test_faithful_run_passes_with_per_backend_per_batch_rows(exported_run, tmp_path):
     run = copy_run(exported_run, tmp_path / "run")
-    result = verify_stage(run, batch_sizes=(1, 5), samples=6, **QUIET)
+    result = run_stage("verify", run, batch_sizes=[1, 5], samples=6, **QUIET)
     assert result["passed"]
     seen = {(r["backend"], r["batch_size"]) for r in result["results"]}
     assert seen == {(b, n) for b in ("torch-folded", "torchscript", "onnxruntime", "aoti") for n in (1, 5)}
@@ -61,18 +61,14 @@ def test_faithful_run_passes_with_per_backend_per_batch_rows(exported_run, tmp_p
     suite = ET.parse(run / "verify" / "junit.xml").getroot()
     assert suite.get("failures") == "0" and len(suite.findall("testcase")) == 9  # 8 rows + skipped tensorrt
     assert "| export | onnxruntime |" in (run / "verify" / "verify.md").read_text()
-    assert read_manifest(run)["stages"]["verify"]["passed"] is True
+    assert read_manifest(RunDir(run))["stages"]["verify"]["passed"] is True
 
 
 def _rerecord(run: Path, stage: str, path: Path) -> None:
     """Pretend the stage itself wrote the changed file: update the hash it recorded."""
-    manifest = read_manifest(run)
+    manifest = read_manifest(RunDir(run))
     manifest["stages"][stage]["outputs"][str(path.relative_to(run))] = sha256(path)
     atomic_write_json(run / "manifest.json", manifest)
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True)
 
 
 def test_planted_onnx_fault_fails_and_names_its_block(exported_run, tmp_path):
@@ -85,7 +81,7 @@ def test_planted_onnx_fault_fails_and_names_its_block(exported_run, tmp_path):
     bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
     onnx.save(model, str(path))
     _rerecord(run, "export", path)
-    result = _cli("verify", str(run), "--backends", "onnxruntime", "--batch-sizes", "1,4", "--samples", "4")
+    result = vitfold_cli("verify", str(run), "--backends", "onnxruntime", "--batch-sizes", "1,4", "--samples", "4")
     assert result.returncode == 1, result.stderr
     assert "onnxruntime: first divergence at blocks.1" in result.stderr
     verdict = json.loads((run / "verify" / "verify.json").read_text())
@@ -96,8 +92,6 @@ def test_planted_onnx_fault_fails_and_names_its_block(exported_run, tmp_path):
 
 
 def test_wrong_fold_is_a_fold_error_not_an_export_error(exported_run, tmp_path):
-    from export.stage import export_stage
-
     run = copy_run(exported_run, tmp_path / "run", without=("triton", "export"))
     folded = run / "fold" / "model.safetensors"
     with safe_open(folded, "pt") as f:
@@ -107,8 +101,8 @@ def test_wrong_fold_is_a_fold_error_not_an_export_error(exported_run, tmp_path):
     state["blocks.0.mlp.fc2.bias"] -= shift  # a fold that forgot block 0's fc2 shift
     save_file(state, folded, metadata=meta)
     _rerecord(run, "fold", folded)
-    export_stage(run, ["onnx", "torchscript"], **QUIET)
-    result = verify_stage(run, batch_sizes=(2,), samples=4, **QUIET)
+    run_stage("export", run, formats=["onnx", "torchscript"], triton=None, **QUIET)
+    result = run_stage("verify", run, batch_sizes=[2], samples=4, **QUIET)
     assert not result["passed"]
     by_kind = {r["backend"]: r["passed"] for r in result["results"]}
     assert by_kind == {"torch-folded": False, "torchscript": True, "onnxruntime": True}
@@ -122,7 +116,7 @@ def test_verify_cli_input_errors_exit_2(exported_run, tmp_path):
         (["--backends", "tensorrt"], "backend tensorrt"),
         (["--batch-sizes", "0"], "--batch-sizes"),
     ]:
-        result = _cli("verify", str(exported_run), *args)
+        result = vitfold_cli("verify", str(exported_run), *args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr.strip().splitlines()[-1]
-    assert _cli("verify", str(tmp_path / "none")).returncode == 2
+    assert vitfold_cli("verify", str(tmp_path / "none")).returncode == 2

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pipeline.adapters.base import AdapterLayer, AdapterMethod, AdapterModule, AdapterRecord
-from pipeline.adapters.baselines import FullFineTune, LinearProbe, LoRA
-from pipeline.adapters.efft import EFFT1, EFFT2
-from pipeline.adapters.rlrr import RLRR
-from pipeline.errors import AdapterError
+from vitfold.errors import AdapterError
+from vitfold.pipeline.adapters.base import AdapterLayer, AdapterMethod, AdapterModule, AdapterRecord
+from vitfold.pipeline.adapters.baselines import FullFineTune, LinearProbe, LoRA
+from vitfold.pipeline.adapters.efft import EFFT1, EFFT2
+from vitfold.pipeline.adapters.rlrr import RLRR
 
 METHODS: dict[str, type[AdapterMethod]] = {
     cls.name: cls for cls in (RLRR, EFFT1, EFFT2, LoRA, LinearProbe, FullFineTune)

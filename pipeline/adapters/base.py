@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from pipeline.errors import AdapterError, FoldError
+from vitfold.errors import AdapterError, FoldError
 
 
 def check_finite(named_tensors: Iterator[tuple[str, torch.Tensor]], what: str = "adapter parameter") -> None:
@@ -34,9 +35,16 @@ def check_finite(named_tensors: Iterator[tuple[str, torch.Tensor]], what: str = 
 class AdapterModule(nn.Module):
     """A module vitfold adds to a model; its direct parameters are adapter tensors."""
 
+    hooks: list[RemovableHandle]  # hooks it registered on other modules; `remove_hooks` takes them off
+
     def adapter_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The adapter's own tensors (a wrapped base layer excluded)."""
         return self.named_parameters(recurse=False)
+
+    def remove_hooks(self) -> None:
+        """Remove the hooks this module registered (the fold calls it before dropping the module)."""
+        for handle in getattr(self, "hooks", ()):
+            handle.remove()
 
 
 class AdapterLayer(AdapterModule):

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.adapters.base import AdapterMethod, AdditiveLinear
-from pipeline.errors import AdapterError
-from pipeline.vit import vit_targets
+from vitfold.errors import AdapterError
+from vitfold.pipeline.adapters.base import AdapterMethod, AdditiveLinear
+from vitfold.pipeline.adapters.targets import vit_targets
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """EFFT: tensor-train factors shared across all blocks, with one core slice per layer (the paper's
-per-layer cores, REFERENCE §2, not the released code's single shared core).
+per-layer cores, EFFT paper §3.2, not the released code's single shared core).
 
 In x·W orientation (W[in, out]), L blocks, rank r, fixed scale s, added to the frozen weights W' = W + ΔW:
 
@@ -36,11 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.adapters.base import AdapterMethod, AdapterModule, AdditiveLinear
-from pipeline.errors import AdapterError
-from pipeline.vit import vit_targets
-
-LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # per block, in the order deltas are returned
+from vitfold.errors import AdapterError
+from vitfold.pipeline.adapters.base import AdapterMethod, AdapterModule, AdditiveLinear
+from vitfold.pipeline.adapters.targets import vit_targets
 
 
 @dataclass(frozen=True)
@@ -234,8 +232,10 @@ class _EFFT(AdapterMethod):
         for target in targets.linears:
             block, name = target.name.split(".", 2)[1:]
             model.set_submodule(target.name, DeltaLinear(model.get_submodule(target.name), factors, name, int(block)))
-        model.patch_embed.register_forward_pre_hook(factors.build)
-        model.register_forward_hook(factors.release)
+        factors.hooks = [
+            model.patch_embed.register_forward_pre_hook(factors.build),
+            model.register_forward_hook(factors.release),
+        ]
 
 
 class EFFT1(_EFFT):

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.adapters.base import AdapterLayer, AdapterMethod
-from pipeline.errors import AdapterError
-from pipeline.vit import vit_targets
+from vitfold.errors import AdapterError
+from vitfold.pipeline.adapters.base import AdapterLayer, AdapterMethod
+from vitfold.pipeline.adapters.targets import vit_targets
 
 INITS = ("paper", "identity")
 
@@ -108,7 +108,7 @@ class SSF(AdapterLayer):
 
 
 class RLRR(AdapterMethod):
-    """Attach RLRR to every block's linears and SSF to the norms and patch tokens (REFERENCE §1)."""
+    """Attach RLRR to every block's linears and SSF to the norms and patch tokens (RLRR paper §3.3)."""
 
     name = "rlrr"
     options_type = RLRROptions

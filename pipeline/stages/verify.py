@@ -8,7 +8,7 @@ Two separate questions, two kinds of rows:
 - export: each artifact vs torch-folded (did exporting change it?), with its end-to-end statistics vs
           torch-unmerged beside them.
 So a wrong fold fails the fold row while every faithful export of it still passes, and a broken export
-fails only its own row. Statistics and tolerances: `export.compare`. When a row fails, the first
+fails only its own row. Statistics and tolerances: `vitfold.export.compare`. When a row fails, the first
 transformer block whose output diverges is named (forward hooks in PyTorch, extra graph outputs in ONNX).
 
 Writes verify/verify.json, verify/verify.md and verify/junit.xml; `passed` is false on any mismatch.
@@ -16,35 +16,42 @@ Writes verify/verify.json, verify/verify.md and verify/junit.xml; `passed` is fa
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
 import torch
 
-from export.compare import block_errors, first_diverging_block, logit_stats, tolerance_for
-from export.models import run_config
-from export.runners import Runner, default_backends, open_runner, runner_inputs, unavailable
-from pipeline.errors import VitfoldError
-from pipeline.manifest import record_stage
-from pipeline.run import atomic_write_json, atomic_write_text
+from vitfold.errors import VitfoldError
+from vitfold.export.comparison import block_errors, compare, first_diverging_block, tolerance_for
+from vitfold.export.runners import Runner
+from vitfold.pipeline.atomic import atomic_write_json, atomic_write_text
+from vitfold.pipeline.config import VerifyConfig
+from vitfold.pipeline.data import build_splits, parse_data_spec
+from vitfold.pipeline.models import data_transform
+from vitfold.pipeline.stages.backends import (
+    FOLDED,
+    UNMERGED,
+    backend_files,
+    backend_precision,
+    backend_unavailable,
+    default_backends,
+    open_backend,
+)
+from vitfold.pipeline.stages.manifest import recorded_outputs
+from vitfold.pipeline.stages.rundir import RunDir
+from vitfold.pipeline.stages.stage import Context, Stage, StageResult
 
-REFERENCE, FOLDED = "torch-unmerged", "torch-folded"
 EXPORT_BACKENDS = ("torchscript", "onnxruntime", "onnxruntime-fp16", "aoti", "tensorrt")
 LOCALISE_IMAGES = 4
 
 
-def verify_inputs(run_dir: Path, samples: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """`samples` real evaluation images (seeded choice) and `samples` seeded random images, (n, 3, H, W)."""
-    from pipeline.data import build_splits, parse_data_spec
-    from pipeline.train import input_transform
-
-    cfg = run_config(run_dir)
+def verify_inputs(rd: RunDir, model: torch.nn.Module, samples: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`samples` real evaluation images (seeded choice) and `samples` seeded random images, (n, 3, H, W),
+    at `model`'s input size and the run's normalisation."""
     g = torch.Generator().manual_seed(seed)
-    transform = input_transform(cfg)
-    evaluation = build_splits(parse_data_spec(cfg.data), transform).eval
+    transform = data_transform(rd.config, model)
+    evaluation = build_splits(parse_data_spec(rd.config.data), transform).eval
     picks = torch.randperm(len(evaluation), generator=g)[:samples].tolist()
     real = torch.stack([evaluation[i][0] for i in picks])
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (transform.mean, transform.std))
@@ -57,23 +64,13 @@ def _logits(runner: Runner, images: torch.Tensor, batch_size: int) -> torch.Tens
     return torch.cat(outs)  # (n, num_classes)
 
 
-def _precision(run_dir: Path, backend: str) -> str:
-    """fp16 for the fp16 ONNX and for a TensorRT plan built in fp16."""
-    if backend == "onnxruntime-fp16":
-        return "fp16"
-    info = run_dir / "export" / "model.json"
-    if backend == "tensorrt" and info.is_file():
-        return json.loads(info.read_text()).get("precision", "fp32")
-    return "fp32"
-
-
-def _backends(run_dir: Path, requested: list[str] | None, device: str, log) -> tuple[list[str], dict[str, str]]:
+def _backends(rd: RunDir, requested: list[str] | None, device: str, log) -> tuple[list[str], dict[str, str]]:
     skipped: dict[str, str] = {}
     chosen = []
-    for name in requested or default_backends(run_dir, EXPORT_BACKENDS):
+    for name in requested or default_backends(rd, EXPORT_BACKENDS):
         if name not in EXPORT_BACKENDS:
             raise VitfoldError(f"--backends: unknown backend '{name}' (choose from {', '.join(EXPORT_BACKENDS)})")
-        reason = unavailable(name, run_dir, device)
+        reason = backend_unavailable(rd, name, device)
         if reason and requested:
             raise VitfoldError(f"backend {name}: {reason}")
         if reason:
@@ -87,91 +84,90 @@ def _backends(run_dir: Path, requested: list[str] | None, device: str, log) -> t
 def _localise(runner: Runner, reference: Runner, images: torch.Tensor, threshold: float) -> dict[str, Any]:
     blocks = runner.block_outputs(runner.to_device(images))
     if blocks is None:
-        return {"block": None, "where": f"{runner.name} cannot expose block outputs; compare onnxruntime's"}
+        return {"block": None, "where": f"{runner.runtime} cannot expose block outputs; compare onnxruntime's"}
     return first_diverging_block(block_errors(blocks, reference.block_outputs(reference.to_device(images))), threshold)
 
 
-def verify_stage(
-    run_dir: Path,
-    backends: list[str] | None = None,
-    batch_sizes: tuple[int, ...] = (1, 8),
-    samples: int = 16,
-    device: str = "cpu",
-    tolerance_overrides: dict[str, float] | None = None,
-    log=print,
-) -> dict[str, Any]:
-    """Compare fold and every available (or requested) export; write verify/*; returns verify.json's content."""
-    started = time.perf_counter()
-    chosen, skipped = _backends(run_dir, backends, device, log)
-    images = verify_inputs(run_dir, samples)
-    everything = torch.cat(list(images.values()))
-    reference = open_runner(REFERENCE, run_dir, device)
-    folded = open_runner(FOLDED, run_dir, device)
+def _rows(
+    name: str,
+    runner: Runner,
+    kind: str,
+    against: str,
+    precision: str,
+    outputs: dict[int, torch.Tensor],
+    references: dict[int, torch.Tensor],
+    tolerance,
+    end_to_end: dict[int, torch.Tensor] | None,
+) -> list[dict]:
+    """One row per batch size: `outputs` against `references` (and against `end_to_end`, when given)."""
+    rows = []
+    for b, out in outputs.items():
+        row = {
+            "backend": name,
+            "provider": runner.provider,
+            "kind": kind,
+            "batch_size": b,
+            "compared_to": against,
+            "precision": precision,
+            **compare(references[b], out, tolerance).to_dict(),
+        }
+        if end_to_end is not None:
+            row["end_to_end"] = compare(end_to_end[b], out, tolerance).stats
+        rows.append(row)
+    return rows
+
+
+def _run(rd: RunDir, v: VerifyConfig, ctx: Context) -> StageResult:
+    """Compare fold and every available (or requested) export; write verify/*; the value is verify.json's."""
+    batch_sizes = tuple(v.batch_sizes)
+    tolerances = {p: tolerance_for(p, v.tolerances) for p in ("fp32", "fp16")}  # validates the keys first
+    chosen, skipped = _backends(rd, v.backends, v.device, ctx.log)
     rows, localisation = [], {}
-    try:
+    with open_backend(rd, UNMERGED, v.device) as reference, open_backend(rd, FOLDED, v.device) as folded:
+        images = verify_inputs(rd, reference.model, v.samples)
+        everything = torch.cat(list(images.values()))
         expected = {b: _logits(reference, everything, b) for b in batch_sizes}
         folded_out = {b: _logits(folded, everything, b) for b in batch_sizes}
-        fold_tol = tolerance_for("fp32", tolerance_overrides)
-        for b in batch_sizes:
-            stats = logit_stats(folded_out[b], expected[b])
-            rows.append(
-                {
-                    "backend": FOLDED,
-                    "device": folded.provider,
-                    "kind": "fold",
-                    "batch_size": b,
-                    "compared_to": REFERENCE,
-                    "precision": "fp32",
-                    **stats,
-                    "passed": fold_tol.check(stats),
-                }
-            )
+        fold_tol = tolerances["fp32"]
+        rows += _rows(FOLDED, folded, "fold", UNMERGED, "fp32", folded_out, expected, fold_tol, None)
         if not all(r["passed"] for r in rows):
             localisation[FOLDED] = _localise(folded, reference, images["real"][:LOCALISE_IMAGES], fold_tol.max_rel)
         for name in chosen:
-            runner = open_runner(name, run_dir, device)
-            precision = _precision(run_dir, name)
-            tol = tolerance_for(precision, tolerance_overrides)
-            try:
-                for b in batch_sizes:
-                    out = _logits(runner, everything, b)
-                    stats = logit_stats(out, folded_out[b])
-                    rows.append(
-                        {
-                            "backend": name,
-                            "device": runner.provider,
-                            "kind": "export",
-                            "batch_size": b,
-                            "compared_to": FOLDED,
-                            "precision": precision,
-                            **stats,
-                            "passed": tol.check(stats),
-                            "end_to_end": logit_stats(out, expected[b]),
-                        }
-                    )
-                if not all(r["passed"] for r in rows if r["backend"] == name):
+            precision = backend_precision(rd, name)
+            tol = tolerances[precision]
+            with open_backend(rd, name, v.device) as runner:
+                outputs = {b: _logits(runner, everything, b) for b in batch_sizes}
+                new = _rows(name, runner, "export", FOLDED, precision, outputs, folded_out, tol, expected)
+                if not all(r["passed"] for r in new):
                     localisation[name] = _localise(runner, folded, images["real"][:LOCALISE_IMAGES], tol.max_rel)
-            finally:
-                runner.close()
-    finally:
-        reference.close()
-        folded.close()
+            rows += new
     result = {
         "passed": all(r["passed"] for r in rows),
-        "device": device,
+        "device": v.device,
         "inputs": {"real": len(images["real"]), "random": len(images["random"]), "batch_sizes": list(batch_sizes)},
-        "tolerances": {p: tolerance_for(p, tolerance_overrides).to_dict() for p in ("fp32", "fp16")},
+        "tolerances": {p: t.to_dict() for p, t in tolerances.items()},
         "results": rows,
         "localisation": localisation,
         "skipped": skipped,
     }
-    _write(run_dir, result, time.perf_counter() - started)
+    outputs = [rd.verify_dir / "verify.json", rd.verify_dir / "verify.md", rd.verify_dir / "junit.xml"]
+    atomic_write_json(outputs[0], result)
+    atomic_write_text(outputs[1], _markdown(result))
+    atomic_write_text(outputs[2], _junit(result))
     for row in rows:
-        log(_summary_line(row))
+        ctx.log(_summary_line(row))
     for name, where in localisation.items():
-        log(f"{name}: first divergence at {where['where']}")
-    log(f"verify: {'PASSED' if result['passed'] else 'FAILED'}")
-    return result
+        ctx.log(f"{name}: first divergence at {where['where']}")
+    ctx.log(f"verify: {'PASSED' if result['passed'] else 'FAILED'}")
+    return StageResult(outputs, value=result, extra={"passed": result["passed"]})
+
+
+def _inputs(rd: RunDir, v: VerifyConfig) -> list[Path]:
+    """The adapter, the folded model and every artifact the export stage recorded, verified or skipped."""
+    return list(dict.fromkeys([*backend_files(rd, UNMERGED), rd.folded, *recorded_outputs(rd, "export")]))
+
+
+VERIFY = Stage("verify", settings=lambda cfg: cfg.verify, inputs=_inputs, run=_run)
 
 
 def _summary_line(row: dict[str, Any]) -> str:
@@ -191,14 +187,14 @@ def _markdown(result: dict[str, Any]) -> str:
         "Fold rows compare torch-folded with torch-unmerged; export rows compare each artifact with torch-folded "
         "(end-to-end max_rel vs torch-unmerged in the last column).",
         "",
-        "| kind | backend | device | batch | max_abs | max_rel | p99_abs | cosine_min | top-1 | KL "
+        "| kind | backend | provider | batch | max_abs | max_rel | p99_abs | cosine_min | top-1 | KL "
         "| end-to-end max_rel | verdict |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in result["results"]:
         e2e = f"{r['end_to_end']['max_rel']:.2e}" if "end_to_end" in r else f"{r['max_rel']:.2e}"
         lines.append(
-            f"| {r['kind']} | {r['backend']} | {r['device']} | {r['batch_size']} | {r['max_abs']:.2e} | "
+            f"| {r['kind']} | {r['backend']} | {r['provider']} | {r['batch_size']} | {r['max_abs']:.2e} | "
             f"{r['max_rel']:.2e} | {r['p99_abs']:.2e} | {r['cosine_min']:.7f} | {r['top1_agreement']:.3f} | "
             f"{r['kl_mean']:.1e} | {e2e} | {'pass' if r['passed'] else '**FAIL**'} |"
         )
@@ -230,22 +226,4 @@ def _junit(result: dict[str, Any]) -> str:
     return (
         f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="vitfold verify" tests="{len(cases)}" '
         f'failures="{failures}" skipped="{len(result["skipped"])}">\n' + "\n".join(cases) + "\n</testsuite>\n"
-    )
-
-
-def _write(run_dir: Path, result: dict[str, Any], seconds: float) -> None:
-    out = run_dir / "verify"
-    atomic_write_json(out / "verify.json", result)
-    atomic_write_text(out / "verify.md", _markdown(result))
-    atomic_write_text(out / "junit.xml", _junit(result))
-    # every artifact present, verified or skipped: `vitfold run` compares these with what export wrote
-    files = dict.fromkeys(f for name in (REFERENCE, FOLDED, *EXPORT_BACKENDS) for f in runner_inputs(name))
-    inputs = [run_dir / f for f in files if (run_dir / f).is_file()]
-    record_stage(
-        run_dir,
-        "verify",
-        inputs,
-        [out / "verify.json", out / "verify.md", out / "junit.xml"],
-        seconds,
-        passed=result["passed"],
     )

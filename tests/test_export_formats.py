@@ -1,24 +1,22 @@
 """Export pieces that need no GPU: FP16 ONNX op placement, Triton configs, and the TensorRT builder's
 choices per TensorRT major version (driven through a recording stand-in of the tensorrt API, since
-neither this machine nor CI has TensorRT; the real build is the `tensorrt`-marked test)."""
+neither this machine nor CI has TensorRT; the real build is in test_tensorrt_gpu.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import timm
 import torch
 
-from export.fp16 import FP32_OPS, convert_onnx_fp16
-from export.onnx import export_onnx
-from export.triton import write_triton_repository
+from vitfold.export.fp16 import FP32_OPS, convert_onnx_fp16
+from vitfold.export.onnx import export_onnx
+from vitfold.export.triton import write_triton_repository
 
 TINY = {"img_size": 16, "patch_size": 4, "depth": 2}
 
@@ -55,9 +53,15 @@ def test_triton_configs_name_the_tensors_of_each_backend(onnx_model, tmp_path):
     scripted = tmp_path / "model.pt"
     scripted.write_bytes(b"torchscript bytes")
     configs = write_triton_repository(
-        tmp_path / "repo", {"onnx": src, "torchscript": scripted}, model_name="vit", input_name="input",
-        output_name="logits", image_shape=(3, 16, 16), num_classes=4, max_batch_size=16,
-    )  # fmt: skip
+        tmp_path / "repo",
+        {"onnx": src, "torchscript": scripted},
+        model_name="vit",
+        input_name="input",
+        output_name="logits",
+        image_shape=(3, 16, 16),
+        num_classes=4,
+        max_batch_size=16,
+    )
     onnx_cfg, ts_cfg = (c.read_text() for c in configs)
     assert 'platform: "onnxruntime_onnx"' in onnx_cfg and 'name: "input"' in onnx_cfg and 'name: "logits"' in onnx_cfg
     assert 'platform: "pytorch_libtorch"' in ts_cfg and 'name: "INPUT__0"' in ts_cfg and "OUTPUT__0" in ts_cfg
@@ -143,7 +147,7 @@ def _fake_tensorrt(version: str, calls: list) -> types.ModuleType:
 
 @pytest.mark.parametrize("version", ["10.9.0", "11.1.0"])
 def test_tensorrt_fp16_build_choices_per_major_version(onnx_model, tmp_path, monkeypatch, version):
-    import export.tensorrt as tensorrt_export
+    import vitfold.export.tensorrt as tensorrt_export
 
     calls: list = []
     trt = _fake_tensorrt(version, calls)
@@ -167,45 +171,3 @@ def test_tensorrt_fp16_build_choices_per_major_version(onnx_model, tmp_path, mon
         assert ("network_flags", 1) in calls and ("parse", "model.fp16.onnx") in calls
         assert not [c for c in calls if c[0] == "set"]  # the removed precision flags are never touched
         assert (tmp_path / "model.fp16.onnx").is_file() and info["strongly_typed"]
-
-
-@pytest.mark.tensorrt
-@pytest.mark.gpu
-def test_tensorrt_engine_matches_onnx(onnx_model, tmp_path):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (extra [trt])")
-    if not torch.cuda.is_available():
-        pytest.skip("TensorRT needs a CUDA GPU; none is visible")
-    import tensorrt as trt
-
-    from export.tensorrt import build_engine
-
-    src, model = onnx_model
-    plan = build_engine(src, tmp_path / "model.plan", precision="fp32", batch=(1, 2, 4))
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
-    context = engine.create_execution_context()
-    x = torch.randn(3, 3, 16, 16, device="cuda")
-    out = torch.empty(3, 4, device="cuda")
-    context.set_input_shape("input", tuple(x.shape))
-    context.set_tensor_address("input", x.data_ptr())
-    context.set_tensor_address("logits", out.data_ptr())
-    context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
-    with torch.no_grad():
-        ref = model.cuda()(x)
-    assert float((out - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
-    assert np.isfinite(out.cpu().numpy()).all()
-
-
-def test_import_export_and_help_without_onnxruntime_or_tensorrt():
-    """`import export` (every module) and `vitfold --help` with both optional runtimes made unimportable."""
-    code = (
-        "import sys\n"
-        "sys.modules['onnxruntime'] = None; sys.modules['tensorrt'] = None  # import now raises ImportError\n"
-        "import export, export.stage, export.runners, export.verify, export.bench, export.tensorrt, export.triton\n"
-        "from pipeline.cli import main\n"
-        "sys.argv = ['vitfold', '--help']\n"
-        "main()\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "export" in result.stdout and "verify" in result.stdout and "bench" in result.stdout

@@ -1,4 +1,4 @@
-"""Pre-train a backbone inside the pipeline, for the offline demo (no hub weights exist offline).
+"""The pretrain stage: pre-train a backbone inside the pipeline, for the offline demo (no hub weights exist offline).
 
 `pretrain: {data: digits:0-4, train: {...}}` in a run config: the backbone is trained from scratch
 (method `full`) on that data, its weights without the head are cached under VITFOLD_CACHE (default
@@ -16,9 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig, load_config
-from pipeline.errors import VitfoldError
-from pipeline.run import atomic_replace
+from vitfold.errors import VitfoldError
+from vitfold.pipeline.atomic import atomic_replace
+from vitfold.pipeline.config import RunConfig, load_config
+from vitfold.pipeline.stages.rundir import RunDir
+from vitfold.pipeline.stages.stage import Context, Stage, StageResult, execute
+from vitfold.pipeline.stages.train import TRAIN
 
 PRETRAIN_KEYS = ("data", "train")
 
@@ -33,8 +36,15 @@ def pretrain_config(cfg: RunConfig) -> RunConfig:
     if unknown or "data" not in spec:
         problem = f"unknown key '{unknown[0]}'" if unknown else "no 'data'"
         raise VitfoldError(f"config: pretrain takes 'data' and optionally 'train' ({problem})")
-    return load_config(None, backbone=cfg.backbone, backbone_kwargs=cfg.backbone_kwargs, data=spec["data"],
-                       method="full", seed=cfg.seed, train=spec.get("train") or {})  # fmt: skip
+    return load_config(
+        None,
+        backbone=cfg.backbone,
+        backbone_kwargs=cfg.backbone_kwargs,
+        data=spec["data"],
+        method="full",
+        seed=cfg.seed,
+        train=spec.get("train") or {},
+    )
 
 
 def pretrained_path(cfg: RunConfig) -> Path:
@@ -49,8 +59,6 @@ def pretrain(cfg: RunConfig, log=print) -> Path:
     """The cached pre-trained backbone for `cfg`, training it first when it is not cached yet."""
     from safetensors.torch import load_file, save
 
-    from pipeline.train import train
-
     path = pretrained_path(cfg)
     if path.is_file():
         log(f"pre-trained backbone: {path} (cached)")
@@ -60,11 +68,25 @@ def pretrain(cfg: RunConfig, log=print) -> Path:
     log(f"pre-training {cfg.backbone} on {pre.data} for {pre.train.epochs} epochs (cached in {path.parent})")
     work = Path(tempfile.mkdtemp(dir=path.parent, prefix=".pretrain-"))
     try:
-        result = train(pre, work, log=log)
-        trained = load_file(work / "train" / "adapter.safetensors")  # method full: every weight
+        scratch = RunDir(work)
+        result = execute(TRAIN, scratch, settings=pre, log=log)
+        trained = load_file(scratch.adapter)  # method full: every weight
         state = {k: v for k, v in trained.items() if not k.startswith("head.")}
         meta = {"pretrained_on": pre.data, "epochs": str(pre.train.epochs), "eval_acc": str(result["best_acc"])}
         atomic_replace(path, save(state, metadata=meta))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return path
+
+
+def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
+    return StageResult([pretrain(cfg, log=ctx.log)])
+
+
+PRETRAIN = Stage(
+    "pretrain",
+    settings=lambda cfg: cfg,
+    inputs=lambda rd, cfg: [],
+    run=_run,
+    params=lambda cfg: {"pretrain": cfg.pretrain, "checkpoint": cfg.checkpoint},
+)

@@ -8,16 +8,20 @@ For logits y (a backend) and r (the reference), rows = images:
     top1_agreement = share of images with argmax y_i = argmax r_i
     kl_mean        = mean over images of KL(softmax r_i ‖ softmax y_i)
 
-All in float64. A backend passes when max_rel ≤ tol.max_rel, cosine_min ≥ tol.cosine_min and
-top1_agreement ≥ tol.top1_min.
+All in float64. An output passes when max_rel ≤ tol.max_rel, cosine_min ≥ tol.cosine_min and
+top1_agreement ≥ tol.top1_min: `compare(reference, output, tolerances)` returns a `Comparison` that
+carries the statistics and is truthy only then.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
+
+from vitfold.errors import VitfoldError
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,48 @@ DEFAULT_TOLERANCES = {
 }
 
 
-def tolerance_for(precision: str, overrides: dict[str, float] | None = None) -> Tolerance:
-    return replace(DEFAULT_TOLERANCES[precision], **(overrides or {}))
+def tolerance_for(precision: str, overrides: Mapping[str, float] | None = None) -> Tolerance:
+    """The default tolerance of `precision` with `overrides`; an unknown key or a non-number is a one-line
+    `VitfoldError` naming it."""
+    if precision not in DEFAULT_TOLERANCES:
+        raise VitfoldError(f"no tolerance for precision '{precision}' (known: {', '.join(DEFAULT_TOLERANCES)})")
+    known = [f.name for f in fields(Tolerance)]
+    for key, value in (overrides or {}).items():
+        if key not in known:
+            raise VitfoldError(f"tolerances: unknown key '{key}' (known: {', '.join(known)})")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise VitfoldError(f"tolerances: '{key}' must be a number, got {value!r}")
+    return replace(DEFAULT_TOLERANCES[precision], **{k: float(v) for k, v in (overrides or {}).items()})
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The statistics of one output against its reference, the tolerance applied, and the verdict."""
+
+    stats: dict[str, float]
+    tolerance: Tolerance
+
+    @property
+    def passed(self) -> bool:
+        return self.tolerance.check(self.stats)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """The statistics and `passed`, flat (JSON-ready)."""
+        return {**self.stats, "passed": self.passed}
+
+
+def compare(
+    reference: torch.Tensor, output: torch.Tensor, tolerances: Tolerance | Mapping[str, float] | None = None
+) -> Comparison:
+    """Compare (B, C) logits with the reference's. `tolerances`: a `Tolerance`, or overrides of the fp32
+    defaults (max_rel, cosine_min, top1_min), or None for the fp32 defaults."""
+    if tuple(reference.shape) != tuple(output.shape) or reference.dim() != 2:
+        raise VitfoldError(f"compare: logits of shape {tuple(output.shape)} against {tuple(reference.shape)}")
+    tol = tolerances if isinstance(tolerances, Tolerance) else tolerance_for("fp32", tolerances)
+    return Comparison(logit_stats(output, reference), tol)
 
 
 def logit_stats(y: torch.Tensor, r: torch.Tensor) -> dict[str, float]:

@@ -10,13 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import load_config
-from pipeline.errors import VitfoldError
-from pipeline.manifest import cpu_name, read_manifest, record_stage
-from pipeline.run import atomic_write_text
-
-REPORT = "REPORT.md"
-SOURCES = ("compare/compare.json", "verify/verify.json", "bench/bench.json")
+from vitfold.export.timing import cpu_name
+from vitfold.pipeline.atomic import atomic_write_text
+from vitfold.pipeline.stages.manifest import read_manifest
+from vitfold.pipeline.stages.rundir import RunDir
+from vitfold.pipeline.stages.stage import Context, Stage, StageResult
 
 
 def _machine() -> str:
@@ -40,19 +38,60 @@ def _table(header: list[str], rows: list[list[Any]], align: str) -> list[str]:
 
 
 def _accuracy(results: list[dict[str, Any]]) -> list[str]:
-    rows = [[r["method"] + (" (this run)" if i == 0 else ""), f"{r['trainable_params']:,}",
-             f"{r['trainable_params'] / r['backbone_params']:.2%}", f"{r['best_acc']:.3f}", f"{r['final_acc']:.3f}",
-             r["epochs"], r["lr"], r["seed"]] for i, r in enumerate(results)]  # fmt: skip
-    header = ["method", "trainable params (adapter + head)", "of backbone", "best eval acc", "final eval acc",
-              "epochs", "lr", "seed"]  # fmt: skip
+    rows = [
+        [
+            r["method"] + (" (this run)" if i == 0 else ""),
+            f"{r['trainable_params']:,}",
+            f"{r['trainable_params'] / r['backbone_params']:.2%}",
+            f"{r['best_acc']:.3f}",
+            f"{r['final_acc']:.3f}",
+            r["epochs"],
+            r["lr"],
+            r["seed"],
+        ]
+        for i, r in enumerate(results)
+    ]
+    header = [
+        "method",
+        "trainable params (adapter + head)",
+        "of backbone",
+        "best eval acc",
+        "final eval acc",
+        "epochs",
+        "lr",
+        "seed",
+    ]
     return _table(header, rows, ["---", "--:", "--:", "--:", "--:", "--:", "--:", "--:"])
 
 
 def _equivalence(verify: dict[str, Any]) -> list[str]:
-    rows = [[r["kind"], r["backend"], r["device"], r["batch_size"], r["compared_to"], f"{r['max_abs']:.2e}",
-             f"{r['max_rel']:.2e}", f"{r['cosine_min']:.7f}", f"{r['top1_agreement']:.3f}",
-             "pass" if r["passed"] else "**FAIL**"] for r in verify["results"]]  # fmt: skip
-    header = ["kind", "backend", "device", "batch", "vs", "max abs", "max rel", "min cosine", "top-1 agree", "verdict"]
+    rows = [
+        [
+            r["kind"],
+            r["backend"],
+            r["provider"],
+            r["batch_size"],
+            r["compared_to"],
+            f"{r['max_abs']:.2e}",
+            f"{r['max_rel']:.2e}",
+            f"{r['cosine_min']:.7f}",
+            f"{r['top1_agreement']:.3f}",
+            "pass" if r["passed"] else "**FAIL**",
+        ]
+        for r in verify["results"]
+    ]
+    header = [
+        "kind",
+        "backend",
+        "provider",
+        "batch",
+        "vs",
+        "max abs",
+        "max rel",
+        "min cosine",
+        "top-1 agree",
+        "verdict",
+    ]
     lines = _table(header, rows, ["---", "---", "---", "--:", "---", "--:", "--:", "--:", "--:", "---"])
     lines += [f"- {name}: first divergence at `{where['where']}`" for name, where in verify["localisation"].items()]
     lines += [f"- {name} not verified: {reason}" for name, reason in verify["skipped"].items()]
@@ -60,10 +99,21 @@ def _equivalence(verify: dict[str, Any]) -> list[str]:
 
 
 def _latency(bench: dict[str, Any]) -> list[str]:
-    rows = [[r["backend"], r["device"], r["batch_size"], *(f"{r[k]:.3f}" for k in ("p50_ms", "p90_ms", "p99_ms")),
-             f"{r['throughput_ips']:.1f}"] for r in bench["rows"]]  # fmt: skip
-    lines = _table(["backend", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s"], rows,
-                   ["---", "---", "--:", "--:", "--:", "--:", "--:"])  # fmt: skip
+    rows = [
+        [
+            r["backend"],
+            r["provider"],
+            r["batch_size"],
+            *(f"{r[k]:.3f}" for k in ("p50_ms", "p90_ms", "p99_ms")),
+            f"{r['throughput_ips']:.1f}",
+        ]
+        for r in bench["rows"]
+    ]
+    lines = _table(
+        ["backend", "provider", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s"],
+        rows,
+        ["---", "---", "--:", "--:", "--:", "--:", "--:"],
+    )
     for name, per_batch in bench.get("ratios", {}).items():
         values = ", ".join(f"batch {b}: {v:.3f}" for b, v in per_batch.items())
         lines.append(f"- {name.replace('_', ' ')} (p50 ratio): {values}")
@@ -71,19 +121,20 @@ def _latency(bench: dict[str, Any]) -> list[str]:
     return lines + ["", "![latency per backend](bench/latency.png)"]
 
 
-def _load(run_dir: Path, name: str) -> Any:
-    path = run_dir / name
+def _sources(rd: RunDir) -> list[Path]:
+    """The stage results the report is built from: compare.json, verify.json, bench.json."""
+    return [rd.compare_summary, rd.verify_dir / "verify.json", rd.bench_dir / "bench.json"]
+
+
+def _load(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def report_stage(run_dir: Path, log=print) -> Path:
+def _run(rd: RunDir, settings: dict[str, Any], ctx: Context) -> StageResult:
     """Write RUN/REPORT.md from the stages' outputs (sections for missing stages say so)."""
-    started = time.perf_counter()
-    if not (run_dir / "config.yaml").is_file():
-        raise VitfoldError(f"{run_dir} is not a run directory: {run_dir / 'config.yaml'} not found")
-    cfg = load_config(run_dir / "config.yaml")
-    manifest = read_manifest(run_dir)
-    compare, verify, bench = (_load(run_dir, n) for n in SOURCES)
+    cfg = rd.config
+    manifest = read_manifest(rd)
+    compare, verify, bench = (_load(p) for p in _sources(rd))
     verdict = "no verify result" if verify is None else ("PASSED" if verify["passed"] else "FAILED")
     lines = [
         f"# vitfold run report: {cfg.backbone} + {cfg.method} on {cfg.data}",
@@ -114,7 +165,7 @@ def report_stage(run_dir: Path, log=print) -> Path:
                 if name != "report"
             ],
             ["---", "---", "--:", "---"],
-        ),  # fmt: skip
+        ),
         "",
         "## Accuracy on the target task",
         "",
@@ -135,11 +186,12 @@ def report_stage(run_dir: Path, log=print) -> Path:
             for name, e in manifest["stages"].items()
             if name in ("fold", "export")
             for path, digest in e["outputs"].items()
-        ],  # fmt: skip
+        ],
         "",
     ]
-    out = atomic_write_text(run_dir / REPORT, "\n".join(lines))
-    inputs = [run_dir / "config.yaml"] + [run_dir / n for n in SOURCES if (run_dir / n).is_file()]
-    record_stage(run_dir, "report", inputs, [out], time.perf_counter() - started)
-    log(f"report: {out}")
-    return out
+    out = atomic_write_text(rd.report, "\n".join(lines))
+    ctx.log(f"report: {out}")
+    return StageResult([out], value=out)
+
+
+REPORT = Stage("report", settings=lambda cfg: {}, inputs=lambda rd, s: [rd.config_file, *_sources(rd)], run=_run)

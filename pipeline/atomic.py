@@ -1,4 +1,4 @@
-"""The run directory: atomic writes, and the staged pipeline that `vitfold run` drives."""
+"""Atomic file writes: a reader never sees half a file, a crash never leaves one."""
 
 from __future__ import annotations
 
@@ -7,9 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
-
-# The pipeline's stages in order (DESIGN.md §1). A stage with no implementation yet is reported, not run.
-STAGES = ("train", "fold", "export", "verify", "bench", "report")
 
 
 def _umask() -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pipeline.errors import AdapterError
+from vitfold.errors import AdapterError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,102 @@
+"""`export(model, out_dir, ...)`: write a model in each requested format, with no run directory.
+
+Every format is checked for its dependencies and device before any work starts (one `VitfoldError`
+naming what is missing), and every file is staged in a temp folder and renamed into place, so a failed
+export leaves nothing finished-looking behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from torch import nn
+
+from vitfold.errors import VitfoldError
+from vitfold.export import FILES, FORMATS, PRECISIONS
+
+# (format, the files it wrote, seconds): what `on_artifact` is told after each format
+ArtifactCallback = Callable[[str, list[Path], float], None]
+
+
+def check_formats(formats: Iterable[str], precision: str = "fp32") -> list[str]:
+    """The formats as a list, after checking names, precision and each one's dependencies (exit 2)."""
+    formats = list(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise VitfoldError(f"--format: unknown format '{(unknown or [''])[0]}' (choose from {', '.join(FORMATS)})")
+    if precision not in PRECISIONS:
+        raise VitfoldError(f"--precision {precision}: use {' or '.join(PRECISIONS)}")
+    if precision == "fp16" and not set(formats) & {"onnx", "tensorrt"}:
+        raise VitfoldError("--precision fp16 applies to onnx and tensorrt")
+    if "tensorrt" in formats:
+        from vitfold.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    if "aoti" in formats:
+        from vitfold.export.aoti import require_compiler
+
+        require_compiler()
+    return formats
+
+
+def _image_size(input_size: tuple[int, ...]) -> tuple[int, int]:
+    if len(input_size) != 3 or input_size[0] != 3 or min(input_size) < 1:
+        raise VitfoldError(f"input_size must be (3, H, W), got {tuple(input_size)}")
+    return int(input_size[1]), int(input_size[2])
+
+
+def export(
+    model: nn.Module,
+    out_dir: str | Path,
+    formats: Iterable[str] = ("onnx", "torchscript", "aoti"),
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    precision: str = "fp32",
+    opset: int = 18,
+    *,
+    device: str = "cpu",
+    on_artifact: ArtifactCallback | None = None,
+) -> dict[str, Path]:
+    """Export `model` (evaluated as it is: fold adapters first) into `out_dir`; returns format -> file.
+
+    Formats: onnx (+ "onnx-fp16" when `precision="fp16"`), torchscript, aoti (a `.pt2` for `device`),
+    tensorrt (built from the ONNX; needs the [trt] extra and a GPU). File names: `vitfold.export.FILES`.
+    """
+    formats = check_formats(formats, precision)
+    image_size = _image_size(input_size)
+    out_dir = Path(out_dir)
+    model = model.eval()
+    written: dict[str, Path] = {}
+
+    def produce(name: str, make: Callable[[], list[Path]]) -> None:
+        started = time.perf_counter()
+        files = make()
+        written[name] = files[0]
+        if on_artifact is not None:
+            on_artifact(name, files, time.perf_counter() - started)
+
+    onnx_path = out_dir / FILES["onnx"]
+    if "onnx" in formats or "tensorrt" in formats:
+        from vitfold.export.onnx import export_onnx
+
+        produce("onnx", lambda: export_onnx(model, onnx_path, image_size, opset))
+        if precision == "fp16":
+            from vitfold.export.fp16 import convert_onnx_fp16
+
+            produce("onnx-fp16", lambda: [convert_onnx_fp16(onnx_path, out_dir / FILES["onnx-fp16"])])
+    if "torchscript" in formats:
+        from vitfold.export.torchscript import export_torchscript
+
+        produce("torchscript", lambda: export_torchscript(model, out_dir / FILES["torchscript"], image_size))
+    if "aoti" in formats:
+        from vitfold.export.aoti import export_aoti
+
+        produce("aoti", lambda: export_aoti(model, out_dir / FILES["aoti"], image_size, device))
+    if "tensorrt" in formats:
+        from vitfold.export.tensorrt import build_engine
+
+        plan = out_dir / FILES["tensorrt"]
+        # the engine first, then the record of the GPU and TensorRT version it is tied to
+        produce("tensorrt", lambda: [build_engine(onnx_path, plan, precision=precision), plan.with_suffix(".json")])
+    return written

@@ -1,0 +1,45 @@
+"""A run config's model and input transform, with no run directory involved.
+
+`build_model(cfg, num_classes)` is a function of the config: seeded from `cfg.seed`, so a random
+backbone and the adapter's initial values come out the same for every caller that rebuilds it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vitfold.pipeline.adapting import adapt
+from vitfold.pipeline.backbones import create_backbone, load_checkpoint
+from vitfold.pipeline.config import RunConfig
+from vitfold.pipeline.data import ImageTransform
+
+
+def build_backbone(cfg: RunConfig) -> nn.Module:
+    """The backbone with random, `checkpoint` or `pretrained` weights; seeds torch from `cfg.seed` first."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    kwargs = dict(cfg.backbone_kwargs)
+    if cfg.train.drop_path is not None:
+        kwargs.setdefault("drop_path_rate", cfg.train.drop_path)
+    model = create_backbone(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
+    if cfg.checkpoint:
+        load_checkpoint(model, cfg.checkpoint)
+    return model
+
+
+def build_model(cfg: RunConfig, num_classes: int, backbone: nn.Module | None = None) -> nn.Module:
+    """`backbone` (default: `build_backbone(cfg)`) with the configured adapter and a new head.
+
+    Pass a backbone only straight from `build_backbone`, with no random draw in between: the adapter's
+    initial values continue its seeded stream."""
+    model = build_backbone(cfg) if backbone is None else backbone
+    return adapt(model, cfg.method, num_classes=cfg.num_classes or num_classes, **cfg.method_options)
+
+
+def data_transform(cfg: RunConfig, model: nn.Module) -> ImageTransform:
+    """The model's input size with the run's normalisation (the recipe's, else the backbone's own)."""
+    pretrained = getattr(model, "pretrained_cfg", {}) or {}
+    mean = cfg.train.mean or tuple(pretrained.get("mean", (0.5, 0.5, 0.5)))
+    std = cfg.train.std or tuple(pretrained.get("std", (0.5, 0.5, 0.5)))
+    return ImageTransform(tuple(model.patch_embed.img_size), mean, std, hflip=bool(cfg.train.hflip))

@@ -1,0 +1,109 @@
+"""The backends of a run: names for what verify and bench compare, each a runtime on a model or a file
+of the run.
+
+    torch-unmerged    base backbone + trained adapter (the reference)    train/adapter.safetensors
+    torch-folded      fold/model.safetensors loaded by timm alone
+    torch-base        the plain base architecture (latency baseline; weights do not matter)
+    torchscript       export/model.pt        onnxruntime       export/model.onnx
+    aoti              export/model.pt2       onnxruntime-fp16  export/model.fp16.onnx
+    tensorrt          export/model.plan
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from vitfold.export.runners import Runner, open_runner, unavailable
+from vitfold.pipeline.stages.manifest import verified_input
+from vitfold.pipeline.stages.rundir import RunDir
+
+UNMERGED, FOLDED, BASE = "torch-unmerged", "torch-folded", "torch-base"
+TORCH_BACKENDS = (UNMERGED, FOLDED, BASE)
+# backend -> (runtime, export format whose file it opens)
+ARTIFACT_BACKENDS = {
+    "torchscript": ("torchscript", "torchscript"),
+    "onnxruntime": ("onnxruntime", "onnx"),
+    "onnxruntime-fp16": ("onnxruntime", "onnx-fp16"),
+    "aoti": ("aoti", "aoti"),
+    "tensorrt": ("tensorrt", "tensorrt"),
+}
+BACKENDS = (*TORCH_BACKENDS, *ARTIFACT_BACKENDS)
+
+
+def unmerged_model(rd: RunDir) -> nn.Module:
+    """The base backbone with the trained adapter attached, exactly as training evaluated it."""
+    from safetensors.torch import load_file
+
+    from vitfold.pipeline.adapting import load_adapter
+    from vitfold.pipeline.models import build_model
+
+    path = verified_input(rd, rd.adapter, "train")
+    return load_adapter(build_model(rd.config, rd.num_classes), load_file(path)).eval()
+
+
+def folded_model(rd: RunDir) -> nn.Module:
+    """fold/model.safetensors as a plain timm model, loaded by timm alone (the call the fold stage records)."""
+    from vitfold.pipeline.backbones import load_folded
+
+    cfg = rd.config
+    path = verified_input(rd, rd.folded, "fold")
+    return load_folded(path, cfg.backbone, int(rd.metadata(path)["num_classes"]), cfg.backbone_kwargs)
+
+
+def base_model(rd: RunDir) -> nn.Module:
+    """The plain base architecture with the run's head size and no adapter."""
+    import timm
+
+    cfg = rd.config
+    num_classes = int(rd.metadata(rd.folded)["num_classes"])
+    return timm.create_model(cfg.backbone, num_classes=num_classes, **cfg.backbone_kwargs).eval()
+
+
+MODELS = {UNMERGED: unmerged_model, FOLDED: folded_model, BASE: base_model}
+
+
+def backend_files(rd: RunDir, name: str) -> list[Path]:
+    """The files of the run that backend `name` reads (an ONNX file's `.data` beside it, when there is one)."""
+    if name == UNMERGED:
+        return [rd.adapter]
+    if name in (FOLDED, BASE):
+        return [rd.folded]
+    path = rd.artifact(ARTIFACT_BACKENDS[name][1])
+    return [path, path.with_name(path.name + ".data")] if path.suffix == ".onnx" else [path]
+
+
+def default_backends(rd: RunDir, names: tuple[str, ...]) -> list[str]:
+    """`names`, less onnxruntime-fp16 when no fp16 ONNX was exported (an option, not a missing artifact)."""
+    return [n for n in names if n != "onnxruntime-fp16" or rd.artifact("onnx-fp16").is_file()]
+
+
+def backend_unavailable(rd: RunDir, name: str, device: str) -> str | None:
+    """Why backend `name` cannot run on `device` for this run (None when it can)."""
+    if name not in BACKENDS:
+        return f"unknown backend '{name}' (choose from {', '.join(BACKENDS)})"
+    runtime, fmt = ARTIFACT_BACKENDS.get(name, ("torch", None))
+    reason = unavailable(runtime, device)
+    if reason is None and fmt is not None and not rd.artifact(fmt).is_file():
+        reason = f"export/{rd.artifact(fmt).name} not built (vitfold export --format ...)"
+    return reason
+
+
+def open_backend(rd: RunDir, name: str, device: str = "cpu", threads: int | None = None) -> Runner:
+    """Open backend `name` of the run; an artifact whose sha256 differs from the export stage's is refused."""
+    if name in MODELS:
+        return open_runner("torch", MODELS[name](rd), device)
+    runtime, fmt = ARTIFACT_BACKENDS[name]
+    return open_runner(runtime, verified_input(rd, rd.artifact(fmt), "export"), device, threads)
+
+
+def backend_precision(rd: RunDir, name: str) -> str:
+    """fp16 for the fp16 ONNX and for a TensorRT plan built in fp16; fp32 otherwise."""
+    if name == "onnxruntime-fp16":
+        return "fp16"
+    info = rd.artifact("tensorrt").with_suffix(".json")
+    if name == "tensorrt" and info.is_file():
+        return json.loads(info.read_text()).get("precision", "fp32")
+    return "fp32"

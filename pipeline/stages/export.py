@@ -1,0 +1,82 @@
+"""The export stage: RUN/fold/model.safetensors -> RUN/export/ artifacts (+ a Triton repository).
+
+The folded model is loaded with timm alone (the call the fold stage records), so every artifact is the
+plain base architecture; `vitfold.export.export` writes the files. RUN/export/export.json records the
+precision, input size, tensor names and, per artifact, its files, bytes and seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vitfold.export.artifacts import INPUT_NAME, OUTPUT_NAME
+from vitfold.export.exporting import check_formats, export
+from vitfold.pipeline.atomic import atomic_write_json
+from vitfold.pipeline.config import ExportConfig
+from vitfold.pipeline.stages.backends import folded_model
+from vitfold.pipeline.stages.rundir import RunDir
+from vitfold.pipeline.stages.stage import Context, Stage, StageResult
+
+TRITON_FORMATS = ("onnx", "torchscript", "tensorrt")
+
+
+def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
+    formats = check_formats(settings.formats, settings.precision)  # before any work
+    model = folded_model(rd)
+    size = tuple(int(s) for s in model.patch_embed.img_size)
+    artifacts: dict[str, dict[str, Any]] = {}
+
+    def done(name: str, files: list[Path], seconds: float) -> None:
+        artifacts[name] = {
+            "files": [rd.key(f) for f in files],
+            "bytes": sum(f.stat().st_size for f in files),
+            "seconds": round(seconds, 3),
+        }
+        ctx.log(
+            f"{name}: {', '.join(f.name for f in files)} ({artifacts[name]['bytes'] / 1e6:.1f} MB, {seconds:.1f} s)"
+        )
+
+    written = export(
+        model,
+        rd.export_dir,
+        formats,
+        (3, *size),
+        settings.precision,
+        settings.opset,
+        device=settings.device,
+        on_artifact=done,
+    )
+    summary = {
+        "precision": settings.precision,
+        "opset": settings.opset,
+        "image_size": list(size),
+        "num_classes": model.num_classes,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "artifacts": artifacts,
+    }
+    if settings.triton:
+        from vitfold.export.triton import write_triton_repository
+
+        served = {fmt: written[fmt] for fmt in TRITON_FORMATS if fmt in written}
+        if "onnx-fp16" in written:
+            served["onnx"] = written["onnx-fp16"]
+        configs = write_triton_repository(
+            Path(settings.triton),
+            served,
+            model_name=rd.config.backbone.split(".")[0],
+            input_name=INPUT_NAME,
+            output_name=OUTPUT_NAME,
+            image_shape=(3, *size),
+            num_classes=model.num_classes,
+            precision=settings.precision,
+        )
+        summary["triton"] = [str(c) for c in configs]
+        ctx.log(f"triton repository: {settings.triton}")
+    atomic_write_json(rd.export_summary, summary)
+    outputs = [rd.path / f for a in artifacts.values() for f in a["files"]]
+    return StageResult(outputs, value=summary, extra={"formats": formats, "precision": settings.precision})
+
+
+EXPORT = Stage("export", settings=lambda cfg: cfg.export, inputs=lambda rd, s: [rd.folded], run=_run)

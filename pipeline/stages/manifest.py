@@ -1,0 +1,155 @@
+"""RUN/manifest.json: per stage, its settings, inputs and outputs with sha256, versions, wall time, status.
+
+A stage is marked "running" when it starts and recorded "done" (with what it read and wrote) when it
+has finished; a later stage checks the hashes of what it reads (`verified_input`) and refuses an
+artifact that changed since it was recorded. `staleness` says whether, and why, a stage must run again.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from vitfold.errors import VitfoldError
+from vitfold.pipeline.atomic import atomic_write_json
+from vitfold.pipeline.stages.rundir import RunDir
+
+PACKAGES = ("vitfold", "torch", "timm", "onnx", "onnxruntime", "safetensors")
+
+
+class Stale(Enum):
+    """Why a stage must run (again)."""
+
+    NEW = "new"  # never started
+    INTERRUPTED = "interrupted"  # started, never recorded as done
+    SETTINGS = "settings"
+    INPUT = "input"
+    OUTPUT = "output"
+    FORCED = "forced"
+
+
+@dataclass(frozen=True)
+class Staleness:
+    kind: Stale
+    message: str
+
+    @property
+    def resumable(self) -> bool:
+        """The stage never finished, so whatever it left behind (a training checkpoint) may be continued."""
+        return self.kind in (Stale.NEW, Stale.INTERRUPTED)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def read_manifest(rd: RunDir) -> dict[str, Any]:
+    if not rd.manifest_file.is_file():
+        return {"stages": {}}
+    try:
+        return json.loads(rd.manifest_file.read_text())
+    except json.JSONDecodeError as e:
+        raise VitfoldError(
+            f"{rd.manifest_file} is not valid JSON ({e}); delete it to rebuild the run's record"
+        ) from None
+
+
+def _hashes(rd: RunDir, paths: list[Path]) -> dict[str, str]:
+    return {rd.key(p): rd.sha256(p) for p in paths}
+
+
+def start_stage(rd: RunDir, stage: str) -> None:
+    """Mark `stage` as running: killed before `record_stage`, it is never taken for finished."""
+    manifest = read_manifest(rd)
+    if stage in manifest["stages"]:
+        manifest["stages"][stage]["status"] = "running"
+        atomic_write_json(rd.manifest_file, manifest)
+
+
+def record_stage(
+    rd: RunDir,
+    stage: str,
+    params: dict[str, Any],
+    inputs: list[Path],
+    outputs: list[Path],
+    seconds: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write the stage's entry (status "done", the settings it ran with) into the manifest; return it."""
+    manifest = read_manifest(rd)
+    entry = {
+        "status": "done",
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "params": params,
+        "inputs": _hashes(rd, [p for p in inputs if p.is_file()]),
+        "outputs": _hashes(rd, outputs),
+        "versions": versions(),
+        **extra,
+    }
+    manifest["stages"][stage] = entry
+    atomic_write_json(rd.manifest_file, manifest)
+    return entry
+
+
+def recorded_outputs(rd: RunDir, stage: str) -> list[Path]:
+    """The files `stage` recorded as its outputs (none if it has not run)."""
+    entry = read_manifest(rd)["stages"].get(stage, {})
+    return [rd.path / key for key in sorted(entry.get("outputs", {}))]
+
+
+def verified_input(rd: RunDir, path: Path, producer: str) -> Path:
+    """`path`, after checking it against the sha256 the `producer` stage recorded for it."""
+    if not path.is_file():
+        raise VitfoldError(f"{path} not found: run the {producer} stage first")
+    recorded = read_manifest(rd)["stages"].get(producer, {}).get("outputs", {})
+    key = rd.key(path)
+    if key in recorded and recorded[key] != rd.sha256(path):
+        raise VitfoldError(f"{path} does not match the sha256 the {producer} stage recorded: refusing a changed file")
+    return path
+
+
+def staleness(rd: RunDir, stage: str, inputs: list[Path], params: dict[str, Any]) -> Staleness | None:
+    """Why `stage` must run again (None: it is up to date): not run, interrupted, other settings, an input
+    missing or changed since it ran, or an output missing or not matching the sha256 recorded for it."""
+    entry = read_manifest(rd)["stages"].get(stage)
+    if entry is None:
+        return Staleness(Stale.NEW, "not run yet")
+    if entry.get("status") != "done":
+        return Staleness(Stale.INTERRUPTED, "it did not finish")
+    recorded = entry.get("params")
+    if recorded != params:
+        changed = sorted(k for k in params.keys() | (recorded or {}).keys() if params.get(k) != (recorded or {}).get(k))
+        return Staleness(Stale.SETTINGS, f"its settings changed ({', '.join(changed) or 'none recorded'})")
+    for path in inputs:  # an optional input that is absent now and was absent then is no change
+        key = rd.key(path)
+        if not path.is_file():
+            if key in entry["inputs"]:
+                return Staleness(Stale.INPUT, f"its input {key} is missing")
+            continue
+        if entry["inputs"].get(key) != rd.sha256(path):
+            return Staleness(Stale.INPUT, f"its input {key} changed")
+    for key, digest in entry["outputs"].items():
+        path = rd.path / key
+        if not path.is_file():
+            return Staleness(Stale.OUTPUT, f"its output {key} is missing")
+        if rd.sha256(path) != digest:
+            return Staleness(
+                Stale.OUTPUT, f"its output {key} does not match its recorded sha256 (changed or corrupted)"
+            )
+    return None

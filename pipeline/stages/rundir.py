@@ -1,0 +1,106 @@
+"""A run directory: every file of a run named once, its config read once, file hashes cached.
+
+RUN/config.yaml  RUN/manifest.json  RUN/train/  RUN/compare/  RUN/fold/  RUN/export/  RUN/verify/
+RUN/bench/  RUN/REPORT.md
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from vitfold.errors import VitfoldError
+from vitfold.export import FILES
+from vitfold.pipeline.atomic import atomic_write_text
+from vitfold.pipeline.config import RunConfig, load_config
+
+CONFIG, MANIFEST = "config.yaml", "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class RunDir:
+    """The files of the run at `path`. Reading `config` fails with one line when there is no config.yaml."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config_file = self.path / CONFIG
+        self.manifest_file = self.path / MANIFEST
+        train = self.path / "train"
+        self.adapter = train / "adapter.safetensors"  # adapter + head of the best evaluated epoch
+        self.adapter_last = train / "adapter_last.safetensors"
+        self.metrics = train / "metrics.csv"
+        self.last_ckpt = train / "last.ckpt"
+        self.tensorboard = train / "tensorboard"
+        self.compare_dir = self.path / "compare"
+        self.compare_summary = self.compare_dir / "compare.json"
+        self.folded = self.path / "fold" / "model.safetensors"
+        self.export_dir = self.path / "export"
+        self.export_summary = self.export_dir / "export.json"
+        self.verify_dir = self.path / "verify"
+        self.bench_dir = self.path / "bench"
+        self.report = self.path / "REPORT.md"
+        self._hashes: dict[Path, tuple[tuple[int, int], str]] = {}
+
+    def artifact(self, fmt: str) -> Path:
+        """The file export format `fmt` writes (a key of `vitfold.export.FILES`)."""
+        return self.export_dir / FILES[fmt]
+
+    def key(self, path: Path) -> str:
+        """How the manifest names `path`: relative to the run when inside it, else as given."""
+        return str(path.relative_to(self.path) if path.is_relative_to(self.path) else path)
+
+    @cached_property
+    def config(self) -> RunConfig:
+        if not self.config_file.is_file():
+            raise VitfoldError(f"{self.path} is not a run directory: {self.config_file} not found")
+        return load_config(self.config_file)
+
+    def write_config(self, cfg: RunConfig) -> None:
+        """Save `cfg` as the run's config.yaml (rewritten only when it changes) and use it from now on."""
+        text = cfg.to_yaml()
+        if not self.config_file.is_file() or self.config_file.read_text() != text:
+            atomic_write_text(self.config_file, text)
+        self.__dict__["config"] = cfg
+
+    def sha256(self, path: Path) -> str:
+        """The file's sha256, computed once per (size, mtime) in the life of this object."""
+        stat = path.stat()
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        cached = self._hashes.get(path)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, sha256(path))
+            self._hashes[path] = cached
+        return cached[1]
+
+    def metadata(self, path: Path) -> dict[str, Any]:
+        """The string metadata of a safetensors file (its header only; nothing is hashed or loaded)."""
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise VitfoldError(f"{path} not found")
+        with safe_open(path, "pt") as f:
+            return dict(f.metadata() or {})
+
+    @property
+    def num_classes(self) -> int:
+        """The head size the run trained (the adapter file's metadata)."""
+        return int(self.metadata(self.adapter)["num_classes"])
+
+    def image_size(self) -> tuple[int, int]:
+        """The model's input size, as the fold stage recorded it in fold/model.safetensors."""
+        size = json.loads(self.metadata(self.folded).get("image_size", "null"))
+        if not size:
+            raise VitfoldError(
+                f"{self.folded} records no image_size (written by an older vitfold): vitfold run --force fold"
+            )
+        return int(size[0]), int(size[1])

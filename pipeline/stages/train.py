@@ -1,0 +1,130 @@
+"""The train stage: fine-tune the run's backbone with its adapter on its dataset, into RUN/train/.
+
+Writes (rank 0 only, every file atomically):
+    train/adapter.safetensors       adapter + head tensors of the best evaluated epoch, metadata inside
+    train/adapter_last.safetensors  the same for the last epoch
+    train/metrics.csv               one row per completed epoch
+    train/last.ckpt                 what a resume needs (`Trainer.state_dict()` and the training settings)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vitfold.pipeline.adapting import adapter_record, adapter_state_dict
+from vitfold.pipeline.atomic import atomic_replace, atomic_write_text
+from vitfold.pipeline.config import RunConfig, training_params
+from vitfold.pipeline.data import build_splits, parse_data_spec
+from vitfold.pipeline.models import build_backbone, build_model, data_transform
+from vitfold.pipeline.stages.rundir import RunDir
+from vitfold.pipeline.stages.stage import Context, Stage, StageResult
+from vitfold.pipeline.training import METRIC_FIELDS, Trainer, init_distributed
+
+
+def adapter_metadata(cfg: RunConfig, model: nn.Module, extra: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata (strings): method, options and backbone identity, so the file stands alone."""
+    record = adapter_record(model)
+    return {
+        "format": "vitfold-adapter/1",
+        "method": record.method,
+        "method_options": json.dumps(record.options),
+        "backbone": cfg.backbone,
+        "backbone_kwargs": json.dumps(cfg.backbone_kwargs),
+        "num_classes": str(model.num_classes),
+        "checkpoint": cfg.checkpoint or "",
+        **{k: str(v) for k, v in extra.items()},
+    }
+
+
+def save_adapter(path: Path, model: nn.Module, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save
+
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    atomic_replace(path, save(tensors, metadata=metadata))
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, out.getvalue())
+
+
+def _tensorboard(log_dir: Path):
+    """A SummaryWriter when TensorBoard is installed, else None (metrics.csv is always written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def _resume(rd: RunDir, cfg: RunConfig, trainer: Trainer, log) -> None:
+    """Continue from train/last.ckpt when it was written for these training settings."""
+    if not rd.last_ckpt.is_file():
+        log(f"no {rd.last_ckpt} yet: starting from epoch 1")
+        return
+    state = torch.load(rd.last_ckpt, map_location="cpu", weights_only=True)
+    if state.get("config") != training_params(cfg):
+        log(f"{rd.last_ckpt} was written for other training settings: starting from epoch 1")
+        return
+    trainer.load_state_dict(state)
+    log(f"resuming after epoch {trainer.epoch} of {cfg.train.epochs} from {rd.last_ckpt}")
+    if trainer.d.main:
+        write_metrics(rd.metrics, trainer.history)  # drop any row written after that checkpoint
+
+
+def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
+    d = init_distributed(cfg.train.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    backbone = build_backbone(cfg)
+    splits = build_splits(parse_data_spec(cfg.data), data_transform(cfg, backbone))  # draws no random number
+    model = build_model(cfg, splits.num_classes, backbone).to(d.device)
+    trainer = Trainer(model, cfg.train, d, splits.train, splits.eval, cfg.seed)
+    if ctx.resume:
+        _resume(rd, cfg, trainer, ctx.log)
+    board = _tensorboard(rd.tensorboard) if d.main else None
+
+    def save(row: dict[str, Any], improved: bool) -> None:
+        if not d.main:
+            return
+        meta = adapter_metadata(cfg, model, {"epoch": row["epoch"], "eval_acc": row["eval_acc"]})
+        save_adapter(rd.adapter_last, model, meta)
+        if improved:
+            save_adapter(rd.adapter, model, meta)
+        buffer = io.BytesIO()
+        torch.save({**trainer.state_dict(), "config": training_params(cfg)}, buffer)
+        atomic_replace(rd.last_ckpt, buffer.getvalue())
+        write_metrics(rd.metrics, trainer.history)
+        if board is not None:
+            for key in ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "img_per_s"):
+                if row[key] != "":
+                    board.add_scalar(key, row[key], row["epoch"])
+            board.flush()
+
+    if trainer.epoch >= cfg.train.epochs:
+        ctx.log(f"{rd.last_ckpt}: all {cfg.train.epochs} epochs already completed")
+        result = {**trainer.history[-1], "best_acc": trainer.best_acc}
+    else:
+        result = trainer.fit(save, eval_name=splits.eval_split, log=ctx.log)
+    if d.world > 1:
+        dist.barrier()
+    return StageResult([rd.adapter, rd.adapter_last, rd.metrics], value=result, record=d.main)
+
+
+def _inputs(rd: RunDir, cfg: RunConfig) -> list[Path]:
+    return [Path(cfg.checkpoint)] if cfg.checkpoint else []
+
+
+TRAIN = Stage("train", settings=lambda cfg: cfg, inputs=_inputs, run=_run, params=training_params)

@@ -1,0 +1,356 @@
+"""`vitfold` command line: parsing and printing only; the work is the stage layer's. Heavy imports happen
+inside commands, so `vitfold --help` is instant."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vitfold.errors import VitfoldError
+from vitfold.export import DEFAULT_FORMATS, FORMATS
+
+
+class _UserError(click.ClickException):
+    """A `VitfoldError` shown as one line, exiting with its code (2: input error)."""
+
+    def __init__(self, error: VitfoldError) -> None:
+        # an error re-raised from a DataLoader worker carries the worker's traceback: keep its last line
+        last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        super().__init__(last.removeprefix(f"{type(error).__module__}.{type(error).__name__}: "))
+        self.exit_code = error.exit_code
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VitfoldError as e:
+            raise _UserError(e) from None
+
+
+def parse_batch_sizes(text: str | None) -> list[int] | None:
+    """'1,8,32' -> [1, 8, 32] (None stays None); a VitfoldError naming --batch-sizes otherwise."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise VitfoldError(f"--batch-sizes: no batch size in '{text}' (e.g. 1,8,32)")
+    for part in parts:
+        if not (part.isascii() and part.isdigit()) or int(part) == 0:
+            raise VitfoldError(f"--batch-sizes: '{part}' is not a positive integer (e.g. 1,8,32)")
+    return [int(p) for p in parts]
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got '{pair}'", param_hint="--option")
+        options[key.replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+def _echo(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(message, err=True)
+
+
+# -- options shared by several commands, defined once ------------------------------------------------
+
+Decorator = Callable[[Callable], Callable]
+run_dir_argument: Decorator = click.argument("run_dir", type=click.Path(file_okay=False))
+method_options: Decorator = click.option(
+    "-o", "--option", "options", multiple=True, metavar="KEY=VALUE", help="Adapter option (repeatable)."
+)
+
+
+def device_option(help: str = "cpu | cuda") -> Decorator:
+    return click.option("--device", help=f"{help} (default: the run config's, cpu).")
+
+
+def batch_sizes_option(default: str) -> Decorator:
+    return click.option("--batch-sizes", help=f"Comma-separated batch sizes (default: the run config's, {default}).")
+
+
+def backends_option(names: str) -> Decorator:
+    return click.option("--backends", help=f"Comma-separated (default: every available one): {names}.")
+
+
+def _stage(name: str, run_dir: str, **overrides: Any) -> Any:
+    from vitfold.pipeline.stages import run_stage
+
+    return run_stage(name, run_dir, log=_echo, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# -- commands -----------------------------------------------------------------------------------------
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vitfold")
+def main() -> None:
+    """Fine-tune timm ViTs with foldable adapters, fold them away, export and verify the result."""
+
+
+@main.command()
+@click.option("--backbone", required=True, help="timm model name, e.g. vit_base_patch16_224.")
+@click.option("--method", default="rlrr", show_default=True, help="Adapter method.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Replace the head with a new one of N classes.")
+@click.option("--rank", type=click.IntRange(min=1), help="Rank of the EFFT factors (efft1, efft2).")
+@method_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(
+    backbone: str, method: str, num_classes: int | None, rank: int | None, options: tuple[str, ...], as_json: bool
+) -> None:
+    """Parameter counts of BACKBONE with an adapter attached (random weights, no download)."""
+    from vitfold.pipeline.adapting import adapt, parameter_counts
+    from vitfold.pipeline.backbones import create_backbone
+
+    method_opts = _parse_options(options) | ({"rank": rank} if rank is not None else {})
+    model = adapt(create_backbone(backbone), method, num_classes=num_classes, **method_opts)
+    counts = {"backbone": backbone, "method": method, **parameter_counts(model)}
+    if as_json:
+        click.echo(json.dumps(counts, indent=2))
+        return
+    for key, value in counts.items():
+        click.echo(f"{key:16s} {value:,}" if isinstance(value, int) else f"{key:16s} {value}")
+    share = counts["adapter_params"] / counts["backbone_params"]
+    click.echo(f"{'adapter/backbone':16s} {share:.3%}")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run config (YAML); flags override it.")
+@click.option("--backbone", help="timm ViT name, e.g. vit_base_patch16_224.orig_in21k.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local backbone weights (.safetensors/.pth/.npz).")
+@click.option("--pretrained", is_flag=True, default=None, help="Download the backbone's weights from the hub.")
+@click.option("--data", help="digits[:5-9] | folder:PATH | vtab:PATH")
+@click.option("--method", help="rlrr | efft1 | efft2 | lora | linear | full")
+@click.option("--recipe", help="rlrr-vtab:<task> | efft1-vtab:<task> | efft2-vtab:<task>")
+@click.option("--rank", type=click.IntRange(min=1), help="Rank (efft1, efft2, lora).")
+@method_options
+@click.option("--num-classes", type=click.IntRange(min=1), help="Head size (default: the dataset's classes).")
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1), help="Global batch size.")
+@click.option("--lr", type=float)
+@click.option("--weight-decay", type=float)
+@click.option("--drop-path", type=float)
+@click.option("--eval-every", type=click.IntRange(min=1))
+@click.option("--num-workers", type=click.IntRange(min=0))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--compile", "compile_model", is_flag=True, default=None, help="torch.compile the training step.")
+@click.option("--seed", type=int)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option(
+    "--resume", is_flag=True, help="Continue the run in OUT from its last epoch checkpoint, with its saved config."
+)
+def train(  # one parameter per option, as click passes them
+    config_path,
+    backbone,
+    checkpoint,
+    pretrained,
+    data,
+    method,
+    recipe,
+    rank,
+    options,
+    num_classes,
+    epochs,
+    batch_size,
+    lr,
+    weight_decay,
+    drop_path,
+    eval_every,
+    num_workers,
+    device,
+    compile_model,
+    seed,
+    out,
+    resume,
+) -> None:
+    """Fine-tune a timm ViT with an adapter into the run directory OUT (its config and train/)."""
+    from vitfold.pipeline.config import load_config
+    from vitfold.pipeline.stages import RunDir, run_stage
+
+    rd = RunDir(out)
+    if resume and config_path is None and rd.config_file.is_file():
+        config_path = str(rd.config_file)
+    if config_path is not None and not Path(config_path).is_file():
+        raise VitfoldError(f"config file not found: {config_path}")
+    method_opts = _parse_options(options) | ({"rank": rank} if rank is not None else {})
+    cfg = load_config(
+        config_path,
+        backbone=backbone,
+        checkpoint=checkpoint,
+        pretrained=pretrained,
+        data=data,
+        method=method,
+        recipe=recipe,
+        num_classes=num_classes,
+        seed=seed,
+        method_options=method_opts or None,
+        train={
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "drop_path": drop_path,
+            "eval_every": eval_every,
+            "num_workers": num_workers,
+            "device": device,
+            "compile": compile_model,
+        },
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        rd.write_config(cfg)
+    result = run_stage("train", rd, settings=cfg, resume=resume, log=_echo)
+    _echo(f"best eval accuracy {result['best_acc']:.4f}; adapter: {rd.adapter}")
+
+
+@main.command()
+@run_dir_argument
+def fold(run_dir: str) -> None:
+    """Fold RUN_DIR's trained adapter into the backbone: RUN_DIR/fold/model.safetensors."""
+    _stage("fold", run_dir)
+
+
+@main.command()
+@run_dir_argument
+@click.option(
+    "--format",
+    "formats",
+    help=f"Comma-separated: {', '.join(FORMATS)} (default: the run config's, {','.join(DEFAULT_FORMATS)}).",
+)
+@click.option("--precision", help="fp32 | fp16 (onnx, tensorrt; default: the run config's, fp32).")
+@click.option("--opset", type=int, help="ONNX opset, 17 or newer (default: the run config's, 18).")
+@click.option("--triton", type=click.Path(file_okay=False), help="Also write a Triton model repository.")
+@device_option("Device for the AOTInductor package: cpu | cuda")
+def export(
+    run_dir: str, formats: str | None, precision: str | None, opset: int | None, triton: str | None, device: str | None
+) -> None:
+    """Export RUN_DIR's folded model: RUN_DIR/export/ (model.onnx, model.pt, model.pt2, model.plan)."""
+    if formats is not None and not _names(formats):
+        raise VitfoldError(f"--format: no format in '{formats}' (choose from {', '.join(FORMATS)})")
+    _stage("export", run_dir, formats=_names(formats), precision=precision, opset=opset, triton=triton, device=device)
+
+
+@main.command()
+@run_dir_argument
+@backends_option(
+    "torchscript, onnxruntime, onnxruntime-fp16, aoti, tensorrt; torch-folded (the fold) is always checked"
+)
+@batch_sizes_option("1,8")
+@click.option("--samples", type=click.IntRange(min=1), help="Evaluation images, and as many random images (16).")
+@device_option()
+@click.option("--max-rel", type=float, help="Tolerance: max |Δ| / max |logit| (default fp32 1e-4, fp16 2e-2).")
+@click.option("--cosine-min", type=float, help="Tolerance: least cosine similarity of a logit vector.")
+@click.option("--top1-min", type=float, help="Tolerance: least top-1 agreement.")
+def verify(
+    run_dir: str,
+    backends: str | None,
+    batch_sizes: str | None,
+    samples: int | None,
+    device: str | None,
+    max_rel: float | None,
+    cosine_min: float | None,
+    top1_min: float | None,
+) -> None:
+    """Check that every artifact computes what the unmerged adapted model computes (exit 0 pass, 1 mismatch)."""
+    limits = {"max_rel": max_rel, "cosine_min": cosine_min, "top1_min": top1_min}
+    result = _stage(
+        "verify",
+        run_dir,
+        backends=_names(backends),
+        batch_sizes=parse_batch_sizes(batch_sizes),
+        samples=samples,
+        device=device,
+        tolerances={k: v for k, v in limits.items() if v is not None} or None,
+    )
+    _echo(f"wrote {Path(run_dir) / 'verify' / 'verify.json'}, verify.md, junit.xml")
+    if not result["passed"]:
+        sys.exit(1)
+
+
+@main.command()
+@run_dir_argument
+@backends_option("torch-unmerged, torch-folded, torch-base, torchscript, onnxruntime, onnxruntime-fp16, aoti, tensorrt")
+@batch_sizes_option("1,8,32")
+@device_option()
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: torch's current count).")
+@click.option("--min-iters", type=click.IntRange(min=1), help="Timed calls (or --min-seconds); default 50.")
+@click.option("--min-seconds", type=float, help="Timed seconds (or --min-iters); default 3.")
+def bench(
+    run_dir: str,
+    backends: str | None,
+    batch_sizes: str | None,
+    device: str | None,
+    threads: int | None,
+    min_iters: int | None,
+    min_seconds: float | None,
+) -> None:
+    """Latency of every backend per batch size: RUN_DIR/bench/bench.json, bench.csv, latency.png."""
+    _stage(
+        "bench",
+        run_dir,
+        backends=_names(backends),
+        batch_sizes=parse_batch_sizes(batch_sizes),
+        device=device,
+        threads=threads,
+        min_iters=min_iters,
+        min_seconds=min_seconds,
+    )
+
+
+@main.command()
+@run_dir_argument
+def report(run_dir: str) -> None:
+    """Write RUN_DIR/REPORT.md from the stages' outputs."""
+    _stage("report", run_dir)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run config (YAML).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option(
+    "--force", "force", help="Rerun from this stage on (pretrain, train, compare, fold, export, verify, bench, report)."
+)
+def run(config_path: str | None, out: str, force: str | None) -> None:
+    """Run every stage that is out of date into the run directory OUT (exit 1 if verify fails)."""
+    from vitfold.pipeline.config import load_config
+    from vitfold.pipeline.stages import RunDir
+    from vitfold.pipeline.stages.manifest import read_manifest
+    from vitfold.pipeline.stages.pipeline import run_pipeline
+    from vitfold.pipeline.stages.pretrain import pretrained_path
+
+    if config_path is not None and not Path(config_path).is_file():
+        raise VitfoldError(f"config file not found: {config_path}")
+    cfg = load_config(config_path)
+    if cfg.pretrain:
+        if cfg.checkpoint or cfg.pretrained:
+            raise VitfoldError("config: 'pretrain' makes the backbone weights; drop 'checkpoint'/'pretrained'")
+        cfg.checkpoint = str(pretrained_path(cfg))
+    rd = RunDir(out)
+    rd.write_config(cfg)
+    _echo(f"run directory: {rd.path}  (backbone {cfg.backbone}, method {cfg.method}, data {cfg.data})")
+    started = time.perf_counter()
+    outcome = run_pipeline(rd, force, log=_echo)
+    ran = [name for name, what in outcome.items() if what != "up to date"]
+    _echo(
+        f"done in {time.perf_counter() - started:.1f} s; ran: {', '.join(ran) or 'nothing (all up to date)'}; "
+        f"report: {rd.report}"
+    )
+    if not read_manifest(rd)["stages"].get("verify", {}).get("passed", True):
+        _echo(f"verify FAILED: see {rd.verify_dir / 'verify.md'}")
+        sys.exit(1)
