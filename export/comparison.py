@@ -40,6 +40,15 @@ class Tolerance:
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
+    def looser_than(self, other: Tolerance) -> dict[str, float]:
+        """The bars of this tolerance that let more through than `other`'s (name -> this value)."""
+        looser = {
+            "max_rel": self.max_rel > other.max_rel,
+            "cosine_min": self.cosine_min < other.cosine_min,
+            "top1_min": self.top1_min < other.top1_min,
+        }
+        return {k: getattr(self, k) for k, loose in looser.items() if loose}
+
 
 # fp32: the fold and every fp32 artifact must agree to float32 rounding; fp16 artifacts to fp16 rounding,
 # and may flip no more than 2% of top-1 decisions (near-ties).
@@ -116,9 +125,9 @@ def block_errors(blocks: list[torch.Tensor], reference: list[torch.Tensor]) -> l
 
 
 def first_diverging_block(errors: list[float], threshold: float) -> dict[str, Any]:
-    """The first block whose relative error exceeds `threshold`; if none does, the part after the blocks
-    (final norm, pooling, head)."""
+    """The first block whose relative error exceeds `threshold` (or is NaN); if none does, the part after
+    the blocks (final norm, pooling, head)."""
     for k, err in enumerate(errors):
-        if err > threshold:
+        if not err <= threshold:
             return {"block": k, "where": f"blocks.{k}", "relative_error": err, "block_errors": errors}
     return {"block": None, "where": "after the last block (norm / head)", "block_errors": errors}

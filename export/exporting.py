@@ -20,8 +20,8 @@ from vitfold.export import FILES, FORMATS, PRECISIONS
 ArtifactCallback = Callable[[str, list[Path], float], None]
 
 
-def check_formats(formats: Iterable[str], precision: str = "fp32") -> list[str]:
-    """The formats as a list, after checking names, precision and each one's dependencies (exit 2)."""
+def check_formats(formats: Iterable[str], precision: str = "fp32", device: str = "cpu") -> list[str]:
+    """The formats as a list, after checking names, precision, device and each one's dependencies (exit 2)."""
     formats = list(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -38,6 +38,11 @@ def check_formats(formats: Iterable[str], precision: str = "fp32") -> list[str]:
         from vitfold.export.aoti import require_compiler
 
         require_compiler()
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise VitfoldError(f"--device {device}: the AOTInductor package for CUDA needs a GPU; none is visible")
     return formats
 
 
@@ -63,7 +68,7 @@ def export(
     Formats: onnx (+ "onnx-fp16" when `precision="fp16"`), torchscript, aoti (a `.pt2` for `device`),
     tensorrt (built from the ONNX; needs the [trt] extra and a GPU). File names: `vitfold.export.FILES`.
     """
-    formats = check_formats(formats, precision)
+    formats = check_formats(formats, precision, device)
     image_size = _image_size(input_size)
     out_dir = Path(out_dir)
     model = model.eval()
@@ -71,7 +76,10 @@ def export(
 
     def produce(name: str, make: Callable[[], list[Path]]) -> None:
         started = time.perf_counter()
-        files = make()
+        try:
+            files = make()
+        except OSError as e:  # a full disk or a read-only folder: staged files are gone, one line says why
+            raise VitfoldError(f"cannot write the {name} export into {out_dir}: {e.strerror or e}") from None
         written[name] = files[0]
         if on_artifact is not None:
             on_artifact(name, files, time.perf_counter() - started)

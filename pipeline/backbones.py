@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from torch import nn
 
-from vitfold.errors import BackboneError, CheckpointError
+from vitfold.errors import BackboneError, CheckpointError, first_line
 
 HUB_TIMEOUT_S = 3.0
 
@@ -62,7 +62,10 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
     if suffix in (".pth", ".pt", ".bin", ".ckpt"):
         import torch
 
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - keep the file name and the first line of the reason
+            raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e)}") from None
         for key in ("state_dict", "model", "module"):  # common training-checkpoint wrappers
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]

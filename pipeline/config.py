@@ -6,6 +6,7 @@ saves says exactly what ran.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,11 @@ class TrainConfig:
 
 
 @dataclass
+class FoldConfig:
+    base_mismatch_ok: bool = False  # fold onto base weights other than the ones the adapter was trained on
+
+
+@dataclass
 class ExportConfig:
     formats: list[str] = field(default_factory=lambda: ["onnx", "torchscript", "aoti"])
     precision: str = "fp32"
@@ -52,6 +58,7 @@ class VerifyConfig:
     backends: list[str] | None = None  # None: every available export
     device: str = "cpu"
     tolerances: dict[str, float] = field(default_factory=dict)  # max_rel, cosine_min, top1_min
+    allow_no_export: bool = False  # pass with the fold checked alone (otherwise verify needs an artifact)
 
 
 @dataclass
@@ -82,6 +89,7 @@ class RunConfig:
     # ({method: {method_options, train}}); the stages' settings.
     pretrain: dict[str, Any] | None = None
     compare: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fold: FoldConfig = field(default_factory=FoldConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -116,7 +124,7 @@ def training_params(cfg: RunConfig) -> dict[str, Any]:
     return {k: data[k] for k in TRAINING_KEYS}
 
 
-SECTIONS = {"export": ExportConfig, "verify": VerifyConfig, "bench": BenchConfig}
+SECTIONS = {"fold": FoldConfig, "export": ExportConfig, "verify": VerifyConfig, "bench": BenchConfig}
 
 
 def _check_keys(data: dict[str, Any], cls: type, where: str) -> None:
@@ -129,8 +137,12 @@ def _check_keys(data: dict[str, Any], cls: type, where: str) -> None:
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise VitfoldError(f"cannot read config {path}: {e}") from None
+    except OSError as e:
+        raise VitfoldError(f"cannot read config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:  # one line: where, and what the parser found
+        mark = getattr(e, "problem_mark", None)
+        at = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise VitfoldError(f"config {path}{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise VitfoldError(f"config {path}: expected a mapping at the top level")
     return data
@@ -161,7 +173,98 @@ def load_config(path: str | Path | None = None, train: dict[str, Any] | None = N
         data["method"] = recipe_method
     train_values.update(user_train)
     for key in ("mean", "std"):
-        if train_values.get(key) is not None:
-            train_values[key] = tuple(float(v) for v in train_values[key])
+        value = train_values.get(key)
+        if value is not None:
+            numbers = isinstance(value, list | tuple) and all(_is_number(x, -math.inf) for x in value)
+            if not numbers or len(value) != 3:
+                raise VitfoldError(f"{where}: train.{key} must be three numbers (R, G, B), got {value!r}")
+            train_values[key] = tuple(float(x) for x in value)
+    if not isinstance(data.get("method_options") or {}, dict):
+        raise VitfoldError(f"{where}: method_options must be a mapping, got {data['method_options']!r}")
     data["method_options"] = {**options, **(data.get("method_options") or {})}
-    return RunConfig(**data, train=TrainConfig(**train_values))
+    cfg = RunConfig(**data, train=TrainConfig(**train_values))
+    check_config(cfg, where)
+    return cfg
+
+
+def _is_int(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_number(value: Any, least: float, below: float = math.inf) -> bool:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return ok and least <= value < below
+
+
+def _is_device(value: Any, auto: bool = False) -> bool:
+    kinds = ("cpu", "cuda", "auto") if auto else ("cpu", "cuda")
+    name, _, index = str(value).partition(":")
+    return isinstance(value, str) and name in kinds and (not index or (index.isdigit() and name == "cuda"))
+
+
+def _batch_sizes(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_int(b, 1) for b in value)
+
+
+def check_config(cfg: RunConfig, where: str = "config") -> None:
+    """Refuse, naming the key, any value that would fail later (or silently do the wrong thing):
+    checked when the config loads, before anything is written."""
+    from vitfold.export import FORMATS, PRECISIONS
+    from vitfold.export.comparison import tolerance_for
+    from vitfold.pipeline.adapters import get_method
+
+    t, f, e, v, b = cfg.train, cfg.fold, cfg.export, cfg.verify, cfg.bench
+    formats_ok = isinstance(e.formats, list) and bool(e.formats) and set(map(str, e.formats)) <= set(FORMATS)
+    rules: list[tuple[str, Any, bool, str]] = [
+        ("backbone", cfg.backbone, isinstance(cfg.backbone, str) and bool(cfg.backbone), "a timm model name"),
+        ("backbone_kwargs", cfg.backbone_kwargs, isinstance(cfg.backbone_kwargs, dict), "a mapping"),
+        ("method_options", cfg.method_options, isinstance(cfg.method_options, dict), "a mapping"),
+        ("compare", cfg.compare, isinstance(cfg.compare, dict), "a mapping of method: settings"),
+        ("pretrain", cfg.pretrain, cfg.pretrain is None or isinstance(cfg.pretrain, dict), "a mapping"),
+        ("data", cfg.data, isinstance(cfg.data, str), "a data spec (digits, folder:PATH, vtab:PATH)"),
+        ("num_classes", cfg.num_classes, cfg.num_classes is None or _is_int(cfg.num_classes, 1), "a positive integer"),
+        ("seed", cfg.seed, _is_int(cfg.seed, 0), "a non-negative integer"),
+        ("train.epochs", t.epochs, _is_int(t.epochs, 1), "a positive integer"),
+        ("train.batch_size", t.batch_size, _is_int(t.batch_size, 1), "a positive integer"),
+        ("train.lr", t.lr, _is_number(t.lr, 0) and t.lr > 0, "a positive number"),
+        ("train.weight_decay", t.weight_decay, _is_number(t.weight_decay, 0), "a number >= 0"),
+        ("train.warmup_epochs", t.warmup_epochs, _is_number(t.warmup_epochs, 0), "a number >= 0"),
+        ("train.warmup_lr", t.warmup_lr, _is_number(t.warmup_lr, 0), "a number >= 0"),
+        ("train.min_lr", t.min_lr, _is_number(t.min_lr, 0), "a number >= 0"),
+        ("train.drop_path", t.drop_path, t.drop_path is None or _is_number(t.drop_path, 0, 1), "a number in [0, 1)"),
+        ("train.hflip", t.hflip, t.hflip is None or isinstance(t.hflip, bool), "true or false"),
+        ("train.label_smoothing", t.label_smoothing, _is_number(t.label_smoothing, 0, 1), "a number in [0, 1)"),
+        ("train.eval_every", t.eval_every, _is_int(t.eval_every, 1), "a positive integer"),
+        ("train.num_workers", t.num_workers, _is_int(t.num_workers, 0), "a non-negative integer"),
+        ("train.device", t.device, _is_device(t.device, auto=True), "auto, cpu or cuda"),
+        ("train.compile", t.compile, isinstance(t.compile, bool), "true or false"),
+        ("fold.base_mismatch_ok", f.base_mismatch_ok, isinstance(f.base_mismatch_ok, bool), "true or false"),
+        ("export.formats", e.formats, formats_ok, f"a list of {', '.join(FORMATS)}"),
+        ("export.precision", e.precision, e.precision in PRECISIONS, " or ".join(PRECISIONS)),
+        ("export.opset", e.opset, _is_int(e.opset, 17), "an integer >= 17"),
+        ("export.device", e.device, _is_device(e.device), "cpu or cuda[:N]"),
+        ("verify.batch_sizes", v.batch_sizes, _batch_sizes(v.batch_sizes), "a list of positive integers"),
+        ("verify.samples", v.samples, _is_int(v.samples, 1), "a positive integer"),
+        ("verify.device", v.device, _is_device(v.device), "cpu or cuda[:N]"),
+        ("verify.allow_no_export", v.allow_no_export, isinstance(v.allow_no_export, bool), "true or false"),
+        ("bench.batch_sizes", b.batch_sizes, _batch_sizes(b.batch_sizes), "a list of positive integers"),
+        ("bench.device", b.device, _is_device(b.device), "cpu or cuda[:N]"),
+        ("bench.threads", b.threads, b.threads is None or _is_int(b.threads, 1), "a positive integer"),
+        ("bench.min_iters", b.min_iters, _is_int(b.min_iters, 1), "a positive integer"),
+        ("bench.min_seconds", b.min_seconds, _is_number(b.min_seconds, 0), "a number >= 0"),
+        ("bench.warmup_seconds", b.warmup_seconds, _is_number(b.warmup_seconds, 0), "a number >= 0"),
+    ]
+    for key, value, ok, expected in rules:
+        if not ok:
+            raise VitfoldError(f"{where}: {key} must be {expected}, got {value!r}")
+    for std in t.std or ():
+        if std <= 0:
+            raise VitfoldError(f"{where}: train.std must be positive, got {list(t.std)}")
+    try:
+        get_method(cfg.method)(**cfg.method_options)
+    except VitfoldError as error:
+        raise VitfoldError(f"{where}: {error}") from None
+    try:
+        tolerance_for("fp32", v.tolerances)
+    except VitfoldError as error:
+        raise VitfoldError(f"{where}: verify.{error}") from None

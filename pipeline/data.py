@@ -42,6 +42,11 @@ class Splits:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def check_eval(self) -> None:
+        """Read every evaluation image's header now (in-memory splits have nothing to check)."""
+        if isinstance(self.eval, FileImages):
+            self.eval.check()
+
 
 @dataclass(frozen=True)
 class ImageTransform:
@@ -161,6 +166,18 @@ class FileImages(Dataset):
     def __init__(self, samples: list[tuple[Path, int]], transform) -> None:
         self.samples, self.transform = samples, transform
 
+    def check(self) -> None:
+        """Open every image's header (no decoding): a missing or corrupt file fails now, by name, not
+        after hours of training."""
+        from PIL import Image
+
+        for path, _ in self.samples:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (OSError, ValueError, SyntaxError) as e:
+                raise DataError(f"cannot read image {path}: {e}") from None
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -180,7 +197,7 @@ def _scan_split(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
         files = (
             sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if class_dir.is_dir() else []
         )
-        if not files and split_dir.name == "train":
+        if not files and (class_dir.is_dir() or split_dir.name == "train"):  # an empty folder is a mistake
             raise DataError(f"class folder {class_dir} has no images")
         samples += [(p, label) for p in files]
     if not samples:

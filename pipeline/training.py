@@ -219,11 +219,17 @@ class Trainer:
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits = self.net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
+            value = loss.item()
+            if not math.isfinite(value):  # stop before a NaN step reaches the adapter
+                raise VitfoldError(
+                    f"training diverged: loss {value} at epoch {epoch + 1}, step {self.step + 1} (lr {lr:.3g}); "
+                    "lower the learning rate or check the data and the adapter options"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.step += 1
-            loss_sum += loss.item() * len(y)
+            loss_sum += value * len(y)
             correct += int((logits.argmax(-1) == y).sum())
             seen += len(y)
             rate = seen * d.world / (time.perf_counter() - started)

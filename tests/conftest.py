@@ -29,3 +29,14 @@ def exported_run(tmp_path_factory) -> Path:
     run_stage("fold", rd, **QUIET)
     run_stage("export", rd, formats=["onnx", "torchscript", "aoti"], triton=str(rd.path / "triton"), **QUIET)
     return rd.path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory) -> Path:
+    """Every test (and every CLI it starts) uses a cache of its own: the pre-trained backbones and the
+    store of artifacts this machine exported, so the user's ~/.cache/vitfold is neither read nor written."""
+    import os
+
+    cache = tmp_path_factory.mktemp("vitfold-cache")
+    os.environ["VITFOLD_CACHE"] = str(cache)
+    return cache

@@ -86,9 +86,14 @@ def test_manifest_records_the_bench_outputs(benched):
     assert stage["batch_sizes"] == list(BATCHES) and stage["device"] == "cpu"
 
 
-def test_missing_artifact_is_skipped_with_its_reason(run, tmp_path):
+def test_unbuilt_artifact_is_skipped_with_its_reason_and_a_lost_one_stops_the_bench(run, tmp_path):
     run = copy_run(run, tmp_path / "run", without=("bench",))
-    (run / "export" / "model.pt2").unlink()  # as if aoti was never exported
+    (run / "export" / "model.pt2").unlink()
+    with pytest.raises(VitfoldError, match="model.pt2 is missing, though the export stage recorded it"):
+        bench(run, ["torch-base", "aoti"], [1])
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["stages"]["export"]["outputs"]["export/model.pt2"]  # now as if aoti was never exported
+    (run / "manifest.json").write_text(json.dumps(manifest))
     lines: list[str] = []
     bench(run, ["torch-base", "aoti"], [1], threads=1, log=lines.append)
     summary = json.loads((run / "bench" / "bench.json").read_text())
@@ -103,8 +108,10 @@ def test_missing_artifact_is_skipped_with_its_reason(run, tmp_path):
     "kwargs, message",
     [
         ({"backends": ["openvino"]}, "unknown backend 'openvino'"),
-        ({"batch_sizes": [1, 0]}, "positive integers, got 0"),
-        ({"batch_sizes": [2.5]}, "positive integers, got 2.5"),
+        ({"batch_sizes": [1, 0]}, r"bench.batch_sizes must be a list of positive integers, got \[1, 0\]"),
+        ({"batch_sizes": [2.5]}, r"bench.batch_sizes must be a list of positive integers, got \[2.5\]"),
+        ({"threads": 0}, "bench.threads must be a positive integer, got 0"),
+        ({"warmup_seconds": float("nan")}, "bench.warmup_seconds must be a number >= 0"),
     ],
 )
 def test_bad_options_are_one_line_errors(run, kwargs, message):

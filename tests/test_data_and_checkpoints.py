@@ -52,7 +52,10 @@ def test_empty_class_and_empty_split_are_input_errors(tmp_path):
     with pytest.raises(DataError, match=r"class folder .*train/empty has no images"):
         build_splits(parse_data_spec(f"folder:{root}"), T)
     root = _folder(tmp_path / "b", splits=("train",))
-    (root / "val" / "cat").mkdir(parents=True)
+    (root / "val" / "cat").mkdir(parents=True)  # an empty class folder in the validation split
+    with pytest.raises(DataError, match=r"class folder .*val/cat has no images"):
+        build_splits(parse_data_spec(f"folder:{root}"), T)
+    (root / "val" / "cat").rmdir()  # a validation split with no class folder at all
     with pytest.raises(DataError, match=r"split .*val has no images"):
         build_splits(parse_data_spec(f"folder:{root}"), T)
 

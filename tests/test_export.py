@@ -176,7 +176,7 @@ def test_export_cli_errors_are_one_line_exit_2(run, tmp_path):
     for args, message in [
         (["export", str(run), "--format", "openvino"], "unknown format 'openvino'"),
         (["export", str(run), "--format", "tensorrt"], "tensorrt"),
-        (["export", str(run), "--opset", "13", "--format", "onnx"], "--opset 13"),
+        (["export", str(run), "--opset", "13", "--format", "onnx"], "'--opset': 13"),
         (["fold", str(tmp_path / "nothing")], "is not a run directory"),
     ]:
         result = vitfold_cli(*args)

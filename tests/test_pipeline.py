@@ -128,7 +128,7 @@ def test_flipped_byte_is_refused_by_verify_and_rebuilt_by_run(first, tmp_path):
     data = bytearray(onnx_file.read_bytes())
     data[len(data) // 2] ^= 0x01
     onnx_file.write_bytes(bytes(data))
-    alone = vitfold_cli("verify", str(run))
+    alone = vitfold_cli("verify", str(run), env={"VITFOLD_CACHE": str(cache)})
     assert alone.returncode == 2 and "does not match the sha256 the export stage recorded" in alone.stderr
     code, ran, log = vitfold_run(config, run, cache)
     assert code == 0 and ran[0] == "export", log
@@ -148,7 +148,9 @@ def test_killed_run_finishes_when_run_again(first, tmp_path):
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "manifest.json").is_file() and "train" in read_manifest(RunDir(run))["stages"]:
+        if (run / "manifest.json").is_file() and read_manifest(RunDir(run))["stages"].get("train", {}).get(
+            "status"
+        ) == "done":
             break  # training is recorded (atomic manifest writes); the comparison's training is under way
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

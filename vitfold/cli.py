@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from vitfold.errors import VitfoldError
-from vitfold.export import DEFAULT_FORMATS, FORMATS
+from vitfold.export import DEFAULT_FORMATS, FORMATS, PRECISIONS
 
 
 class _UserError(click.ClickException):
@@ -33,6 +33,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except VitfoldError as e:
             raise _UserError(e) from None
+        except click.UsageError as e:  # a bad flag value: the same one line, without the usage block
+            raise _UserError(VitfoldError(e.format_message())) from None
 
 
 def parse_batch_sizes(text: str | None) -> list[int] | None:
@@ -86,14 +88,20 @@ def batch_sizes_option(default: str) -> Decorator:
     return click.option("--batch-sizes", help=f"Comma-separated batch sizes (default: the run config's, {default}).")
 
 
+trust_option: Decorator = click.option(
+    "--trust", is_flag=True, help="Load .pt2/.plan/.pt artifacts that this machine's vitfold did not export."
+)
+
+
 def backends_option(names: str) -> Decorator:
     return click.option("--backends", help=f"Comma-separated (default: every available one): {names}.")
 
 
-def _stage(name: str, run_dir: str, **overrides: Any) -> Any:
+def _stage(name: str, run_dir: str, out_dir: str | None = None, trust: bool = False, **overrides: Any) -> Any:
     from vitfold.pipeline.stages import run_stage
 
-    return run_stage(name, run_dir, log=_echo, **{k: v for k, v in overrides.items() if v is not None})
+    settings = {k: v for k, v in overrides.items() if v is not None}
+    return run_stage(name, run_dir, log=_echo, out_dir=out_dir, trust=trust, **settings)
 
 
 # -- commands -----------------------------------------------------------------------------------------
@@ -185,7 +193,9 @@ def train(  # one parameter per option, as click passes them
     from vitfold.pipeline.stages import RunDir, run_stage
 
     rd = RunDir(out)
-    if resume and config_path is None and rd.config_file.is_file():
+    if resume and config_path is None:
+        if not rd.config_file.is_file():
+            raise VitfoldError(f"--resume: {rd.path} holds no run to resume ({rd.config_file.name} not found)")
         config_path = str(rd.config_file)
     if config_path is not None and not Path(config_path).is_file():
         raise VitfoldError(f"config file not found: {config_path}")
@@ -213,17 +223,18 @@ def train(  # one parameter per option, as click passes them
             "compile": compile_model,
         },
     )
-    if int(os.environ.get("RANK", "0")) == 0:
-        rd.write_config(cfg)
-    result = run_stage("train", rd, settings=cfg, resume=resume, log=_echo)
+    result = run_stage("train", rd, settings=cfg, config=cfg, resume=resume, log=_echo)
     _echo(f"best eval accuracy {result['best_acc']:.4f}; adapter: {rd.adapter}")
 
 
 @main.command()
 @run_dir_argument
-def fold(run_dir: str) -> None:
+@click.option(
+    "--base-mismatch-ok", is_flag=True, default=None, help="Fold onto base weights other than the trained-on ones."
+)
+def fold(run_dir: str, base_mismatch_ok: bool | None) -> None:
     """Fold RUN_DIR's trained adapter into the backbone: RUN_DIR/fold/model.safetensors."""
-    _stage("fold", run_dir)
+    _stage("fold", run_dir, base_mismatch_ok=base_mismatch_ok)
 
 
 @main.command()
@@ -233,17 +244,19 @@ def fold(run_dir: str) -> None:
     "formats",
     help=f"Comma-separated: {', '.join(FORMATS)} (default: the run config's, {','.join(DEFAULT_FORMATS)}).",
 )
-@click.option("--precision", help="fp32 | fp16 (onnx, tensorrt; default: the run config's, fp32).")
-@click.option("--opset", type=int, help="ONNX opset, 17 or newer (default: the run config's, 18).")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="onnx, tensorrt (default: the run config's, fp32).")
+@click.option("--opset", type=click.IntRange(min=17), help="ONNX opset (default: the run config's, 18).")
 @click.option("--triton", type=click.Path(file_okay=False), help="Also write a Triton model repository.")
 @device_option("Device for the AOTInductor package: cpu | cuda")
 def export(
     run_dir: str, formats: str | None, precision: str | None, opset: int | None, triton: str | None, device: str | None
 ) -> None:
     """Export RUN_DIR's folded model: RUN_DIR/export/ (model.onnx, model.pt, model.pt2, model.plan)."""
-    if formats is not None and not _names(formats):
-        raise VitfoldError(f"--format: no format in '{formats}' (choose from {', '.join(FORMATS)})")
-    _stage("export", run_dir, formats=_names(formats), precision=precision, opset=opset, triton=triton, device=device)
+    names = _names(formats)
+    unknown = [f for f in names or [] if f not in FORMATS]
+    if formats is not None and (unknown or not names):
+        raise VitfoldError(f"--format: unknown format '{(unknown or [formats])[0]}' (choose from {', '.join(FORMATS)})")
+    _stage("export", run_dir, formats=names, precision=precision, opset=opset, triton=triton, device=device)
 
 
 @main.command()
@@ -257,6 +270,11 @@ def export(
 @click.option("--max-rel", type=float, help="Tolerance: max |Δ| / max |logit| (default fp32 1e-4, fp16 2e-2).")
 @click.option("--cosine-min", type=float, help="Tolerance: least cosine similarity of a logit vector.")
 @click.option("--top1-min", type=float, help="Tolerance: least top-1 agreement.")
+@click.option("--allow-no-export", is_flag=True, default=None, help="Pass with only the fold checked (no artifact).")
+@click.option(
+    "--output", type=click.Path(file_okay=False), help="Write the results here, not into RUN_DIR (read-only)."
+)
+@trust_option
 def verify(
     run_dir: str,
     backends: str | None,
@@ -266,6 +284,9 @@ def verify(
     max_rel: float | None,
     cosine_min: float | None,
     top1_min: float | None,
+    allow_no_export: bool | None,
+    output: str | None,
+    trust: bool,
 ) -> None:
     """Check that every artifact computes what the unmerged adapted model computes (exit 0 pass, 1 mismatch)."""
     limits = {"max_rel": max_rel, "cosine_min": cosine_min, "top1_min": top1_min}
@@ -277,8 +298,11 @@ def verify(
         samples=samples,
         device=device,
         tolerances={k: v for k, v in limits.items() if v is not None} or None,
+        allow_no_export=allow_no_export,
+        out_dir=output,
+        trust=trust,
     )
-    _echo(f"wrote {Path(run_dir) / 'verify' / 'verify.json'}, verify.md, junit.xml")
+    _echo(f"wrote {Path(output) if output else Path(run_dir) / 'verify'}: verify.json, verify.md, junit.xml")
     if not result["passed"]:
         sys.exit(1)
 
@@ -291,6 +315,7 @@ def verify(
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: torch's current count).")
 @click.option("--min-iters", type=click.IntRange(min=1), help="Timed calls (or --min-seconds); default 50.")
 @click.option("--min-seconds", type=float, help="Timed seconds (or --min-iters); default 3.")
+@trust_option
 def bench(
     run_dir: str,
     backends: str | None,
@@ -299,6 +324,7 @@ def bench(
     threads: int | None,
     min_iters: int | None,
     min_seconds: float | None,
+    trust: bool,
 ) -> None:
     """Latency of every backend per batch size: RUN_DIR/bench/bench.json, bench.csv, latency.png."""
     _stage(
@@ -310,6 +336,7 @@ def bench(
         threads=threads,
         min_iters=min_iters,
         min_seconds=min_seconds,
+        trust=trust,
     )
 
 
@@ -326,7 +353,8 @@ def report(run_dir: str) -> None:
 @click.option(
     "--force", "force", help="Rerun from this stage on (pretrain, train, compare, fold, export, verify, bench, report)."
 )
-def run(config_path: str | None, out: str, force: str | None) -> None:
+@trust_option
+def run(config_path: str | None, out: str, force: str | None, trust: bool) -> None:
     """Run every stage that is out of date into the run directory OUT (exit 1 if verify fails)."""
     from vitfold.pipeline.config import load_config
     from vitfold.pipeline.stages import RunDir
@@ -342,10 +370,9 @@ def run(config_path: str | None, out: str, force: str | None) -> None:
             raise VitfoldError("config: 'pretrain' makes the backbone weights; drop 'checkpoint'/'pretrained'")
         cfg.checkpoint = str(pretrained_path(cfg))
     rd = RunDir(out)
-    rd.write_config(cfg)
     _echo(f"run directory: {rd.path}  (backbone {cfg.backbone}, method {cfg.method}, data {cfg.data})")
     started = time.perf_counter()
-    outcome = run_pipeline(rd, force, log=_echo)
+    outcome = run_pipeline(rd, cfg, force, log=_echo, trust=trust)
     ran = [name for name, what in outcome.items() if what != "up to date"]
     _echo(
         f"done in {time.perf_counter() - started:.1f} s; ran: {', '.join(ran) or 'nothing (all up to date)'}; "

@@ -25,3 +25,9 @@ class DataError(VitfoldError):
 
 class CheckpointError(VitfoldError):
     """A checkpoint cannot be read or does not fit the backbone or the run."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(error).__name__

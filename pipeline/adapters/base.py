@@ -11,6 +11,7 @@ feed the layers and are dropped by the fold. Folds are computed in float64, then
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vitfold.errors import AdapterError, FoldError
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what a numeric adapter option must be."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_finite(named_tensors: Iterator[tuple[str, torch.Tensor]], what: str = "adapter parameter") -> None:

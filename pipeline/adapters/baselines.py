@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vitfold.errors import AdapterError
-from vitfold.pipeline.adapters.base import AdapterMethod, AdditiveLinear
+from vitfold.pipeline.adapters.base import AdapterMethod, AdditiveLinear, is_number
 from vitfold.pipeline.adapters.targets import vit_targets
 
 
@@ -56,8 +56,10 @@ class LoRAOptions:
     alpha: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise AdapterError(f"option 'rank' must be a positive integer for method 'lora', got {self.rank!r}")
+        if self.alpha is not None and not is_number(self.alpha):
+            raise AdapterError(f"option 'alpha' must be a finite number for method 'lora', got {self.alpha!r}")
 
 
 class LoRALinear(AdditiveLinear):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitfold.errors import AdapterError
-from vitfold.pipeline.adapters.base import AdapterMethod, AdapterModule, AdditiveLinear
+from vitfold.pipeline.adapters.base import AdapterMethod, AdapterModule, AdditiveLinear, is_number
 from vitfold.pipeline.adapters.targets import vit_targets
 
 
@@ -56,11 +56,11 @@ class EFFTOptions:
         method = "efft2" if self.init_letters == 2 else "efft1"
         if not isinstance(self.rank, int) or self.rank < 1:
             raise AdapterError(f"option 'rank' must be a positive integer for method '{method}', got {self.rank!r}")
-        if not 0 <= self.dropout < 1:
+        if not is_number(self.dropout) or not 0 <= self.dropout < 1:
             raise AdapterError(f"option 'dropout' must be in [0, 1) for method '{method}', got {self.dropout!r}")
-        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool):
-            raise AdapterError(f"option 'scale' must be a number for method '{method}', got {self.scale!r}")
-        if len(self.init) != self.init_letters or set(self.init) - {"u", "v"}:
+        if not is_number(self.scale):
+            raise AdapterError(f"option 'scale' must be a finite number for method '{method}', got {self.scale!r}")
+        if not isinstance(self.init, str) or len(self.init) != self.init_letters or set(self.init) - {"u", "v"}:
             example = "'vv' or 'vu'" if self.init_letters == 2 else "'u' or 'v'"
             raise AdapterError(f"option 'init' must be {example} for method '{method}', got '{self.init}'")
 

@@ -4,11 +4,12 @@ CLI command), `run_pipeline` every out-of-date one in order (`vitfold run`)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from vitfold.errors import VitfoldError
+from vitfold.pipeline.config import RunConfig
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Log, execute
 
@@ -20,22 +21,28 @@ def run_stage(
     log: Log = print,
     resume: bool = False,
     settings: Any = None,
+    config: RunConfig | None = None,
+    out_dir: str | Path | None = None,
+    trust: bool = False,
     **overrides: Any,
 ) -> Any:
     """Run stage `name` on the run directory, with its config section changed by `overrides` (or with
-    `settings` whole); the manifest records the settings it ran with. Returns the stage's value."""
+        `settings` whole), holding the run's lock; the manifest records the settings it ran with. `config`
+        is saved as the run's config first. With `out_dir` the stage writes its files there and nothing into
+        the run (no lock, no manifest: a read-only run). `trust` loads artifacts that run code though this
+    machine's vitfold did not write them. Returns the stage's value."""
     from vitfold.pipeline.stages.pipeline import STAGES
 
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     stage = STAGES[name]
-    if settings is None:
-        settings = stage.settings(rd.config)
-        if overrides:
-            try:
-                settings = replace(settings, **overrides)
-            except TypeError as e:
-                raise VitfoldError(f"{name}: {e}") from None
-    return execute(stage, rd, settings, log=log, resume=resume)
+    writer = out_dir is None and int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
+    with rd.locked() if writer else nullcontext():
+        if config is not None and writer:
+            rd.write_config(config)
+        if settings is None:
+            settings = stage.settings(config or rd.config, **overrides)
+        out = Path(out_dir) if out_dir is not None else None
+        return execute(stage, rd, settings, log=log, resume=resume, record=writer, out_dir=out, trust=trust)
 
 
 __all__ = ["RunDir", "run_stage"]

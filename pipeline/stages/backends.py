@@ -16,9 +16,11 @@ from pathlib import Path
 
 from torch import nn
 
+from vitfold.errors import VitfoldError
 from vitfold.export.runners import Runner, open_runner, unavailable
-from vitfold.pipeline.stages.manifest import verified_input
+from vitfold.pipeline.stages.manifest import recorded_outputs, verified_input
 from vitfold.pipeline.stages.rundir import RunDir
+from vitfold.pipeline.stages.trust import EXECUTABLE_FORMATS, require_trusted
 
 UNMERGED, FOLDED, BASE = "torch-unmerged", "torch-folded", "torch-base"
 TORCH_BACKENDS = (UNMERGED, FOLDED, BASE)
@@ -35,13 +37,11 @@ BACKENDS = (*TORCH_BACKENDS, *ARTIFACT_BACKENDS)
 
 def unmerged_model(rd: RunDir) -> nn.Module:
     """The base backbone with the trained adapter attached, exactly as training evaluated it."""
-    from safetensors.torch import load_file
-
     from vitfold.pipeline.adapting import load_adapter
     from vitfold.pipeline.models import build_model
 
     path = verified_input(rd, rd.adapter, "train")
-    return load_adapter(build_model(rd.config, rd.num_classes), load_file(path)).eval()
+    return load_adapter(build_model(rd.config, rd.num_classes), rd.tensors(path)).eval()
 
 
 def folded_model(rd: RunDir) -> nn.Module:
@@ -87,16 +87,27 @@ def backend_unavailable(rd: RunDir, name: str, device: str) -> str | None:
     runtime, fmt = ARTIFACT_BACKENDS.get(name, ("torch", None))
     reason = unavailable(runtime, device)
     if reason is None and fmt is not None and not rd.artifact(fmt).is_file():
+        if rd.artifact(fmt) in recorded_outputs(rd, "export"):  # exported, then lost: fail closed
+            raise VitfoldError(f"{rd.artifact(fmt)} is missing, though the export stage recorded it: rerun the export")
         reason = f"export/{rd.artifact(fmt).name} not built (vitfold export --format ...)"
     return reason
 
 
-def open_backend(rd: RunDir, name: str, device: str = "cpu", threads: int | None = None) -> Runner:
-    """Open backend `name` of the run; an artifact whose sha256 differs from the export stage's is refused."""
+def open_backend(rd: RunDir, name: str, device: str = "cpu", threads: int | None = None, trust: bool = False) -> Runner:
+    """Open backend `name` of the run. Refused: an artifact the export stage did not record, or whose
+    sha256 differs from the one it recorded, and one that runs code but was not written here (`trust`)."""
     if name in MODELS:
         return open_runner("torch", MODELS[name](rd), device)
-    runtime, fmt = ARTIFACT_BACKENDS[name]
-    return open_runner(runtime, verified_input(rd, rd.artifact(fmt), "export"), device, threads)
+    return open_runner(ARTIFACT_BACKENDS[name][0], checked_artifact(rd, name, trust), device, threads)
+
+
+def checked_artifact(rd: RunDir, name: str, trust: bool = False) -> Path:
+    """The artifact file of backend `name`, after the integrity and trust checks of `open_backend`."""
+    fmt = ARTIFACT_BACKENDS[name][1]
+    path = verified_input(rd, rd.artifact(fmt), "export", recorded_only=True)
+    if fmt in EXECUTABLE_FORMATS:
+        require_trusted(path, rd.sha256(path), trust)
+    return path
 
 
 def backend_precision(rd: RunDir, name: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import sys
-from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,12 @@ from vitfold.export.timing import Timing, latency_stats, machine
 from vitfold.pipeline.atomic import atomic_replace, atomic_write_json, atomic_write_text
 from vitfold.pipeline.config import BenchConfig
 from vitfold.pipeline.stages.backends import (
+    ARTIFACT_BACKENDS,
     BACKENDS,
     backend_files,
     backend_precision,
     backend_unavailable,
+    checked_artifact,
     default_backends,
     open_backend,
 )
@@ -62,11 +63,9 @@ RATIO_NOTES = {
 
 def _run(rd: RunDir, b: BenchConfig, ctx: Context) -> StageResult:
     """Time every available backend at every batch size; write RUN/bench/."""
-    batch_sizes = _checked_batch_sizes(b.batch_sizes)
+    batch_sizes = tuple(dict.fromkeys(b.batch_sizes))  # values checked with the config (check_config)
     names = _checked_backends(rd, b.backends)
     _check_device(b.device)
-    if b.threads is not None and (isinstance(b.threads, bool) or not isinstance(b.threads, int) or b.threads < 1):
-        raise VitfoldError(f"threads must be a positive integer, got {b.threads!r}")
     cfg = rd.config
     skipped = {name: reason for name in names if (reason := backend_unavailable(rd, name, b.device))}
     for name, reason in skipped.items():
@@ -78,12 +77,15 @@ def _run(rd: RunDir, b: BenchConfig, ctx: Context) -> StageResult:
     torch.set_num_threads(threads)
     timing, found = Timing(b.min_iters, b.min_seconds, b.warmup_seconds), machine(b.device)
     runnable = [name for name in names if name not in skipped]
+    for name in runnable:  # a changed, unrecorded or untrusted artifact stops the bench, as it stops verify
+        if name in ARTIFACT_BACKENDS:
+            checked_artifact(rd, name, ctx.trust)
     ctx.log(
         f"timing {', '.join(runnable)} at batch sizes {', '.join(map(str, batch_sizes))} on {b.device} "
         f"({found.get('gpu') or found['cpu']}, {threads} threads)"
     )
     try:
-        rows = _bench_all(rd, runnable, b.device, threads, batch_sizes, image_size, timing, skipped, ctx.log)
+        rows = _bench_all(rd, runnable, b.device, threads, batch_sizes, image_size, timing, skipped, ctx)
     finally:
         torch.set_num_threads(previous_threads)
     _require_some(names, skipped)
@@ -116,17 +118,7 @@ def _inputs(rd: RunDir, b: BenchConfig) -> list[Path]:
     return list(dict.fromkeys([*backend_files(rd, "torch-unmerged"), rd.folded, *recorded_outputs(rd, "export")]))
 
 
-BENCH = Stage("bench", settings=lambda cfg: cfg.bench, inputs=_inputs, run=_run)
-
-
-def _checked_batch_sizes(batch_sizes: Iterable[Any]) -> tuple[int, ...]:
-    sizes = tuple(batch_sizes)
-    if not sizes:
-        raise VitfoldError("no batch size to bench (e.g. 1, 8, 32)")
-    for size in sizes:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise VitfoldError(f"batch sizes must be positive integers, got {size!r}")
-    return tuple(dict.fromkeys(sizes))
+BENCH = Stage("bench", section="bench", inputs=_inputs, run=_run)
 
 
 def _checked_backends(rd: RunDir, backends: list[str] | None) -> list[str]:
@@ -165,16 +157,16 @@ def _bench_all(
     image_size: tuple[int, int],
     timing: Timing,
     skipped: dict[str, str],
-    log,
+    ctx: Context,
 ) -> list[dict]:
     """Rows for each backend that opens on `device`; one that does not is added to `skipped`."""
     rows: list[dict] = []
     with tqdm(total=len(names) * len(batch_sizes), desc="bench", unit="case", file=sys.stderr, disable=None) as bar:
         for name in names:
-            runner = _open(rd, name, device, threads, skipped)
+            runner = _open(rd, name, device, threads, skipped, ctx.trust)
             if runner is None:
                 with tqdm.external_write_mode():
-                    log(f"skipping {name}: {skipped[name]}")
+                    ctx.log(f"skipping {name}: {skipped[name]}")
                 bar.update(len(batch_sizes))
                 continue
             with runner:
@@ -183,15 +175,15 @@ def _bench_all(
                     x = runner.to_device(_images(batch, image_size))
                     rows.append(_row(name, backend_precision(rd, name), runner, batch, timing.measure(runner, x)))
                     with tqdm.external_write_mode():
-                        log(_describe(rows[-1]))
+                        ctx.log(_describe(rows[-1]))
                     bar.update()
     return rows
 
 
-def _open(rd: RunDir, name: str, device: str, threads: int, skipped: dict[str, str]) -> Runner | None:
+def _open(rd: RunDir, name: str, device: str, threads: int, skipped: dict[str, str], trust: bool) -> Runner | None:
     """The runner, or None with the reason in `skipped` (it failed to open, or runs on another device)."""
     try:
-        runner = open_backend(rd, name, device, threads)
+        runner = open_backend(rd, name, device, threads, trust)
     except VitfoldError as e:
         skipped[name] = str(e)
         return None

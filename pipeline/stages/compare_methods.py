@@ -96,4 +96,4 @@ def _inputs(rd: RunDir, cfg: RunConfig) -> list[Path]:
     return [rd.metrics, *([Path(cfg.checkpoint)] if cfg.checkpoint else [])]
 
 
-COMPARE = Stage("compare", settings=lambda cfg: cfg, inputs=_inputs, run=_run, params=_params)
+COMPARE = Stage("compare", section=None, inputs=_inputs, run=_run, params=_params)

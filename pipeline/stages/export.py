@@ -10,19 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vitfold.export import FILES
 from vitfold.export.artifacts import INPUT_NAME, OUTPUT_NAME
 from vitfold.export.exporting import check_formats, export
 from vitfold.pipeline.atomic import atomic_write_json
 from vitfold.pipeline.config import ExportConfig
 from vitfold.pipeline.stages.backends import folded_model
+from vitfold.pipeline.stages.manifest import recorded_outputs
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult
+from vitfold.pipeline.stages.trust import EXECUTABLE_FORMATS, remember
 
 TRITON_FORMATS = ("onnx", "torchscript", "tensorrt")
 
 
 def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
-    formats = check_formats(settings.formats, settings.precision)  # before any work
+    formats = check_formats(settings.formats, settings.precision, settings.device)  # before any work
     model = folded_model(rd)
     size = tuple(int(s) for s in model.patch_embed.img_size)
     artifacts: dict[str, dict[str, Any]] = {}
@@ -76,7 +79,20 @@ def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
         ctx.log(f"triton repository: {settings.triton}")
     atomic_write_json(rd.export_summary, summary)
     outputs = [rd.path / f for a in artifacts.values() for f in a["files"]]
+    for fmt in EXECUTABLE_FORMATS:
+        if fmt in written:
+            remember(rd.sha256(written[fmt]))
+    for old in _artifact_files(rd) - set(outputs):  # a format not built this time leaves nothing behind
+        old.unlink(missing_ok=True)
+        ctx.log(f"removed {rd.key(old)} (not built by this export)")
     return StageResult(outputs, value=summary, extra={"formats": formats, "precision": settings.precision})
 
 
-EXPORT = Stage("export", settings=lambda cfg: cfg.export, inputs=lambda rd, s: [rd.folded], run=_run)
+def _artifact_files(rd: RunDir) -> set[Path]:
+    """Every artifact file an export may have left in RUN/export/ (recorded or not)."""
+    main = [rd.artifact(fmt) for fmt in FILES]
+    companions = [rd.artifact("onnx").with_name(FILES["onnx"] + ".data"), rd.artifact("tensorrt").with_suffix(".json")]
+    return {p for p in [*main, *companions, *recorded_outputs(rd, "export")] if p.is_file()}
+
+
+EXPORT = Stage("export", section="export", inputs=lambda rd, s: [rd.folded], run=_run)

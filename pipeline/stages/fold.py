@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-from safetensors.torch import load_file, save
 
 from vitfold.errors import VitfoldError
 from vitfold.pipeline.adapting import load_adapter
 from vitfold.pipeline.atomic import atomic_replace
 from vitfold.pipeline.backbones import folded_load_call
+from vitfold.pipeline.config import FoldConfig
 from vitfold.pipeline.folding import fold
 from vitfold.pipeline.models import build_model
 from vitfold.pipeline.stages.manifest import verified_input
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult
+from vitfold.pipeline.stages.train import base_identity
+from vitfold.pipeline.tensor_files import safetensors_bytes
 
 
-def _run(rd: RunDir, settings: dict[str, Any], ctx: Context) -> StageResult:
+def _run(rd: RunDir, settings: FoldConfig, ctx: Context) -> StageResult:
     cfg = rd.config
     adapter_path = verified_input(rd, rd.adapter, "train")
     meta = rd.metadata(adapter_path)
@@ -31,8 +31,14 @@ def _run(rd: RunDir, settings: dict[str, Any], ctx: Context) -> StageResult:
         raise VitfoldError(
             f"{adapter_path} holds a '{meta.get('method')}' adapter, the run's config says '{cfg.method}'"
         )
+    trained_on, base = meta.get("base"), base_identity(rd, cfg)
+    if trained_on is not None and trained_on != base and not settings.base_mismatch_ok:
+        raise VitfoldError(
+            f"{adapter_path} was trained on base weights {trained_on[:16]}, the run's backbone now has {base[:16]} "
+            f"({cfg.checkpoint or cfg.backbone}): retrain, or fold anyway with --base-mismatch-ok"
+        )
     num_classes = int(meta["num_classes"])
-    model = load_adapter(build_model(cfg, num_classes), load_file(adapter_path))
+    model = load_adapter(build_model(cfg, num_classes), rd.tensors(adapter_path))
     plain = fold(model)  # refuses a non-finite adapter, naming the tensor
     metadata = {
         "format": "vitfold-folded/1",
@@ -41,18 +47,17 @@ def _run(rd: RunDir, settings: dict[str, Any], ctx: Context) -> StageResult:
         "num_classes": str(num_classes),
         "image_size": json.dumps([int(s) for s in plain.patch_embed.img_size]),
         "method": cfg.method,
-        "load_with": folded_load_call(cfg.backbone, num_classes, rd.folded, cfg.backbone_kwargs),
+        "load_with": folded_load_call(cfg.backbone, num_classes, rd.folded.resolve(), cfg.backbone_kwargs),
     }
-    tensors = {k: v.contiguous() for k, v in plain.state_dict().items()}
-    atomic_replace(rd.folded, save(tensors, metadata=metadata))
+    atomic_replace(rd.folded, safetensors_bytes(plain.state_dict(), metadata))
     ctx.log(f"folded {cfg.method} into {rd.folded} (sha256 {rd.sha256(rd.folded)[:12]}…)")
     ctx.log(f"load it with: {metadata['load_with']}")
     return StageResult([rd.folded], value=rd.folded, extra={"num_classes": num_classes})
 
 
-def _inputs(rd: RunDir, settings: dict[str, Any]) -> list[Path]:
+def _inputs(rd: RunDir, settings: FoldConfig) -> list[Path]:
     cfg = rd.config
     return [rd.adapter, *([Path(cfg.checkpoint)] if cfg.checkpoint else [])]
 
 
-FOLD = Stage("fold", settings=lambda cfg: {}, inputs=_inputs, run=_run)
+FOLD = Stage("fold", section="fold", inputs=_inputs, run=_run)

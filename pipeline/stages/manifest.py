@@ -76,9 +76,8 @@ def _hashes(rd: RunDir, paths: list[Path]) -> dict[str, str]:
 def start_stage(rd: RunDir, stage: str) -> None:
     """Mark `stage` as running: killed before `record_stage`, it is never taken for finished."""
     manifest = read_manifest(rd)
-    if stage in manifest["stages"]:
-        manifest["stages"][stage]["status"] = "running"
-        atomic_write_json(rd.manifest_file, manifest)
+    manifest["stages"].setdefault(stage, {})["status"] = "running"
+    atomic_write_json(rd.manifest_file, manifest)
 
 
 def record_stage(
@@ -113,12 +112,15 @@ def recorded_outputs(rd: RunDir, stage: str) -> list[Path]:
     return [rd.path / key for key in sorted(entry.get("outputs", {}))]
 
 
-def verified_input(rd: RunDir, path: Path, producer: str) -> Path:
-    """`path`, after checking it against the sha256 the `producer` stage recorded for it."""
+def verified_input(rd: RunDir, path: Path, producer: str, *, recorded_only: bool = False) -> Path:
+    """`path`, after checking it against the sha256 the `producer` stage recorded for it. With
+    `recorded_only`, a file the producer did not record is refused too (an artifact that may run code)."""
     if not path.is_file():
         raise VitfoldError(f"{path} not found: run the {producer} stage first")
     recorded = read_manifest(rd)["stages"].get(producer, {}).get("outputs", {})
     key = rd.key(path)
+    if key not in recorded and recorded_only:
+        raise VitfoldError(f"{path} was not written by this run's {producer} stage (not in its manifest): refusing it")
     if key in recorded and recorded[key] != rd.sha256(path):
         raise VitfoldError(f"{path} does not match the sha256 the {producer} stage recorded: refusing a changed file")
     return path
@@ -136,13 +138,14 @@ def staleness(rd: RunDir, stage: str, inputs: list[Path], params: dict[str, Any]
     if recorded != params:
         changed = sorted(k for k in params.keys() | (recorded or {}).keys() if params.get(k) != (recorded or {}).get(k))
         return Staleness(Stale.SETTINGS, f"its settings changed ({', '.join(changed) or 'none recorded'})")
-    for path in inputs:  # an optional input that is absent now and was absent then is no change
-        key = rd.key(path)
-        if not path.is_file():
-            if key in entry["inputs"]:
-                return Staleness(Stale.INPUT, f"its input {key} is missing")
-            continue
-        if entry["inputs"].get(key) != rd.sha256(path):
+    current = {rd.key(p): p for p in inputs if p.is_file()}  # absent optional inputs are no inputs
+    gone = sorted(entry["inputs"].keys() - current.keys())
+    if gone:
+        return Staleness(Stale.INPUT, f"its input {gone[0]} is missing")
+    for key, path in current.items():
+        if key not in entry["inputs"]:
+            return Staleness(Stale.INPUT, f"its input {key} is new")
+        if entry["inputs"][key] != rd.sha256(path):
             return Staleness(Stale.INPUT, f"its input {key} changed")
     for key, digest in entry["outputs"].items():
         path = rd.path / key

@@ -34,12 +34,21 @@ def stages_for(cfg: RunConfig) -> list[Stage]:
     return [stage for name, stage in STAGES.items() if optional.get(name, True)]
 
 
-def run_pipeline(rd: RunDir, force: str | None = None, log: Log = print) -> dict[str, str]:
-    """Run every out-of-date stage of the run's config; returns {stage: "ran: why" | "up to date"}."""
-    pipeline = stages_for(rd.config)
+def run_pipeline(
+    rd: RunDir, config: RunConfig, force: str | None = None, log: Log = print, trust: bool = False
+) -> dict[str, str]:
+    """Save `config` as the run's config and run every out-of-date stage, holding the run's lock;
+    returns {stage: "ran: why" | "up to date"}. `trust`: as for `run_stage`."""
+    pipeline = stages_for(config)
     names = [s.name for s in pipeline]
     if force is not None and force not in names:
         raise VitfoldError(f"--force {force}: not a stage of this run (stages: {', '.join(names)})")
+    with rd.locked():
+        rd.write_config(config)
+        return _run_stages(rd, pipeline, force, log, trust)
+
+
+def _run_stages(rd: RunDir, pipeline: list[Stage], force: str | None, log: Log, trust: bool) -> dict[str, str]:
     outcome: dict[str, str] = {}
     forcing = False
     for stage in pipeline:
@@ -55,6 +64,8 @@ def run_pipeline(rd: RunDir, force: str | None = None, log: Log = print) -> dict
             outcome[stage.name] = "up to date"
             continue
         log(f"== {stage.name}: running ({why})")
-        execute(stage, rd, settings, log=log, resume=why.resumable)  # a killed training resumes from last.ckpt
+        execute(
+            stage, rd, settings, log=log, resume=why.resumable, trust=trust
+        )  # a killed training resumes from last.ckpt
         outcome[stage.name] = f"ran: {why}"
     return outcome

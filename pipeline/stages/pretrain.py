@@ -10,24 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from vitfold.errors import VitfoldError
-from vitfold.pipeline.atomic import atomic_replace
+from vitfold.pipeline.atomic import atomic_replace, atomic_write_text
 from vitfold.pipeline.config import RunConfig, load_config
-from vitfold.pipeline.stages.rundir import RunDir
+from vitfold.pipeline.stages.rundir import RunDir, sha256
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult, execute
 from vitfold.pipeline.stages.train import TRAIN
+from vitfold.pipeline.stages.trust import cache_root
+from vitfold.pipeline.tensor_files import safetensors_bytes
 
 PRETRAIN_KEYS = ("data", "train")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("VITFOLD_CACHE", Path.home() / ".cache" / "vitfold")) / "pretrained"
+    return cache_root() / "pretrained"
 
 
 def pretrain_config(cfg: RunConfig) -> RunConfig:
@@ -48,34 +49,48 @@ def pretrain_config(cfg: RunConfig) -> RunConfig:
 
 
 def pretrained_path(cfg: RunConfig) -> Path:
-    """Where the backbone pre-trained as `cfg.pretrain` says is (or will be) cached."""
+    """Where the backbone pre-trained as `cfg.pretrain` says is (or will be) cached: a file directly in the
+    cache folder, whatever the backbone name holds (no path separator or `..` gets through)."""
     spec: dict[str, Any] = pretrain_config(cfg).to_dict()
     spec = {k: spec[k] for k in ("backbone", "backbone_kwargs", "data", "method", "seed", "train")}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / f"{cfg.backbone}-{key}.safetensors"
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", cfg.backbone)
+    return cache_dir() / f"{name}-{key}.safetensors"
+
+
+def _digest_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _cached(path: Path, log) -> bool:
+    """The cached file is there and still has the sha256 recorded when it was made."""
+    if not path.is_file():
+        return False
+    digest = _digest_file(path)
+    if digest.is_file() and digest.read_text().strip() == sha256(path):
+        return True
+    log(f"{path}: its sha256 does not match {digest.name} (changed or incomplete): pre-training again")
+    return False
 
 
 def pretrain(cfg: RunConfig, log=print) -> Path:
-    """The cached pre-trained backbone for `cfg`, training it first when it is not cached yet."""
-    from safetensors.torch import load_file, save
-
+    """The cached pre-trained backbone for `cfg`, training it first when it is not cached (or changed).
+    An interrupted pre-training resumes from its last epoch (its scratch run lives beside the cache)."""
     path = pretrained_path(cfg)
-    if path.is_file():
+    if _cached(path, log):
         log(f"pre-trained backbone: {path} (cached)")
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     pre = pretrain_config(cfg)
     log(f"pre-training {cfg.backbone} on {pre.data} for {pre.train.epochs} epochs (cached in {path.parent})")
-    work = Path(tempfile.mkdtemp(dir=path.parent, prefix=".pretrain-"))
-    try:
-        scratch = RunDir(work)
-        result = execute(TRAIN, scratch, settings=pre, log=log)
-        trained = load_file(scratch.adapter)  # method full: every weight
+    scratch = RunDir(path.with_name(f".pretrain-{path.stem}"))
+    with scratch.locked():
+        result = execute(TRAIN, scratch, settings=pre, log=log, resume=True)
+        trained = scratch.tensors(scratch.adapter)  # method full: every weight
         state = {k: v for k, v in trained.items() if not k.startswith("head.")}
         meta = {"pretrained_on": pre.data, "epochs": str(pre.train.epochs), "eval_acc": str(result["best_acc"])}
-        atomic_replace(path, save(state, metadata=meta))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        atomic_replace(path, safetensors_bytes(state, meta))
+        atomic_write_text(_digest_file(path), sha256(path) + "\n")
+    shutil.rmtree(scratch.path, ignore_errors=True)
     return path
 
 
@@ -85,7 +100,7 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
 
 PRETRAIN = Stage(
     "pretrain",
-    settings=lambda cfg: cfg,
+    section=None,
     inputs=lambda rd, cfg: [],
     run=_run,
     params=lambda cfg: {"pretrain": cfg.pretrain, "checkpoint": cfg.checkpoint},

@@ -12,9 +12,11 @@ from typing import Any
 
 from vitfold.export.timing import cpu_name
 from vitfold.pipeline.atomic import atomic_write_text
-from vitfold.pipeline.stages.manifest import read_manifest
+from vitfold.pipeline.config import RunConfig
+from vitfold.pipeline.stages.manifest import read_manifest, staleness
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult
+from vitfold.pipeline.stages.verify import VERIFY
 
 
 def _machine() -> str:
@@ -130,12 +132,27 @@ def _load(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _run(rd: RunDir, settings: dict[str, Any], ctx: Context) -> StageResult:
+def _verdict(rd: RunDir, verify: dict[str, Any] | None) -> str:
+    """FAILED, or PASSED only while verify's recorded inputs are still the run's artifacts."""
+    entry = read_manifest(rd)["stages"].get("verify")
+    if verify is None or entry is None:
+        return "no verify result"
+    if not verify["passed"]:
+        return "FAILED"
+    stale = staleness(rd, "verify", VERIFY.inputs(rd, rd.config.verify), entry.get("params") or {})
+    if stale is not None:
+        return f"OUT OF DATE ({stale} since verify passed): run vitfold verify"
+    loosened = "; ".join(
+        f"{p}: " + ", ".join(f"{k} {v:g}" for k, v in t.items()) for p, t in verify["loosened"].items()
+    )
+    return "PASSED" + (f" with tolerances loosened beyond the defaults ({loosened})" if loosened else "")
+
+
+def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
     """Write RUN/REPORT.md from the stages' outputs (sections for missing stages say so)."""
-    cfg = rd.config
     manifest = read_manifest(rd)
     compare, verify, bench = (_load(p) for p in _sources(rd))
-    verdict = "no verify result" if verify is None else ("PASSED" if verify["passed"] else "FAILED")
+    verdict = _verdict(rd, verify)
     lines = [
         f"# vitfold run report: {cfg.backbone} + {cfg.method} on {cfg.data}",
         "",
@@ -185,7 +202,7 @@ def _run(rd: RunDir, settings: dict[str, Any], ctx: Context) -> StageResult:
             f"- `{path}` sha256 `{digest[:16]}…`"
             for name, e in manifest["stages"].items()
             if name in ("fold", "export")
-            for path, digest in e["outputs"].items()
+            for path, digest in e.get("outputs", {}).items()
         ],
         "",
     ]
@@ -194,4 +211,6 @@ def _run(rd: RunDir, settings: dict[str, Any], ctx: Context) -> StageResult:
     return StageResult([out], value=out)
 
 
-REPORT = Stage("report", settings=lambda cfg: {}, inputs=lambda rd, s: [rd.config_file, *_sources(rd)], run=_run)
+REPORT = Stage(
+    "report", section=None, inputs=lambda rd, s: [rd.config_file, *_sources(rd)], run=_run, params=lambda cfg: {}
+)

@@ -6,8 +6,13 @@ RUN/bench/  RUN/REPORT.md
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,7 @@ from vitfold.export import FILES
 from vitfold.pipeline.atomic import atomic_write_text
 from vitfold.pipeline.config import RunConfig, load_config
 
-CONFIG, MANIFEST = "config.yaml", "manifest.json"
+CONFIG, MANIFEST, LOCK = "config.yaml", "manifest.json", ".vitfold.lock"
 
 
 def sha256(path: Path) -> str:
@@ -26,6 +31,19 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _lock_holder(path: Path) -> str:
+    """' (pid N)' for the process holding the flock on `path`, from /proc/locks; '' when unknown."""
+    try:
+        inode = f":{path.stat().st_ino}"
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(inode):
+                return f" (pid {fields[4]})"
+    except OSError:
+        pass
+    return ""
 
 
 class RunDir:
@@ -50,6 +68,43 @@ class RunDir:
         self.bench_dir = self.path / "bench"
         self.report = self.path / "REPORT.md"
         self._hashes: dict[Path, tuple[tuple[int, int], str]] = {}
+        self._lock_depth = 0  # nested `locked()` of this object (one flock per process and run)
+
+    @contextmanager
+    def locked(self) -> Iterator[RunDir]:
+        """Hold the run's exclusive lock: one writing vitfold process per run directory. The kernel drops
+        it when the process dies, so a killed run never leaves it held. On taking it, temporary files a
+        killed process left behind are removed (no other writer can own them)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield self
+            finally:
+                self._lock_depth -= 1
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(self.path / LOCK)
+            os.close(fd)
+            raise VitfoldError(
+                f"{self.path} is in use by another vitfold process{holder}: wait for it to finish"
+            ) from None
+        self._lock_depth = 1
+        try:
+            self._remove_leftovers()
+            yield self
+        finally:
+            self._lock_depth = 0
+            os.close(fd)  # releases the lock
+
+    def _remove_leftovers(self) -> None:
+        for tmp in self.path.rglob(".*.tmp"):  # atomic writes cut short
+            tmp.unlink(missing_ok=True)
+        for staging in self.export_dir.glob(".export-*"):  # exports cut short
+            shutil.rmtree(staging, ignore_errors=True)
 
     def artifact(self, fmt: str) -> Path:
         """The file export format `fmt` writes (a key of `vitfold.export.FILES`)."""
@@ -88,8 +143,21 @@ class RunDir:
 
         if not path.is_file():
             raise VitfoldError(f"{path} not found")
-        with safe_open(path, "pt") as f:
-            return dict(f.metadata() or {})
+        try:
+            with safe_open(path, "pt") as f:
+                return dict(f.metadata() or {})
+        except Exception as e:  # noqa: BLE001 - any unreadable header is an input error naming the file
+            raise VitfoldError(f"cannot read {path} as safetensors: {e}") from None
+
+    def tensors(self, path: Path) -> dict[str, Any]:
+        """The tensors of a safetensors file of the run; a one-line error naming it if it is not one."""
+        from safetensors.torch import load_file
+
+        self.metadata(path)  # a missing or corrupt file fails here, by name
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001
+            raise VitfoldError(f"cannot read {path} as safetensors: {e}") from None
 
     @property
     def num_classes(self) -> int:

@@ -4,14 +4,14 @@ running, runs it, and records the settings it ran with, its inputs and its outpu
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vitfold.pipeline.config import RunConfig
+from vitfold.errors import VitfoldError
+from vitfold.pipeline.config import RunConfig, check_config
 from vitfold.pipeline.stages.manifest import record_stage, start_stage
 from vitfold.pipeline.stages.rundir import RunDir
 
@@ -20,21 +20,22 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Context:
-    """How this execution was asked for: where to log, and whether to continue an unfinished run."""
+    """How this execution was asked for: where to log, whether to continue an unfinished run, and where
+    to write the stage's files when not into the run (`out_dir`, for a read-only run; verify honours it)."""
 
     log: Log = print
     resume: bool = False
+    out_dir: Path | None = None
+    trust: bool = False  # load artifacts that run code though this machine's vitfold did not write them
 
 
 @dataclass
 class StageResult:
-    """What a run function returns: the files it wrote, extra manifest fields, and a value for the caller.
-    `record=False` (a DDP process other than rank 0) leaves the manifest alone."""
+    """What a run function returns: the files it wrote, extra manifest fields, and a value for the caller."""
 
     outputs: list[Path]
     value: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
-    record: bool = True
 
 
 def _as_params(settings: Any) -> dict[str, Any]:
@@ -44,21 +45,44 @@ def _as_params(settings: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    settings: Callable[[RunConfig], Any]  # the part of the run config the stage reads
+    section: str | None  # the RunConfig field that holds the stage's settings (None: the whole config)
     inputs: Callable[[RunDir, Any], list[Path]]  # the files it reads (absent optional ones are skipped)
     run: Callable[[RunDir, Any, Context], StageResult]
     params: Callable[[Any], dict[str, Any]] = _as_params  # the settings as recorded and compared
 
+    def settings(self, cfg: RunConfig, **overrides: Any) -> Any:
+        """The stage's settings in `cfg`, with `overrides` (checked like the config file's values)."""
+        if not overrides:
+            return getattr(cfg, self.section) if self.section else cfg
+        if self.section is None:
+            raise VitfoldError(f"stage {self.name} takes no setting overrides ({', '.join(overrides)})")
+        section = getattr(cfg, self.section)
+        unknown = sorted(set(overrides) - {f.name for f in fields(section)})
+        if unknown:
+            raise VitfoldError(f"{self.name}: unknown setting '{unknown[0]}'")
+        changed = replace(section, **overrides)
+        check_config(replace(cfg, **{self.section: changed}), where=f"vitfold {self.name}")
+        return changed
 
-def execute(stage: Stage, rd: RunDir, settings: Any = None, log: Log = print, resume: bool = False) -> Any:
-    """Run `stage` on `rd` with `settings` (default: its section of the run's config); record it when done."""
+
+def execute(
+    stage: Stage,
+    rd: RunDir,
+    settings: Any = None,
+    log: Log = print,
+    resume: bool = False,
+    record: bool = True,
+    out_dir: Path | None = None,
+    trust: bool = False,
+) -> Any:
+    """Run `stage` on `rd` with `settings` (default: its section of the run's config); record it in the
+    manifest when done (unless `record=False`: a DDP process other than rank 0, a read-only run)."""
     settings = stage.settings(rd.config) if settings is None else settings
-    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the manifest
-    if main:
+    if record:
         start_stage(rd, stage.name)
     started = time.perf_counter()
-    result = stage.run(rd, settings, Context(log, resume))
-    if main and result.record:
+    result = stage.run(rd, settings, Context(log, resume, out_dir, trust))
+    if record:
         seconds = time.perf_counter() - started
         record_stage(
             rd, stage.name, stage.params(settings), stage.inputs(rd, settings), result.outputs, seconds, **result.extra

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vitfold.errors import VitfoldError, first_line
 from vitfold.pipeline.adapting import adapter_record, adapter_state_dict
 from vitfold.pipeline.atomic import atomic_replace, atomic_write_text
 from vitfold.pipeline.config import RunConfig, training_params
@@ -27,7 +28,16 @@ from vitfold.pipeline.data import build_splits, parse_data_spec
 from vitfold.pipeline.models import build_backbone, build_model, data_transform
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult
+from vitfold.pipeline.tensor_files import safetensors_bytes
 from vitfold.pipeline.training import METRIC_FIELDS, Trainer, init_distributed
+
+
+def base_identity(rd: RunDir, cfg: RunConfig) -> str:
+    """What the backbone's weights are: the sha256 of the checkpoint file, else how they were made."""
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint)
+        return rd.sha256(path) if path.is_file() else f"missing file {path}"
+    return "hub" if cfg.pretrained else f"random (seed {cfg.seed})"
 
 
 def adapter_metadata(cfg: RunConfig, model: nn.Module, extra: dict[str, Any]) -> dict[str, str]:
@@ -46,10 +56,7 @@ def adapter_metadata(cfg: RunConfig, model: nn.Module, extra: dict[str, Any]) ->
 
 
 def save_adapter(path: Path, model: nn.Module, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save
-
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    atomic_replace(path, save(tensors, metadata=metadata))
+    atomic_replace(path, safetensors_bytes(adapter_state_dict(model), metadata))
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
@@ -74,7 +81,10 @@ def _resume(rd: RunDir, cfg: RunConfig, trainer: Trainer, log) -> None:
     if not rd.last_ckpt.is_file():
         log(f"no {rd.last_ckpt} yet: starting from epoch 1")
         return
-    state = torch.load(rd.last_ckpt, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(rd.last_ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, or holding objects weights_only refuses
+        raise VitfoldError(f"cannot resume from {rd.last_ckpt}: {first_line(e)} (delete it to start over)") from None
     if state.get("config") != training_params(cfg):
         log(f"{rd.last_ckpt} was written for other training settings: starting from epoch 1")
         return
@@ -90,16 +100,22 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
     random.seed(cfg.seed)
     backbone = build_backbone(cfg)
     splits = build_splits(parse_data_spec(cfg.data), data_transform(cfg, backbone))  # draws no random number
+    splits.check_eval()  # a bad evaluation image fails before the first epoch, not after it
+    if cfg.num_classes is not None and cfg.num_classes < splits.num_classes:
+        raise VitfoldError(
+            f"num_classes {cfg.num_classes} is smaller than the {splits.num_classes} classes of {cfg.data}"
+        )
     model = build_model(cfg, splits.num_classes, backbone).to(d.device)
     trainer = Trainer(model, cfg.train, d, splits.train, splits.eval, cfg.seed)
     if ctx.resume:
         _resume(rd, cfg, trainer, ctx.log)
     board = _tensorboard(rd.tensorboard) if d.main else None
+    base = base_identity(rd, cfg)  # the adapter is tied to these base weights (the fold checks it)
 
     def save(row: dict[str, Any], improved: bool) -> None:
         if not d.main:
             return
-        meta = adapter_metadata(cfg, model, {"epoch": row["epoch"], "eval_acc": row["eval_acc"]})
+        meta = adapter_metadata(cfg, model, {"epoch": row["epoch"], "eval_acc": row["eval_acc"], "base": base})
         save_adapter(rd.adapter_last, model, meta)
         if improved:
             save_adapter(rd.adapter, model, meta)
@@ -120,11 +136,11 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
         result = trainer.fit(save, eval_name=splits.eval_split, log=ctx.log)
     if d.world > 1:
         dist.barrier()
-    return StageResult([rd.adapter, rd.adapter_last, rd.metrics], value=result, record=d.main)
+    return StageResult([rd.adapter, rd.adapter_last, rd.metrics], value=result)
 
 
 def _inputs(rd: RunDir, cfg: RunConfig) -> list[Path]:
     return [Path(cfg.checkpoint)] if cfg.checkpoint else []
 
 
-TRAIN = Stage("train", settings=lambda cfg: cfg, inputs=_inputs, run=_run, params=training_params)
+TRAIN = Stage("train", section=None, inputs=_inputs, run=_run, params=training_params)

@@ -16,6 +16,7 @@ Writes verify/verify.json, verify/verify.md and verify/junit.xml; `passed` is fa
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
@@ -23,8 +24,15 @@ from xml.sax.saxutils import quoteattr
 import torch
 
 from vitfold.errors import VitfoldError
-from vitfold.export.comparison import block_errors, compare, first_diverging_block, tolerance_for
-from vitfold.export.runners import Runner
+from vitfold.export.comparison import (
+    DEFAULT_TOLERANCES,
+    Tolerance,
+    block_errors,
+    compare,
+    first_diverging_block,
+    tolerance_for,
+)
+from vitfold.export.runners import Runner, open_runner
 from vitfold.pipeline.atomic import atomic_write_json, atomic_write_text
 from vitfold.pipeline.config import VerifyConfig
 from vitfold.pipeline.data import build_splits, parse_data_spec
@@ -35,8 +43,10 @@ from vitfold.pipeline.stages.backends import (
     backend_files,
     backend_precision,
     backend_unavailable,
+    checked_artifact,
     default_backends,
     open_backend,
+    unmerged_model,
 )
 from vitfold.pipeline.stages.manifest import recorded_outputs
 from vitfold.pipeline.stages.rundir import RunDir
@@ -81,11 +91,28 @@ def _backends(rd: RunDir, requested: list[str] | None, device: str, log) -> tupl
     return chosen, skipped
 
 
-def _localise(runner: Runner, reference: Runner, images: torch.Tensor, threshold: float) -> dict[str, Any]:
+def _localise(runner: Runner, reference: Runner, images: torch.Tensor, precision: str) -> dict[str, Any]:
+    """The first block diverging by more than the precision's default max_rel (never a loosened one)."""
     blocks = runner.block_outputs(runner.to_device(images))
     if blocks is None:
         return {"block": None, "where": f"{runner.runtime} cannot expose block outputs; compare onnxruntime's"}
-    return first_diverging_block(block_errors(blocks, reference.block_outputs(reference.to_device(images))), threshold)
+    errors = block_errors(blocks, reference.block_outputs(reference.to_device(images)))
+    return first_diverging_block(errors, DEFAULT_TOLERANCES[precision].max_rel)
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise VitfoldError(
+            f"cannot write verify's results into {folder} ({e.strerror or e}): use --output DIR"
+        ) from None
+
+
+def _bars(loose: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in loose.items())
 
 
 def _rows(
@@ -96,7 +123,7 @@ def _rows(
     precision: str,
     outputs: dict[int, torch.Tensor],
     references: dict[int, torch.Tensor],
-    tolerance,
+    tolerance: Tolerance,
     end_to_end: dict[int, torch.Tensor] | None,
 ) -> list[dict]:
     """One row per batch size: `outputs` against `references` (and against `end_to_end`, when given)."""
@@ -120,37 +147,48 @@ def _rows(
 def _run(rd: RunDir, v: VerifyConfig, ctx: Context) -> StageResult:
     """Compare fold and every available (or requested) export; write verify/*; the value is verify.json's."""
     batch_sizes = tuple(v.batch_sizes)
-    tolerances = {p: tolerance_for(p, v.tolerances) for p in ("fp32", "fp16")}  # validates the keys first
+    tolerances = {p: tolerance_for(p, v.tolerances) for p in DEFAULT_TOLERANCES}  # validates the keys first
+    loosened = {p: loose for p, t in tolerances.items() if (loose := t.looser_than(DEFAULT_TOLERANCES[p]))}
+    for precision, loose in loosened.items():
+        ctx.log(f"WARNING: {precision} tolerances loosened beyond the defaults: {_bars(loose)}")
     chosen, skipped = _backends(rd, v.backends, v.device, ctx.log)
+    if not chosen and not v.allow_no_export:
+        why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+        raise VitfoldError(f"verify: no exported artifact to check ({why}); --allow-no-export checks the fold alone")
+    for name in chosen:  # a changed, unrecorded or untrusted artifact stops verify before any work
+        checked_artifact(rd, name, ctx.trust)
+    out_dir = ctx.out_dir or rd.verify_dir
+    _check_writable(out_dir)  # before minutes of work, not after
     rows, localisation = [], {}
-    with open_backend(rd, UNMERGED, v.device) as reference, open_backend(rd, FOLDED, v.device) as folded:
-        images = verify_inputs(rd, reference.model, v.samples)
+    unmerged = unmerged_model(rd)
+    images = verify_inputs(rd, unmerged, v.samples)
+    with open_runner("torch", unmerged, v.device) as reference, open_backend(rd, FOLDED, v.device) as folded:
         everything = torch.cat(list(images.values()))
         expected = {b: _logits(reference, everything, b) for b in batch_sizes}
         folded_out = {b: _logits(folded, everything, b) for b in batch_sizes}
-        fold_tol = tolerances["fp32"]
-        rows += _rows(FOLDED, folded, "fold", UNMERGED, "fp32", folded_out, expected, fold_tol, None)
+        rows += _rows(FOLDED, folded, "fold", UNMERGED, "fp32", folded_out, expected, tolerances["fp32"], None)
         if not all(r["passed"] for r in rows):
-            localisation[FOLDED] = _localise(folded, reference, images["real"][:LOCALISE_IMAGES], fold_tol.max_rel)
+            localisation[FOLDED] = _localise(folded, reference, images["real"][:LOCALISE_IMAGES], "fp32")
         for name in chosen:
             precision = backend_precision(rd, name)
             tol = tolerances[precision]
-            with open_backend(rd, name, v.device) as runner:
+            with open_backend(rd, name, v.device, trust=ctx.trust) as runner:
                 outputs = {b: _logits(runner, everything, b) for b in batch_sizes}
                 new = _rows(name, runner, "export", FOLDED, precision, outputs, folded_out, tol, expected)
                 if not all(r["passed"] for r in new):
-                    localisation[name] = _localise(runner, folded, images["real"][:LOCALISE_IMAGES], tol.max_rel)
+                    localisation[name] = _localise(runner, folded, images["real"][:LOCALISE_IMAGES], precision)
             rows += new
     result = {
         "passed": all(r["passed"] for r in rows),
         "device": v.device,
         "inputs": {"real": len(images["real"]), "random": len(images["random"]), "batch_sizes": list(batch_sizes)},
         "tolerances": {p: t.to_dict() for p, t in tolerances.items()},
+        "loosened": loosened,
         "results": rows,
         "localisation": localisation,
         "skipped": skipped,
     }
-    outputs = [rd.verify_dir / "verify.json", rd.verify_dir / "verify.md", rd.verify_dir / "junit.xml"]
+    outputs = [out_dir / "verify.json", out_dir / "verify.md", out_dir / "junit.xml"]
     atomic_write_json(outputs[0], result)
     atomic_write_text(outputs[1], _markdown(result))
     atomic_write_text(outputs[2], _junit(result))
@@ -167,7 +205,7 @@ def _inputs(rd: RunDir, v: VerifyConfig) -> list[Path]:
     return list(dict.fromkeys([*backend_files(rd, UNMERGED), rd.folded, *recorded_outputs(rd, "export")]))
 
 
-VERIFY = Stage("verify", settings=lambda cfg: cfg.verify, inputs=_inputs, run=_run)
+VERIFY = Stage("verify", section="verify", inputs=_inputs, run=_run)
 
 
 def _summary_line(row: dict[str, Any]) -> str:
@@ -200,6 +238,8 @@ def _markdown(result: dict[str, Any]) -> str:
         )
     tol = "; ".join(f"{p}: " + ", ".join(f"{k} {v:g}" for k, v in t.items()) for p, t in result["tolerances"].items())
     lines += ["", f"Tolerances ({tol})."]
+    for precision, loose in result["loosened"].items():
+        lines.append(f"- **WARNING: {precision} tolerances loosened beyond the defaults: {_bars(loose)}.**")
     for name, where in result["localisation"].items():
         lines.append(f"- **{name}** first diverges at `{where['where']}`.")
     for name, reason in result["skipped"].items():
@@ -223,7 +263,15 @@ def _junit(result: dict[str, Any]) -> str:
         for n, why in result["skipped"].items()
     ]
     failures = sum(not r["passed"] for r in result["results"])
+    properties = "".join(
+        f'    <property name={quoteattr(f"loosened.{p}.{k}")} value="{v:g}"/>\n'
+        for p, loose in result["loosened"].items()
+        for k, v in loose.items()
+    )
     return (
         f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="vitfold verify" tests="{len(cases)}" '
-        f'failures="{failures}" skipped="{len(result["skipped"])}">\n' + "\n".join(cases) + "\n</testsuite>\n"
+        f'failures="{failures}" skipped="{len(result["skipped"])}">\n'
+        + (f"  <properties>\n{properties}  </properties>\n" if properties else "")
+        + "\n".join(cases)
+        + "\n</testsuite>\n"
     )
