@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
 CONFIG ?= configs/demo.yaml
 
-.PHONY: .venv test train-export lint bench clean
+.PHONY: .venv test train-export lint bench mutants clean
 
 # `make .venv` creates the virtual environment and installs vitfold (editable) with its test tools.
 .venv: $(VENV)/.installed
@@ -25,6 +25,10 @@ train-export: .venv
 
 bench: .venv
 	$(PY) benchmarks/train_step.py
+
+# Plant each mutant of tests/mutants/catalog.py in a copy of the tree and check that its tests kill it.
+mutants: .venv
+	$(PY) tests/mutants/run.py
 
 lint: .venv
 	$(PY) -m ruff check vitfold pipeline export tests benchmarks

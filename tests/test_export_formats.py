@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 
+from vitfold.errors import VitfoldError
 from vitfold.export.fp16 import FP32_OPS, convert_onnx_fp16
 from vitfold.export.onnx import export_onnx
 from vitfold.export.triton import write_triton_repository
@@ -34,18 +35,28 @@ def test_fp16_onnx_keeps_fragile_ops_fp32_and_io_fp32(onnx_model, tmp_path):
     src, model = onnx_model
     dst = convert_onnx_fp16(src, tmp_path / "model.fp16.onnx")
     graph = onnx.load(str(dst)).graph
-    produced_by = {out: node for node in graph.node for out in node.output}
     fragile = [n for n in graph.node if n.op_type in FP32_OPS]
     assert {n.op_type for n in fragile} >= {"LayerNormalization", "Softmax"}
-    for node in fragile:  # every input arrives through a Cast to float32 (or is a float32 graph input)
+    types = _elem_types(onnx.shape_inference.infer_shapes(onnx.load(str(dst))).graph)
+    for node in fragile:  # every input of every op kept in fp32 is float32, whatever produced it
         for name in node.input:
-            if name and name in produced_by and produced_by[name].op_type == "Cast":
-                to = next(a.i for a in produced_by[name].attribute if a.name == "to")
-                assert to == onnx.TensorProto.FLOAT, node.name
+            if name:
+                assert types[name] == onnx.TensorProto.FLOAT, (node.op_type, node.name, name)
     matmul_weights = {t.name: t.data_type for t in graph.initializer if t.dims and len(t.dims) == 2}
     assert set(matmul_weights.values()) == {onnx.TensorProto.FLOAT16}
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """Element type of every tensor of a shape-inferred graph: inputs, initializers, values, constants."""
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    types |= {t.name: t.data_type for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next(a.t for a in node.attribute if a.name == "value")
+            types[node.output[0]] = value.data_type
+    return types
 
 
 def test_triton_configs_name_the_tensors_of_each_backend(onnx_model, tmp_path):
@@ -77,7 +88,7 @@ class _Recorder(types.SimpleNamespace):
     """Stand-in for the tensorrt API: records every flag, precision and profile the builder sets."""
 
 
-def _fake_tensorrt(version: str, calls: list) -> types.ModuleType:
+def _fake_tensorrt(version: str, calls: list, parses: bool = True, builds: bool = True) -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     trt.float32 = "float32"
@@ -100,14 +111,17 @@ def _fake_tensorrt(version: str, calls: list) -> types.ModuleType:
             return _Recorder(shape=(-1, 3, 16, 16))
 
     class Parser:
-        num_errors = 0
+        num_errors = 0 if parses else 1
 
         def __init__(self, network, logger):
             pass
 
         def parse_from_file(self, path):
             calls.append(("parse", Path(path).name))
-            return True
+            return parses
+
+        def get_error(self, i):
+            return "unsupported operator Foo"
 
     class Config:
         def set_memory_pool_limit(self, pool, size):
@@ -139,25 +153,40 @@ def _fake_tensorrt(version: str, calls: list) -> types.ModuleType:
             return profile
 
         def build_serialized_network(self, network, config):
-            return b"plan bytes"
+            return b"plan bytes" if builds else None
 
     trt.OnnxParser, trt.Builder, trt._layers = Parser, Builder, layers
     return trt
 
 
-@pytest.mark.parametrize("version", ["10.9.0", "11.1.0"])
-def test_tensorrt_fp16_build_choices_per_major_version(onnx_model, tmp_path, monkeypatch, version):
+@pytest.fixture
+def fake_trt(onnx_model, tmp_path, monkeypatch):
+    """Build with a recording stand-in: fake_trt(version, **knobs) -> (trt, calls, build(**kwargs))."""
     import vitfold.export.tensorrt as tensorrt_export
 
-    calls: list = []
-    trt = _fake_tensorrt(version, calls)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(tensorrt_export, "_device", lambda: {"gpu": "test GPU", "compute_capability": "9.0"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     src, _ = onnx_model
     onnx_copy = tmp_path / "model.onnx"
     onnx_copy.write_bytes(src.read_bytes())
-    plan = tensorrt_export.build_engine(onnx_copy, tmp_path / "model.plan", precision="fp16", batch=(1, 4, 16))
+
+    def make(version: str, **knobs):
+        calls: list = []
+        trt = _fake_tensorrt(version, calls, **knobs)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+
+        def build(**kwargs):
+            return tensorrt_export.build_engine(onnx_copy, tmp_path / "model.plan", batch=(1, 4, 16), **kwargs)
+
+        return trt, calls, build
+
+    return make
+
+
+@pytest.mark.parametrize("version", ["10.9.0", "11.1.0"])
+def test_tensorrt_fp16_build_choices_per_major_version(fake_trt, tmp_path, version):
+    trt, calls, build = fake_trt(version)
+    plan = build(precision="fp16")
     info = json.loads(plan.with_suffix(".json").read_text())
     assert plan.read_bytes() == b"plan bytes" and info["tensorrt"] == version
     assert ("clear", "TF32") in calls
@@ -166,8 +195,34 @@ def test_tensorrt_fp16_build_choices_per_major_version(onnx_model, tmp_path, mon
         assert ("network_flags", 0) in calls and ("parse", "model.onnx") in calls
         assert ("set", "FP16") in calls and ("set", "OBEY") in calls
         assert [layer.precision for layer in trt._layers] == [None, "float32", None, "float32"]
+        assert [layer.outputs for layer in trt._layers] == [{}, {0: "float32"}, {}, {0: "float32"}]  # outputs pinned
         assert info["normalization_layers_fp32"] == 2 and not info["strongly_typed"]
     else:
         assert ("network_flags", 1) in calls and ("parse", "model.fp16.onnx") in calls
         assert not [c for c in calls if c[0] == "set"]  # the removed precision flags are never touched
         assert (tmp_path / "model.fp16.onnx").is_file() and info["strongly_typed"]
+
+
+@pytest.mark.parametrize("version", ["10.9.0", "11.1.0"])
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tensorrt_fp32_build_is_weakly_typed_and_tf32_only_when_asked(fake_trt, tmp_path, version, tf32):
+    trt, calls, build = fake_trt(version)
+    info = json.loads(build(precision="fp32", tf32=tf32).with_suffix(".json").read_text())
+    assert ("network_flags", 0) in calls and ("parse", "model.onnx") in calls  # fp32: the fp32 ONNX, no typing
+    assert (("clear", "TF32") in calls) is not tf32
+    assert not [c for c in calls if c[0] == "set"] and all(layer.precision is None for layer in trt._layers)
+    assert info["tf32"] is tf32 and info["precision"] == "fp32" and not info["strongly_typed"]
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"parses": False}, "could not parse .*unsupported operator Foo"),
+        ({"builds": False}, "failed to build an engine"),
+    ],
+)
+def test_tensorrt_parse_and_build_failures_are_one_line_and_write_nothing(fake_trt, tmp_path, knobs, message):
+    _, _, build = fake_trt("10.9.0", **knobs)
+    with pytest.raises(VitfoldError, match=message):
+        build(precision="fp16")
+    assert not (tmp_path / "model.plan").exists() and not (tmp_path / "model.json").exists()

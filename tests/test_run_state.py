@@ -89,8 +89,11 @@ def test_the_fold_refuses_other_base_weights_than_the_adapter_was_trained_on(tmp
     model = create_backbone(TINY_RUN["backbone"], **TINY_RUN["backbone_kwargs"])
     save_file({k: v for k, v in model.state_dict().items() if not k.startswith("head.")}, base)
     rd = RunDir(tmp_path / "run")
-    rd.write_config(load_config(None, **{k: v for k, v in TINY_RUN.items() if k != "train"}, checkpoint=str(base),
-                                train=TINY_RUN["train"]))  # fmt: skip
+    rd.write_config(
+        load_config(
+            None, **{k: v for k, v in TINY_RUN.items() if k != "train"}, checkpoint=str(base), train=TINY_RUN["train"]
+        )
+    )
     run_stage("train", rd, **QUIET)
     run_stage("fold", rd, **QUIET)  # the same base: folds
     with torch.no_grad():

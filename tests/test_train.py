@@ -99,9 +99,24 @@ def test_training_is_deterministic_given_the_seed(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigkill_mid_epoch_then_resume(tmp_path):
+def _tensors(state):
+    """Every tensor of a nested state (dicts, lists), in a fixed order, with its path."""
+    if isinstance(state, torch.Tensor):
+        yield "", state
+    elif isinstance(state, dict):
+        for key in sorted(state, key=str):
+            yield from ((f"{key}.{path}", t) for path, t in _tensors(state[key]))
+    elif isinstance(state, list | tuple):
+        for i, item in enumerate(state):
+            yield from ((f"{i}.{path}", t) for path, t in _tensors(item))
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """EFFT2 with factor dropout: the resumed run draws the same masks only if the RNG state came back too."""
     run = tmp_path / "run"
-    config = tiny_config(tmp_path, epochs=3, batch_size=8)
+    config = tiny_config(tmp_path, "efft2", epochs=3, batch_size=16)
+    config.write_text(config.read_text().replace("data: digits", "data: digits:0-4"))  # half the images
+    assert load_config(config).method_options.get("dropout", 0.1) > 0
     proc = subprocess.Popen(
         [sys.executable, "-m", "vitfold", "train", "--config", str(config), "--out", str(run)],
         stdout=subprocess.DEVNULL,
@@ -120,11 +135,15 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     assert "resuming after epoch 1 of 3" in result.stderr
     assert [row["epoch"] for row in read_metrics(run)] == ["1", "2", "3"]
     assert not list((run / "train").glob(".*.tmp")), "a temp file was left behind"
-    cfg = load_config(run / "config.yaml")
-    model = build_model(cfg, num_classes=10)
-    vitfold.load_adapter(model, load_file(run / "train" / "adapter_last.safetensors"))
-    state = torch.load(run / "train" / "last.ckpt", weights_only=True)
-    assert state["epoch"] == 3
+    straight = tmp_path / "straight"
+    assert vitfold_cli("train", "--config", str(config), "--out", str(straight)).returncode == 0
+    resumed, uninterrupted = (torch.load(r / "train" / "last.ckpt", weights_only=True) for r in (run, straight))
+    assert resumed["epoch"] == uninterrupted["epoch"] == 3
+    for part in ("adapter", "optimizer"):
+        a, b = dict(_tensors(resumed[part])), dict(_tensors(uninterrupted[part]))
+        assert a.keys() == b.keys() and len(a) > 0
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert resumed["history"][-1]["train_loss"] == uninterrupted["history"][-1]["train_loss"]
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):

@@ -1,0 +1,83 @@
+"""The mutants `make mutants` plants, one line-replacement each, with the tests expected to kill it.
+
+Each is a bug a test in this repository is named for; a mutant that survives its tests means that test
+no longer checks what it claims. A new gate adds its mutant here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository root
+    find: str  # must occur exactly once in the file
+    replace: str
+    tests: tuple[str, ...]  # pytest node ids or files (relative to the repository root)
+
+
+MUTANTS = (
+    # -- the fold: formulas shared by the training forward and the fold (only the reference folds see these)
+    Mutant("rlrr fold without the 1 +", "pipeline/adapters/rlrr.py",
+           "scale = 1 + s_out.view(g, -1, 1)", "scale = s_out.view(g, -1, 1)",
+           ("tests/test_fold_matrix.py",)),
+    Mutant("rlrr k and v reuse q's input scale", "pipeline/adapters/rlrr.py",
+           "* s_in.view(g, 1, in_features)  # [g, out/g, in]", "* s_in[:1].expand(g, -1).reshape(g, 1, in_features)",
+           ("tests/test_fold_matrix.py",)),
+    Mutant("efft1 fc1 reads fc2's core slice", "pipeline/adapters/efft.py",
+           "fc1 = self.scale * (u @ core[:, 1]) @ v.T", "fc1 = self.scale * (u @ core[:, 2]) @ v.T",
+           ("tests/test_fold_matrix.py",)),
+    # -- export and verify
+    Mutant("verify ignores every export backend but ONNX Runtime", "pipeline/stages/verify.py",
+           "for name in requested or default_backends(rd, EXPORT_BACKENDS):",
+           "for name in [n for n in requested or default_backends(rd, EXPORT_BACKENDS) if 'onnx' in n]:",
+           ("tests/test_planted_faults.py::test_a_fault_in_one_artifact_fails_its_own_row[torchscript]",)),
+    Mutant("fp16 ONNX: LayerNorm no longer kept in fp32", "export/fp16.py",
+           "op_block_list=list(FP32_OPS)", "op_block_list=[o for o in FP32_OPS if o != 'LayerNormalization']",
+           ("tests/test_export_formats.py::test_fp16_onnx_keeps_fragile_ops_fp32_and_io_fp32",)),
+    Mutant("TensorRT 10: LayerNorm output types not pinned", "export/tensorrt.py",
+           "layer.set_output_type(j, trt.float32)", "pass",
+           ("tests/test_export_formats.py::test_tensorrt_fp16_build_choices_per_major_version",)),
+    Mutant("block localisation blind to NaN", "export/comparison.py",
+           "if not err <= threshold:", "if err > threshold:",
+           ("tests/test_gate.py::test_localisation_treats_nan_as_divergence",)),
+    Mutant("loosened tolerances hidden", "pipeline/stages/verify.py",
+           "loosened = {p: loose for p, t in tolerances.items()", "loosened = {p: loose for p, t in {}.items()",
+           ("tests/test_gate.py::test_loosened_tolerances_are_reported_everywhere",)),
+    # -- the gate fails closed (issue 15)
+    Mutant("a lost artifact is skipped", "pipeline/stages/backends.py",
+           'if rd.artifact(fmt) in recorded_outputs(rd, "export"):', "if False:",
+           ("tests/test_gate.py::test_a_lost_artifact_fails_verify_instead_of_being_skipped",)),
+    Mutant("an unrecorded artifact is loaded", "pipeline/stages/manifest.py",
+           "if key not in recorded and recorded_only:", "if False:",
+           ("tests/test_gate.py::test_an_artifact_the_export_stage_did_not_record_is_never_loaded",)),
+    Mutant("verify's staleness ignores dropped artifacts", "pipeline/stages/manifest.py",
+           'gone = sorted(entry["inputs"].keys() - current.keys())', "gone = []",
+           ("tests/test_gate.py::test_export_removes_formats_it_did_not_build_and_verify_goes_out_of_date",)),
+    Mutant("untrusted executable artifacts are loaded", "pipeline/stages/trust.py",
+           "if trust or _marker(digest).is_file():", "if True:",
+           ("tests/test_run_state.py::test_an_executable_artifact_not_exported_here_needs_trust",)),
+    Mutant("two writers share a run", "pipeline/stages/rundir.py",
+           "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)",
+           ("tests/test_run_state.py::test_a_second_writer_is_refused_while_the_first_holds_the_run",)),
+    Mutant("a diverging training goes on", "pipeline/training.py",
+           "if not math.isfinite(value):", "if False:",
+           ("tests/test_run_state.py::test_a_diverging_training_stops_with_one_line_naming_the_step",)),
+    # -- resume and the run
+    Mutant("a stage left running is taken for finished", "pipeline/stages/manifest.py",
+           'if entry.get("status") != "done":', "if False:",
+           ("tests/test_faults.py::test_vitfold_run_killed_during_training_resumes_it_to_the_uninterrupted_adapter",)),
+    Mutant("vitfold run exits 0 after a failed verify", "vitfold/cli.py",
+           'if not read_manifest(rd)["stages"].get("verify", {}).get("passed", True):', "if False:",
+           ("tests/test_planted_faults.py::test_vitfold_run_exits_1_when_verify_fails",)),
+    Mutant("resume restores nothing but counters", "pipeline/training.py",
+           '        load_adapter(self.model, state["adapter"])\n'
+           '        self.optimizer.load_state_dict(state["optimizer"])\n'
+           '        _set_rng_state(state["rng"])\n', "",
+           ("tests/test_train.py::test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run",)),
+    Mutant("resume forgets the RNG", "pipeline/training.py",
+           '        _set_rng_state(state["rng"])\n', "",
+           ("tests/test_train.py::test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run",)),
+)  # fmt: skip
