@@ -66,19 +66,22 @@ def trainable_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Param
             yield name, p
 
 
-def _new_zero_head(model: nn.Module, num_classes: int) -> None:
-    ref = next(model.parameters())  # the new head lives on the model's device, in its dtype
+def _new_head(model: nn.Module, num_classes: int, zero: bool) -> None:
+    """timm's `reset_classifier` (a randomly initialised nn.Linear), zeroed when `zero`; on the model's
+    device, in its dtype."""
+    ref = next(model.parameters())
     model.reset_classifier(num_classes)
     for _, p in _head_named_parameters(model):
-        p.data = torch.zeros_like(p, device=ref.device, dtype=ref.dtype)
+        p.data = torch.zeros_like(p, device=ref.device, dtype=ref.dtype) if zero else p.to(ref.device, ref.dtype)
 
 
 def adapt(model: nn.Module, method: str = "rlrr", *, num_classes: int | None = None, **options: Any) -> nn.Module:
     """Attach adapter `method` to a timm ViT in place and return it.
 
-    All base parameters are frozen; the adapter tensors train, and so does a new zero-initialised head
-    when `num_classes` is given (otherwise the model's own head is kept, frozen). `options` are the
-    method's (e.g. `init="paper" | "identity"` for RLRR); an unknown option is an `AdapterError`.
+    All base parameters are frozen; the adapter tensors train, and so does a new head when `num_classes`
+    is given: zero-initialised, or with timm's random init for a method whose official code keeps it
+    (EFFT). Otherwise the model's own head is kept, frozen. `options` are the method's (e.g.
+    `init="paper" | "identity"` for RLRR); an unknown option is an `AdapterError`.
     """
     if getattr(model, RECORD_ATTR, None) is not None:
         raise AdapterError(f"model already has a '{getattr(model, RECORD_ATTR).method}' adapter")
@@ -88,7 +91,7 @@ def adapt(model: nn.Module, method: str = "rlrr", *, num_classes: int | None = N
     model.requires_grad_(False)
     adapter.attach(model)
     if num_classes is not None:
-        _new_zero_head(model, num_classes)
+        _new_head(model, num_classes, zero=adapter.zero_head)
     model.train(model.training)  # new modules take the model's train/eval mode
     setattr(model, RECORD_ATTR, AdapterRecord(method, asdict(adapter.options), new_head=num_classes is not None))
     for _, p in trainable_named_parameters(model):

@@ -22,7 +22,7 @@ class TrainConfig:
     epochs: int | None = None
     batch_size: int | None = None  # global batch (split over DDP processes)
     lr: float | None = None
-    weight_decay: float | None = None  # not applied to names containing "bias" or "norm"
+    weight_decay: float | None = None  # grouped by the method's official rule (AdapterMethod.no_weight_decay)
     warmup_epochs: float | None = None
     warmup_lr: float | None = None
     min_lr: float | None = None

@@ -1,6 +1,6 @@
 """The training loop: a model and datasets in, a trained model and per-epoch metrics out. No files.
 
-AdamW with weight decay skipped for names containing "bias" or "norm" (the official RLRR rule); the
+AdamW with weight decay grouped by each method's official rule (`AdapterMethod.no_weight_decay`); the
 learning rate warms up linearly from `warmup_lr` to `lr`, then follows a cosine to `min_lr`, per step.
 Batches are global: batch b of an epoch is the same set of images whatever the number of processes,
 so a DDP run takes the same steps as one process with the same global batch. `Trainer.state_dict()`
@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vitfold.errors import VitfoldError
-from vitfold.pipeline.adapting import adapter_state_dict, load_adapter, trainable_named_parameters
+from vitfold.pipeline.adapters import get_method
+from vitfold.pipeline.adapting import adapter_record, adapter_state_dict, load_adapter, trainable_named_parameters
 from vitfold.pipeline.config import TrainConfig
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "img_per_s", "seconds")
@@ -95,9 +96,12 @@ def lr_at(step: int, total: int, steps_per_epoch: int, tc: TrainConfig) -> float
 
 
 def make_optimizer(model: nn.Module, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable tensors, in a decayed and an undecayed group by the method's own rule
+    (`AdapterMethod.no_weight_decay`, reproducing each official code's groups)."""
+    exempt = get_method(adapter_record(model).method).no_weight_decay
     decay, no_decay = [], []
     for name, p in trainable_named_parameters(model):
-        (no_decay if "bias" in name or "norm" in name else decay).append(p)
+        (no_decay if exempt(name) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0)
 

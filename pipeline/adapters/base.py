@@ -102,7 +102,7 @@ class AdapterRecord:
 
     method: str
     options: dict[str, Any]
-    new_head: bool  # a new zero-initialised head was created and trains with the adapter
+    new_head: bool  # a new head was created (zero or random, as the method says) and trains with the adapter
 
 
 class AdapterMethod(ABC):
@@ -124,7 +124,15 @@ class AdapterMethod(ABC):
     def attach(self, model: nn.Module) -> None:
         """Wrap the model's layers in adapter layers, in place (the caller freezes the rest)."""
 
+    zero_head: ClassVar[bool] = True  # a new head starts at zero (RLRR's official `zero_head=True`)
+
     @classmethod
     def trainable_base(cls, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         """Base parameters that train too (full fine-tuning); none for a parameter-efficient method."""
         return iter(())
+
+    @classmethod
+    def no_weight_decay(cls, name: str) -> bool:
+        """Whether the trainable tensor `name` is exempt from weight decay: the official RLRR rule
+        (a name containing "bias" or "norm"), which the baselines follow too."""
+        return "bias" in name or "norm" in name

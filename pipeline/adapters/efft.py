@@ -210,6 +210,13 @@ class DeltaLinear(AdditiveLinear):
 
 
 class _EFFT(AdapterMethod):
+    zero_head = False  # the official code keeps timm's random init of the new head (`reset_classifier`)
+
+    @classmethod
+    def no_weight_decay(cls, name: str) -> bool:
+        """None: the official EFFT decays every trainable tensor, the head bias included."""
+        return False
+
     @abstractmethod
     def make_factors(self, model: nn.Module, d: int, h: int, depth: int) -> SharedFactors:
         """The method's factors for a ViT of width d, MLP width h and `depth` blocks."""

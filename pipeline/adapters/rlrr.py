@@ -113,6 +113,13 @@ class RLRR(AdapterMethod):
     name = "rlrr"
     options_type = RLRROptions
 
+    @classmethod
+    def no_weight_decay(cls, name: str) -> bool:
+        """The official rule on the official names: the shift `f` is the official `shift_bias` (exempt),
+        the SSF after a norm carries "norm" (exempt); the scales, the patch SSF and the head weight decay."""
+        official = name.removesuffix(".f") + ".shift_bias" if name.endswith(".f") else name
+        return "bias" in official or "norm" in official
+
     def attach(self, model: nn.Module) -> None:
         targets = vit_targets(model, shifts=True)
         init = self.options.init

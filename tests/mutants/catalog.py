@@ -29,6 +29,13 @@ MUTANTS = (
     Mutant("efft1 fc1 reads fc2's core slice", "pipeline/adapters/efft.py",
            "fc1 = self.scale * (u @ core[:, 1]) @ v.T", "fc1 = self.scale * (u @ core[:, 2]) @ v.T",
            ("tests/test_fold_matrix.py",)),
+    # -- training as the official code trains
+    Mutant("rlrr shifts weight-decayed (the generic rule on vitfold's names)", "pipeline/adapters/rlrr.py",
+           'official = name.removesuffix(".f") + ".shift_bias" if name.endswith(".f") else name', "official = name",
+           ("tests/test_training_rules.py::test_rlrr_groups_are_the_official_ones",)),
+    Mutant("efft head zero-initialised", "pipeline/adapters/efft.py",
+           "    zero_head = False", "    zero_head = True",
+           ("tests/test_training_rules.py::test_the_new_head_is_zero_for_rlrr_and_timm_random_for_efft",)),
     # -- export and verify
     Mutant("verify ignores every export backend but ONNX Runtime", "pipeline/stages/verify.py",
            "for name in requested or default_backends(rd, EXPORT_BACKENDS):",

@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("-k", default="", help="only the mutants whose name contains this text")
     args = parser.parse_args()
     chosen = [m for m in MUTANTS if args.k.lower() in m.name.lower()]
+    if not chosen:
+        raise SystemExit(f"no mutant's name contains '{args.k}'")
     survived = []
     with tempfile.TemporaryDirectory(prefix="vitfold-mutants-") as tmp:
         copy = make_copy(Path(tmp) / "repo")
