@@ -20,9 +20,13 @@ a new head) train. `init` names the factor that starts at zero ("u" or "v"; EFFT
 attention factors and one for the FFN factors, e.g. "vu"); the others are Xavier-uniform, so the adapted
 model equals the base at step 0. Dropout acts on the factor tensors U, C, V themselves, in training only.
 
+Dropout masks follow the official code, where each layer's forward applies its own `nn.Dropout`: per
+block one mask on the attention factors (shared by q, k, v, o), and separate masks for the fc1 and fc2
+deltas (EFFT1: one per slab); the factors are expanded to one copy per block (and layer) first.
+
 Cost: the factors are stored once on the model (`model.efft`). At the start of every forward (a
-pre-hook on `patch_embed`) all 6L deltas are built in one batched product — one dropout mask per
-factor per step, shared by all blocks, and no factor product recomputed per layer — and each layer adds
+pre-hook on `patch_embed`) all 6L deltas are built in one batched product (no factor product recomputed
+per layer; the per-block copies cost about L·d·r elements), and each layer adds
 its delta to its weight and runs one matmul (F.linear(x, W + ΔW)), so the step costs about what full
 fine-tuning's does. The fold builds each block's deltas from its own core slices, in float64.
 """
@@ -81,9 +85,14 @@ class SharedFactors(AdapterModule):
         self._deltas: dict[str, tuple[torch.Tensor, ...]] | None = None  # this forward's, per block
         self._folded = False  # set by `fuse`: the layers hold the deltas now, `build` has nothing to do
 
-    def _factors(self, names: tuple[str, ...], dtype: torch.dtype | None, dropout: bool) -> list[torch.Tensor]:
-        tensors = [getattr(self, n) if dtype is None else getattr(self, n).to(dtype) for n in names]
-        return [F.dropout(t, self.dropout, training=True) for t in tensors] if dropout else tensors
+    def _factor(
+        self, name: str, dtype: torch.dtype | None, dropout: bool, copies: tuple[int, ...] = ()
+    ) -> torch.Tensor:
+        """Factor `name` (in `dtype`), with leading axes `copies`: one copy per layer that the official code
+        gives a dropout of its own. In training each copy draws its own mask; otherwise they are views."""
+        t = getattr(self, name) if dtype is None else getattr(self, name).to(dtype)
+        t = t.expand(*copies, *t.shape)  # [*copies, *factor], no copy made
+        return F.dropout(t, self.dropout, training=True) if dropout else t
 
     @abstractmethod
     def stacked_deltas(
@@ -154,16 +163,25 @@ class EFFT2Factors(SharedFactors):
         _xavier_then_zero({"U2": self.U2, "C2": self.C2, "V2": self.V2}, zero=opts.init[1].upper() + "2")
 
     def stacked_deltas(self, blocks, dtype, dropout):
-        u1, c1, v1, u2, c2, v2 = self._factors(("U1", "C1", "V1", "U2", "C2", "V2"), dtype, dropout)
         start, stop, _ = blocks.indices(self.C2.shape[-1] // 2)
-        n, d = stop - start, u1.shape[0]
-        c1 = c1[:, :, 4 * start : 4 * stop]  # [r, r, 4n]
-        c2 = c2[:, :, 2 * start : 2 * stop]  # [r, r, 2n]
+        n, r = stop - start, self.U1.shape[1]
+        # the official masks: per block one for the attention factors (shared by q, k, v, o), and separate
+        # ones for the fc1 and the fc2 delta of each MLP
+        u1, v1 = (
+            self._factor("U1", dtype, dropout, (n,)),
+            self._factor("V1", dtype, dropout, (n,)),
+        )  # [n, d, r], [n, r, d]
+        u2, v2 = self._factor("U2", dtype, dropout, (2, n)), self._factor("V2", dtype, dropout, (2, n))  # [2, n, ...]
+        c1 = self._factor("C1", dtype, dropout)[:, :, 4 * start : 4 * stop].reshape(r, r, n, 4)  # [r, r, n, 4]
+        c2 = self._factor("C2", dtype, dropout)[:, :, 2 * start : 2 * stop]  # [r, r, 2n]
         # (s U C V)ᵀ = s Vᵀ Cᵀ Uᵀ: q, k, v, o and fc1 are the transposes of their x·W deltas
-        attn = self.scale * torch.einsum("sj,rsk->kjr", v1, c1) @ u1.T  # [4n, d, r] @ [r, d] -> [4n, d, d]
-        fc1 = self.scale * torch.einsum("sj,rsk->kjr", v2, c2[:, :, 0::2]) @ u2.T  # [n, h, r] @ [r, d] -> [n, h, d]
-        fc2 = self.scale * torch.einsum("ir,rsk->kis", u2, c2[:, :, 1::2]) @ v2  # [n, d, r] @ [r, h] -> [n, d, h]
-        return attn.view(n, 4, d, d), fc1, fc2
+        vc1 = torch.einsum("bsj,rsbk->bkjr", v1, c1)  # [n, 4, d, r]
+        attn = self.scale * vc1 @ u1.transpose(-1, -2).unsqueeze(1)  # [n, 4, d, r] @ [n, 1, r, d] -> [n, 4, d, d]
+        vc2 = torch.einsum("bsj,rsb->bjr", v2[0], c2[:, :, 0::2])  # [n, h, r]
+        fc1 = self.scale * vc2 @ u2[0].transpose(-1, -2)  # [n, h, r] @ [n, r, d] -> [n, h, d]
+        uc2 = torch.einsum("bir,rsb->bis", u2[1], c2[:, :, 1::2])  # [n, d, r]
+        fc2 = self.scale * uc2 @ v2[1]  # [n, d, r] @ [n, r, h] -> [n, d, h]
+        return attn, fc1, fc2
 
 
 class EFFT1Factors(SharedFactors):
@@ -178,16 +196,18 @@ class EFFT1Factors(SharedFactors):
         _xavier_then_zero({"U": self.U, "core": self.core, "V": self.V}, zero=opts.init.upper())
 
     def stacked_deltas(self, blocks, dtype, dropout):
-        u, core, v = self._factors(("U", "core", "V"), dtype, dropout)
         start, stop, _ = blocks.indices(self.core.shape[0] // 3)
-        n, d, r = stop - start, v.shape[0], v.shape[1]
-        core = core[3 * start : 3 * stop].view(n, 3, r, r)
+        n, (d, r) = stop - start, self.V.shape
+        # per block, one mask per slab (attention, fc1, fc2), as each layer's own dropout draws it
+        u, v = self._factor("U", dtype, dropout, (3, n)), self._factor("V", dtype, dropout, (3, n))  # [3, n, 4d|d, r]
+        core = self._factor("core", dtype, dropout)[3 * start : 3 * stop].view(n, 3, r, r)
         # slab 0 = s U Σ0 Vᵀ stacks the x·W deltas of q, k, v, o on its input axis: part p is s U_p Σ0 Vᵀ,
         # whose nn.Linear form is s V Σ0ᵀ U_pᵀ
-        v_core = self.scale * v @ core[:, 0].transpose(-1, -2)  # [d, r] @ [n, r, r] -> [n, d, r]
-        attn = v_core.unsqueeze(1) @ u.view(4, d, r).transpose(-1, -2)  # [n, 1, d, r] @ [4, r, d] -> [n, 4, d, d]
-        fc1 = self.scale * (u @ core[:, 1]) @ v.T  # slab 1 = ΔW_fc1ᵀ, already [out, in]: [n, 4d, d]
-        fc2 = self.scale * (v @ core[:, 2].transpose(-1, -2)) @ u.T  # slab 2ᵀ = s V Σ2ᵀ Uᵀ: [n, d, 4d]
+        v_core = self.scale * v[0] @ core[:, 0].transpose(-1, -2)  # [n, d, r] @ [n, r, r] -> [n, d, r]
+        u_parts = u[0].reshape(n, 4, d, r).transpose(-1, -2)  # [n, 4, r, d]
+        attn = v_core.unsqueeze(1) @ u_parts  # [n, 1, d, r] @ [n, 4, r, d] -> [n, 4, d, d]
+        fc1 = self.scale * (u[1] @ core[:, 1]) @ v[1].transpose(-1, -2)  # slab 1 = ΔW_fc1ᵀ: [n, 4d, d]
+        fc2 = self.scale * (v[2] @ core[:, 2].transpose(-1, -2)) @ u[2].transpose(-1, -2)  # slab 2ᵀ: [n, d, 4d]
         return attn, fc1, fc2
 
 

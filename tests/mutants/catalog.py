@@ -33,6 +33,12 @@ MUTANTS = (
     Mutant("rlrr shifts weight-decayed (the generic rule on vitfold's names)", "pipeline/adapters/rlrr.py",
            'official = name.removesuffix(".f") + ".shift_bias" if name.endswith(".f") else name', "official = name",
            ("tests/test_training_rules.py::test_rlrr_groups_are_the_official_ones",)),
+    Mutant("efft dropout: one mask per factor shared by every block and layer", "pipeline/adapters/efft.py",
+           "        t = t.expand(*copies, *t.shape)  # [*copies, *factor], no copy made\n"
+           "        return F.dropout(t, self.dropout, training=True) if dropout else t",
+           "        t = F.dropout(t, self.dropout, training=True) if dropout else t\n"
+           "        return t.expand(*copies, *t.shape)",
+           ("tests/test_training_rules.py::test_efft2_dropout_draws_masks_per_block_and_per_mlp_layer",)),
     Mutant("efft head zero-initialised", "pipeline/adapters/efft.py",
            "    zero_head = False", "    zero_head = True",
            ("tests/test_training_rules.py::test_the_new_head_is_zero_for_rlrr_and_timm_random_for_efft",)),
