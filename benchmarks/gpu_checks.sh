@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
 # The GPU checks of the issues, in one go on a CUDA machine (results under $OUT, default ./gpu-results):
-# environment and onnxruntime providers, ViT-B/16 training throughput/memory per method (bf16, batch 64),
-# and the whole pipeline on ViT-B/16 on CUDA (train, fold, export onnx + CUDA AOTI, verify, bench 1 & 64).
+# environment and onnxruntime providers; ViT-B/16 pre-trained from scratch on digits, RLRR-adapted, folded,
+# exported as CUDA AOTInductor packages in fp32 and fp16, verified and benched on CUDA (issue 14); then
+# reduced-precision latency with and without CUDA graphs (benchmarks/gpu_precision.py).
+# The machine's image has torch, timm, onnx and onnxruntime but no vitfold install: a shim folder maps the
+# source tree onto the `vitfold` package (vitfold/, pipeline/ -> vitfold.pipeline, export/ -> vitfold.export).
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+SHIM=$(mktemp -d)
+mkdir "$SHIM/vitfold"
+cp vitfold/*.py "$SHIM/vitfold/"
+ln -s "$PWD/pipeline" "$SHIM/vitfold/pipeline"
+ln -s "$PWD/export" "$SHIM/vitfold/export"
+export PYTHONPATH=$SHIM:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
 python - <<'PY' | tee "$OUT/env.json"
 import json, torch, timm, onnxruntime as ort
 print(json.dumps({"torch": torch.__version__, "timm": timm.__version__, "onnxruntime": ort.__version__,
                   "ort_providers": ort.get_available_providers(), "gpu": torch.cuda.get_device_name(),
                   "capability": torch.cuda.get_device_capability()}))
 PY
-python benchmarks/gpu_train.py --out "$OUT/gpu_train.json"
-RUN=/tmp/vitb-cuda
-python -m vitfold run --config benchmarks/configs/vitb_cuda.yaml --out "$RUN" 2>&1 | grep -v "it/s\]" | tail -80
+RUN=/tmp/vitb-precision
+REPO=$PWD
+# from the shim's folder: `python -m` puts the working folder first on sys.path, and ./vitfold lacks the subpackages
+(cd "$SHIM" && time python -m vitfold run --config "$REPO/benchmarks/configs/vitb_cuda_precision.yaml" --out "$RUN") \
+  2>&1 | grep -v "it/s\]" | tail -60
 cp -r "$RUN/verify" "$RUN/bench" "$RUN/REPORT.md" "$RUN/manifest.json" "$OUT/" 2>/dev/null
 cp "$RUN/export/export.json" "$OUT/" 2>/dev/null
+time python benchmarks/gpu_precision.py "$RUN" --out "$OUT/gpu_precision.json"

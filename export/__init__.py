@@ -15,13 +15,17 @@ from typing import Any
 
 FORMATS = ("onnx", "torchscript", "aoti", "tensorrt")
 DEFAULT_FORMATS = ("onnx", "torchscript", "aoti")  # tensorrt needs the [trt] extra and a GPU
-PRECISIONS = ("fp32", "fp16")
-# the file each format writes into the output folder ("onnx-fp16": the ONNX of precision fp16)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# the file of each artifact in the output folder; "<format>-<precision>" is a reduced-precision variant
+# written beside the fp32 artifact of that format (see `exporting.VARIANTS`)
 FILES = {
     "onnx": "model.onnx",
     "onnx-fp16": "model.fp16.onnx",
+    "onnx-int8": "model.int8.onnx",
     "torchscript": "model.pt",
     "aoti": "model.pt2",
+    "aoti-fp16": "model.fp16.pt2",
+    "aoti-bf16": "model.bf16.pt2",
     "tensorrt": "model.plan",
 }
 

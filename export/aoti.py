@@ -1,5 +1,10 @@
 """torch.export + AOTInductor: a `.pt2` package with dynamic batch, for CPU (or CUDA on a GPU machine),
-loaded with `torch._inductor.aoti_load_package`. Needs a C++ compiler at export time."""
+loaded with `torch._inductor.aoti_load_package`. Needs a C++ compiler at export time.
+
+A reduced-precision package (fp16, bf16) holds the weights cast after the fold and computes in that
+dtype as torch does (LayerNorm and softmax accumulate in float32 inside their kernels); its input and
+output stay float32, so callers do not change with the precision.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from torch import nn
 
 from vitfold.errors import VitfoldError
 from vitfold.export.artifacts import batch_dim, example_input, staged_files
+from vitfold.export.precision import at_precision
 
 
 def require_compiler() -> None:
@@ -18,9 +24,11 @@ def require_compiler() -> None:
         raise VitfoldError("aoti export needs a C++ compiler (c++, g++ or clang++) on PATH")
 
 
-def export_aoti(model: nn.Module, path: Path, image_size: tuple[int, int], device: str = "cpu") -> list[Path]:
+def export_aoti(
+    model: nn.Module, path: Path, image_size: tuple[int, int], device: str = "cpu", precision: str = "fp32"
+) -> list[Path]:
     require_compiler()
-    model = model.eval().to(device)
+    model = at_precision(model.eval(), precision).to(device)
     example = example_input(image_size).to(device)
     with torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=(batch_dim(),))

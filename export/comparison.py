@@ -8,68 +8,112 @@ For logits y (a backend) and r (the reference), rows = images:
     top1_agreement = share of images with argmax y_i = argmax r_i
     kl_mean        = mean over images of KL(softmax r_i ‖ softmax y_i)
 
-All in float64. An output passes when max_rel ≤ tol.max_rel, cosine_min ≥ tol.cosine_min and
-top1_agreement ≥ tol.top1_min: `compare(reference, output, tolerances)` returns a `Comparison` that
-carries the statistics and is truthy only then.
+All in float64. An output passes when it clears every bar its `Tolerance` sets (max_rel ≤ tol.max_rel,
+cosine_min ≥ tol.cosine_min, top1_agreement ≥ tol.top1_min, and on a labelled evaluation split, see
+`split_stats`, split_top1_agreement ≥ tol.split_top1_min and accuracy_delta ≥ tol.accuracy_delta_min):
+`compare(reference, output, tolerances)` returns a `Comparison` that carries the statistics and is truthy
+only then.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
 from vitfold.errors import VitfoldError
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    max_rel: float
-    cosine_min: float
-    top1_min: float
-
-    def check(self, stats: dict[str, float]) -> bool:
-        return (
-            stats["max_rel"] <= self.max_rel
-            and stats["cosine_min"] >= self.cosine_min
-            and stats["top1_agreement"] >= self.top1_min
-        )
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-    def looser_than(self, other: Tolerance) -> dict[str, float]:
-        """The bars of this tolerance that let more through than `other`'s (name -> this value)."""
-        looser = {
-            "max_rel": self.max_rel > other.max_rel,
-            "cosine_min": self.cosine_min < other.cosine_min,
-            "top1_min": self.top1_min < other.top1_min,
-        }
-        return {k: getattr(self, k) for k, loose in looser.items() if loose}
-
-
-# fp32: the fold and every fp32 artifact must agree to float32 rounding; fp16 artifacts to fp16 rounding,
-# and may flip no more than 2% of top-1 decisions (near-ties).
-DEFAULT_TOLERANCES = {
-    "fp32": Tolerance(max_rel=1e-4, cosine_min=0.99999, top1_min=1.0),
-    "fp16": Tolerance(max_rel=2e-2, cosine_min=0.999, top1_min=0.98),
+# bar -> (the statistic it bounds, whether the statistic must be >= the bar rather than <=)
+BARS = {
+    "max_rel": ("max_rel", False),
+    "cosine_min": ("cosine_min", True),
+    "top1_min": ("top1_agreement", True),
+    "split_top1_min": ("split_top1_agreement", True),
+    "accuracy_delta_min": ("accuracy_delta", True),
 }
 
 
-def tolerance_for(precision: str, overrides: Mapping[str, float] | None = None) -> Tolerance:
-    """The default tolerance of `precision` with `overrides`; an unknown key or a non-number is a one-line
-    `VitfoldError` naming it."""
+@dataclass(frozen=True)
+class Tolerance:
+    """The bars an output must clear; None: not judged on that statistic. The split bars judge the
+    evaluation split (`split_stats`): top-1 agreement with the reference and the accuracy change (points)."""
+
+    max_rel: float | None = None
+    cosine_min: float | None = None
+    top1_min: float | None = None
+    split_top1_min: float | None = None
+    accuracy_delta_min: float | None = None
+
+    def check(self, stats: dict[str, float]) -> bool:
+        """Every bar set is cleared; a statistic a bar needs but `stats` lacks fails (closed)."""
+        for bar, (stat, at_least) in BARS.items():
+            limit = getattr(self, bar)
+            if limit is None:
+                continue
+            value = stats.get(stat)
+            if value is None or not (value >= limit if at_least else value <= limit):
+                return False
+        return True
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def looser_than(self, other: Tolerance) -> dict[str, float | None]:
+        """The bars of this tolerance that let more through than `other`'s (name -> this value; None when
+        this one drops a bar `other` has)."""
+        looser = {}
+        for bar, (_, at_least) in BARS.items():
+            mine, theirs = getattr(self, bar), getattr(other, bar)
+            if theirs is not None and (mine is None or (mine < theirs if at_least else mine > theirs)):
+                looser[bar] = mine
+        return looser
+
+
+# fp32: the fold and every fp32 artifact must agree to float32 rounding; fp16 artifacts to fp16 rounding,
+# and may flip no more than 2% of top-1 decisions (near-ties); bf16 keeps 8 mantissa bits to fp16's 11.
+# int8 is judged where quantization is judged: top-1 agreement with fp32 on the whole evaluation split
+# and the accuracy change there (points), not elementwise.
+DEFAULT_TOLERANCES = {
+    "fp32": Tolerance(max_rel=1e-4, cosine_min=0.99999, top1_min=1.0),
+    "fp16": Tolerance(max_rel=2e-2, cosine_min=0.999, top1_min=0.98),
+    "bf16": Tolerance(max_rel=8e-2, cosine_min=0.995, top1_min=0.95),
+    "int8": Tolerance(split_top1_min=0.99, accuracy_delta_min=-0.5),
+}
+
+
+def _checked_overrides(overrides: Mapping[str, Any], where: str) -> dict[str, float]:
+    for key, value in overrides.items():
+        if key not in BARS:
+            raise VitfoldError(f"{where}: unknown key '{key}' (known: {', '.join([*BARS, *DEFAULT_TOLERANCES])})")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise VitfoldError(f"{where}: '{key}' must be a number, got {value!r}")
+    return {k: float(v) for k, v in overrides.items()}
+
+
+def tolerances_for(overrides: Mapping[str, Any] | None = None) -> dict[str, Tolerance]:
+    """precision -> its default tolerance with `overrides`: a bar set at the top level changes every
+    precision that has that bar; `{precision: {bar: value}}` changes that precision's. An unknown key or
+    a non-number is a one-line `VitfoldError` naming it."""
+    overrides = dict(overrides or {})
+    per_precision = {p: overrides.pop(p) for p in DEFAULT_TOLERANCES if p in overrides}
+    common = _checked_overrides(overrides, "tolerances")
+    result = {}
+    for precision, default in DEFAULT_TOLERANCES.items():
+        own = per_precision.get(precision, {})
+        if not isinstance(own, Mapping):
+            raise VitfoldError(f"tolerances: '{precision}' must be a mapping of bars, got {own!r}")
+        shared = {k: v for k, v in common.items() if getattr(default, k) is not None}
+        result[precision] = replace(default, **shared, **_checked_overrides(own, f"tolerances.{precision}"))
+    return result
+
+
+def tolerance_for(precision: str, overrides: Mapping[str, Any] | None = None) -> Tolerance:
+    """The tolerance of `precision` (see `tolerances_for`)."""
     if precision not in DEFAULT_TOLERANCES:
         raise VitfoldError(f"no tolerance for precision '{precision}' (known: {', '.join(DEFAULT_TOLERANCES)})")
-    known = [f.name for f in fields(Tolerance)]
-    for key, value in (overrides or {}).items():
-        if key not in known:
-            raise VitfoldError(f"tolerances: unknown key '{key}' (known: {', '.join(known)})")
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise VitfoldError(f"tolerances: '{key}' must be a number, got {value!r}")
-    return replace(DEFAULT_TOLERANCES[precision], **{k: float(v) for k, v in (overrides or {}).items()})
+    return tolerances_for(overrides)[precision]
 
 
 @dataclass(frozen=True)
@@ -95,7 +139,8 @@ def compare(
     reference: torch.Tensor, output: torch.Tensor, tolerances: Tolerance | Mapping[str, float] | None = None
 ) -> Comparison:
     """Compare (B, C) logits with the reference's. `tolerances`: a `Tolerance`, or overrides of the fp32
-    defaults (max_rel, cosine_min, top1_min), or None for the fp32 defaults."""
+    defaults (max_rel, cosine_min, top1_min), or None for the fp32 defaults. A Tolerance with split bars
+    (int8's) needs `split_stats` merged into the statistics: `Comparison({**c.stats, **split}, tol)`."""
     if tuple(reference.shape) != tuple(output.shape) or reference.dim() != 2:
         raise VitfoldError(f"compare: logits of shape {tuple(output.shape)} against {tuple(reference.shape)}")
     tol = tolerances if isinstance(tolerances, Tolerance) else tolerance_for("fp32", tolerances)
@@ -115,6 +160,26 @@ def logit_stats(y: torch.Tensor, r: torch.Tensor) -> dict[str, float]:
         "cosine_min": float(torch.nn.functional.cosine_similarity(y, r, dim=-1).min()),
         "top1_agreement": float((y.argmax(-1) == r.argmax(-1)).double().mean()),
         "kl_mean": float((log_p.exp() * (log_p - log_q)).sum(-1).mean()),
+    }
+
+
+def split_stats(predicted: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 predictions (n,) of an output and of its reference on a labelled split (n,):
+
+    split_accuracy       = share of images with predicted = label (the reference's: reference_accuracy)
+    split_top1_agreement = share of images with predicted = reference's prediction
+    accuracy_delta       = 100 · (split_accuracy − reference_accuracy), in points
+    """
+    if not predicted.shape == reference.shape == labels.shape or predicted.dim() != 1 or not len(labels):
+        raise VitfoldError(f"split_stats: predictions {tuple(predicted.shape)} against {tuple(reference.shape)}")
+    accuracy = float((predicted == labels).double().mean())
+    reference_accuracy = float((reference == labels).double().mean())
+    return {
+        "split_images": len(labels),
+        "split_accuracy": accuracy,
+        "reference_accuracy": reference_accuracy,
+        "split_top1_agreement": float((predicted == reference).double().mean()),
+        "accuracy_delta": 100 * (accuracy - reference_accuracy),
     }
 
 

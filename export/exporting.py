@@ -11,10 +11,12 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from vitfold.errors import VitfoldError
-from vitfold.export import FILES, FORMATS, PRECISIONS
+from vitfold.export import FILES, FORMATS
+from vitfold.export.precision import variants
 
 # (format, the files it wrote, seconds): what `on_artifact` is told after each format
 ArtifactCallback = Callable[[str, list[Path], float], None]
@@ -26,10 +28,7 @@ def check_formats(formats: Iterable[str], precision: str = "fp32", device: str =
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise VitfoldError(f"--format: unknown format '{(unknown or [''])[0]}' (choose from {', '.join(FORMATS)})")
-    if precision not in PRECISIONS:
-        raise VitfoldError(f"--precision {precision}: use {' or '.join(PRECISIONS)}")
-    if precision == "fp16" and not set(formats) & {"onnx", "tensorrt"}:
-        raise VitfoldError("--precision fp16 applies to onnx and tensorrt")
+    variants(formats, precision, device)
     if "tensorrt" in formats:
         from vitfold.export.tensorrt import require_tensorrt
 
@@ -61,14 +60,21 @@ def export(
     opset: int = 18,
     *,
     device: str = "cpu",
+    calibration: torch.Tensor | None = None,
+    int8_mode: str = "static",
+    quantize_head: bool = True,
     on_artifact: ArtifactCallback | None = None,
 ) -> dict[str, Path]:
-    """Export `model` (evaluated as it is: fold adapters first) into `out_dir`; returns format -> file.
+    """Export `model` (evaluated as it is: fold adapters first) into `out_dir`; returns artifact -> file.
 
-    Formats: onnx (+ "onnx-fp16" when `precision="fp16"`), torchscript, aoti (a `.pt2` for `device`),
-    tensorrt (built from the ONNX; needs the [trt] extra and a GPU). File names: `vitfold.export.FILES`.
+    Formats: onnx, torchscript, aoti (a `.pt2` for `device`), tensorrt (built from the ONNX; needs the
+    [trt] extra and a GPU). Each is written in fp32; `precision` adds its variants beside them
+    (`vitfold.export.precision.VARIANTS`): onnx-fp16, onnx-int8 (static QDQ calibrated on `calibration`,
+    (N, 3, H, W) normalised images, or `int8_mode="dynamic"`), aoti-fp16 (CUDA), aoti-bf16; the TensorRT
+    plan is built at `precision`. File names: `vitfold.export.FILES`.
     """
     formats = check_formats(formats, precision, device)
+    reduced = variants(formats, precision, device)
     image_size = _image_size(input_size)
     out_dir = Path(out_dir)
     model = model.eval()
@@ -89,10 +95,18 @@ def export(
         from vitfold.export.onnx import export_onnx
 
         produce("onnx", lambda: export_onnx(model, onnx_path, image_size, opset))
-        if precision == "fp16":
-            from vitfold.export.fp16 import convert_onnx_fp16
+    if "onnx-fp16" in reduced.values():
+        from vitfold.export.fp16 import convert_onnx_fp16
 
-            produce("onnx-fp16", lambda: [convert_onnx_fp16(onnx_path, out_dir / FILES["onnx-fp16"])])
+        produce("onnx-fp16", lambda: [convert_onnx_fp16(onnx_path, out_dir / FILES["onnx-fp16"])])
+    if precision == "int8":
+        from vitfold.export.int8 import quantize_onnx_int8
+
+        def quantize() -> list[Path]:
+            dst = out_dir / FILES["onnx-int8"]
+            return [quantize_onnx_int8(onnx_path, dst, calibration, mode=int8_mode, quantize_head=quantize_head)]
+
+        produce("onnx-int8", quantize)
     if "torchscript" in formats:
         from vitfold.export.torchscript import export_torchscript
 
@@ -101,10 +115,14 @@ def export(
         from vitfold.export.aoti import export_aoti
 
         produce("aoti", lambda: export_aoti(model, out_dir / FILES["aoti"], image_size, device))
+        if "aoti" in reduced:
+            artifact = reduced["aoti"]
+            produce(artifact, lambda: export_aoti(model, out_dir / FILES[artifact], image_size, device, precision))
     if "tensorrt" in formats:
         from vitfold.export.tensorrt import build_engine
 
         plan = out_dir / FILES["tensorrt"]
+        source = written["onnx-int8"] if precision == "int8" else onnx_path  # int8: TensorRT reads the QDQ
         # the engine first, then the record of the GPU and TensorRT version it is tied to
-        produce("tensorrt", lambda: [build_engine(onnx_path, plan, precision=precision), plan.with_suffix(".json")])
+        produce("tensorrt", lambda: [build_engine(source, plan, precision=precision), plan.with_suffix(".json")])
     return written

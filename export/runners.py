@@ -206,6 +206,49 @@ class TensorRTRunner(Runner):
         self.context = self.engine = None
 
 
+class CudaGraphRunner(Runner):
+    """`runner` replayed from a CUDA graph captured once per input shape (no per-kernel launch cost).
+
+    The graph reads a static input buffer and writes a static output: each call copies `x` in and
+    returns a clone of the output. For latency at small batches, where launches dominate on a GPU.
+    AOTInductor packages are refused: capturing one crashed the process (torch 2.11, H100)."""
+
+    def __init__(self, runner: Runner) -> None:
+        if runner.device.type != "cuda":
+            raise VitfoldError(f"CUDA graphs need a CUDA runner, not {runner.device}")
+        if runner.runtime == "aoti":
+            raise VitfoldError("CUDA graphs: capturing an AOTInductor package crashed torch 2.11; not supported")
+        super().__init__(str(runner.device))
+        self.inner, self.runtime, self.provider = runner, runner.runtime, runner.provider
+        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def _capture(self, x: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        static_in = x.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph: lazy initialisation, allocator pools
+            for _ in range(3):
+                self.inner(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.inner(static_in)
+        return graph, static_in, static_out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = tuple(x.shape)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(x)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self.inner.close()
+
+
 def unavailable(backend: str, device: str = "cpu") -> str | None:
     """Why runtime `backend` cannot run on `device` here (None when it can)."""
     if backend not in RUNTIMES:

@@ -8,12 +8,19 @@ engine computes what the ONNX computes. FP16:
 - TensorRT 11 removed those flags: networks are strongly typed, so the FP16 ONNX of `export.fp16`
   (LayerNorm, Softmax and reductions kept FP32) is parsed and its types are obeyed as written.
 
+INT8 reads the QDQ ONNX of `export.int8` (explicit quantization: the scales come from the file, no
+TensorRT calibrator): TensorRT 10 with `BuilderFlag.INT8`, TensorRT 11 strongly typed.
+
+The builder takes trtexec's knobs (min/opt/max batch, workspace, timing cache) and logs the
+equivalent `trtexec` command line. Experimental: no run of it on a real GPU has been recorded yet.
+
 A plan only runs on the TensorRT version and GPU that built it, so `model.json` beside it records both.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +81,47 @@ def _device() -> dict[str, Any]:
     return {"gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
 
 
+def _load_timing_cache(config: Any, path: Path | None) -> Any:
+    """Attach the timing cache at `path` (empty when the file does not exist yet); None without one."""
+    if path is None:
+        return None
+    cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def trtexec_command(
+    onnx_path: Path,
+    plan_path: Path,
+    precision: str,
+    strongly_typed: bool,
+    batch: tuple[int, int, int],
+    shape: tuple[int, ...],
+    tf32: bool,
+    workspace_gib: float,
+    timing_cache: Path | None,
+) -> str:
+    """The trtexec command line that builds the same engine (TensorRT 10 FP16 also pins the LayerNorms to
+    FP32, which trtexec spells per layer name with --layerPrecisions)."""
+    dims = ["x".join(map(str, (b, *shape))) for b in batch]
+    parts = [
+        "trtexec",
+        f"--onnx={onnx_path}",
+        f"--saveEngine={plan_path}",
+        *(f"--{k}Shapes={INPUT_NAME}:{d}" for k, d in zip(("min", "opt", "max"), dims, strict=True)),
+        f"--memPoolSize=workspace:{int(workspace_gib * 1024)}M",
+    ]
+    if strongly_typed:
+        parts.append("--stronglyTyped")
+    elif precision in ("fp16", "int8"):
+        parts.append(f"--{precision}" + (" --precisionConstraints=obey" if precision == "fp16" else ""))
+    if not tf32:
+        parts.append("--noTF32")
+    if timing_cache is not None:
+        parts.append(f"--timingCacheFile={timing_cache}")
+    return " ".join(parts)
+
+
 def build_engine(
     onnx_path: Path,
     plan_path: Path,
@@ -82,13 +130,16 @@ def build_engine(
     batch: tuple[int, int, int] = (1, 8, 32),
     tf32: bool = False,
     workspace_gib: float = 4.0,
+    timing_cache: Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Build `plan_path` (and `plan_path.with_suffix('.json')`) from `onnx_path`; returns the plan."""
+    """Build `plan_path` (and `plan_path.with_suffix('.json')`) from `onnx_path` (for int8: the QDQ ONNX);
+    returns the plan. `timing_cache`: a file read (when present) and updated, as trtexec's --timingCacheFile."""
     trt = require_tensorrt()
-    strongly_typed = precision == "fp16" and _major(trt) >= 11
+    strongly_typed = precision in ("fp16", "int8") and _major(trt) >= 11
     source = onnx_path
-    if strongly_typed:
-        from export.fp16 import convert_onnx_fp16
+    if strongly_typed and precision == "fp16":
+        from vitfold.export.fp16 import convert_onnx_fp16
 
         source = convert_onnx_fp16(onnx_path, onnx_path.with_name(onnx_path.stem + ".fp16.onnx"))
     builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
@@ -102,6 +153,9 @@ def build_engine(
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned = _pin_normalization_fp32(trt, network)
+    if precision == "int8" and not strongly_typed:
+        config.set_flag(trt.BuilderFlag.INT8)
+    cache = _load_timing_cache(config, timing_cache)
     shape = tuple(network.get_input(0).shape)[1:]  # (3, H, W)
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, *[(b, *shape) for b in batch])
@@ -109,6 +163,13 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise VitfoldError(f"TensorRT failed to build an engine from {source} (see its log above)")
+    if cache is not None:
+        timing_cache.write_bytes(memoryview(cache.serialize()))
+    command = trtexec_command(
+        source, plan_path, precision, strongly_typed, batch, shape, tf32, workspace_gib, timing_cache
+    )
+    if log is not None:
+        log(f"tensorrt: equivalent to `{command}`")
     info = {
         "tensorrt": trt.__version__,
         **_device(),
@@ -119,6 +180,7 @@ def build_engine(
         "batch_min_opt_max": list(batch),
         "input_shape": list(shape),
         "onnx": source.name,
+        "trtexec": command,
     }
     with staged_files(plan_path.parent) as tmp:
         (tmp / plan_path.with_suffix(".json").name).write_text(json.dumps(info, indent=2) + "\n")

@@ -45,8 +45,11 @@ class FoldConfig:
 @dataclass
 class ExportConfig:
     formats: list[str] = field(default_factory=lambda: ["onnx", "torchscript", "aoti"])
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp16, bf16 or int8 add reduced-precision artifacts beside the fp32 ones
     opset: int = 18
+    calibration_samples: int = 256  # int8 static: seeded training images its activation ranges come from
+    int8_mode: str = "static"  # static (QDQ, calibrated) | dynamic (activation ranges per call)
+    int8_head: bool = True  # quantize the classifier head too
     device: str = "cpu"  # the AOTInductor package's device
     triton: str | None = None  # also write a Triton model repository into this folder
 
@@ -57,7 +60,10 @@ class VerifyConfig:
     samples: int = 16  # evaluation images, and as many random images
     backends: list[str] | None = None  # None: every available export
     device: str = "cpu"
-    tolerances: dict[str, float] = field(default_factory=dict)  # max_rel, cosine_min, top1_min
+    # max_rel, cosine_min, top1_min, split_top1_min, accuracy_delta_min for every precision that has the
+    # bar, or {precision: {...}} for one
+    tolerances: dict[str, Any] = field(default_factory=dict)
+    eval_images: int | None = None  # accuracy and agreement on the evaluation split: None = all of it
     allow_no_export: bool = False  # pass with the fold checked alone (otherwise verify needs an artifact)
 
 
@@ -210,7 +216,8 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
     """Refuse, naming the key, any value that would fail later (or silently do the wrong thing):
     checked when the config loads, before anything is written."""
     from vitfold.export import FORMATS, PRECISIONS
-    from vitfold.export.comparison import tolerance_for
+    from vitfold.export.comparison import tolerances_for
+    from vitfold.export.int8 import INT8_MODES
     from vitfold.pipeline.adapters import get_method
 
     t, f, e, v, b = cfg.train, cfg.fold, cfg.export, cfg.verify, cfg.bench
@@ -243,9 +250,13 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
         ("export.precision", e.precision, e.precision in PRECISIONS, " or ".join(PRECISIONS)),
         ("export.opset", e.opset, _is_int(e.opset, 17), "an integer >= 17"),
         ("export.device", e.device, _is_device(e.device), "cpu or cuda[:N]"),
+        ("export.calibration_samples", e.calibration_samples, _is_int(e.calibration_samples, 1), "a positive integer"),
+        ("export.int8_mode", e.int8_mode, e.int8_mode in INT8_MODES, " or ".join(INT8_MODES)),
+        ("export.int8_head", e.int8_head, isinstance(e.int8_head, bool), "true or false"),
         ("verify.batch_sizes", v.batch_sizes, _batch_sizes(v.batch_sizes), "a list of positive integers"),
         ("verify.samples", v.samples, _is_int(v.samples, 1), "a positive integer"),
         ("verify.device", v.device, _is_device(v.device), "cpu or cuda[:N]"),
+        ("verify.eval_images", v.eval_images, v.eval_images is None or _is_int(v.eval_images, 1), "a positive integer"),
         ("verify.allow_no_export", v.allow_no_export, isinstance(v.allow_no_export, bool), "true or false"),
         ("bench.batch_sizes", b.batch_sizes, _batch_sizes(b.batch_sizes), "a list of positive integers"),
         ("bench.device", b.device, _is_device(b.device), "cpu or cuda[:N]"),
@@ -265,6 +276,6 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
     except VitfoldError as error:
         raise VitfoldError(f"{where}: {error}") from None
     try:
-        tolerance_for("fp32", v.tolerances)
+        tolerances_for(v.tolerances)
     except VitfoldError as error:
         raise VitfoldError(f"{where}: verify.{error}") from None

@@ -17,6 +17,7 @@ import torch
 from vitfold.errors import VitfoldError
 from vitfold.export.fp16 import FP32_OPS, convert_onnx_fp16
 from vitfold.export.onnx import export_onnx
+from vitfold.export.tensorrt import build_engine as tensorrt_build
 from vitfold.export.triton import write_triton_repository
 
 TINY = {"img_size": 16, "patch_size": 4, "depth": 2}
@@ -96,7 +97,7 @@ def _fake_tensorrt(version: str, calls: list, parses: bool = True, builds: bool 
     trt.LayerType = types.SimpleNamespace(NORMALIZATION="norm", MATRIX_MULTIPLY="mm")
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
-    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY")
+    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", FP16="FP16", INT8="INT8", OBEY_PRECISION_CONSTRAINTS="OBEY")
     layers = [_Recorder(type=t, num_outputs=1, precision=None, outputs={}) for t in ("mm", "norm", "mm", "norm")]
     for layer in layers:
         layer.set_output_type = lambda j, dt, layer=layer: layer.outputs.__setitem__(j, dt)
@@ -135,6 +136,13 @@ def _fake_tensorrt(version: str, calls: list, parses: bool = True, builds: bool 
 
         def add_optimization_profile(self, profile):
             calls.append(("profile", profile.shapes))
+
+        def create_timing_cache(self, data):
+            calls.append(("cache_read", bytes(data)))
+            return _Recorder(serialize=lambda: b"timings")
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            calls.append(("cache_set", ignore_mismatch))
 
     class Builder:
         def __init__(self, logger):
@@ -212,6 +220,34 @@ def test_tensorrt_fp32_build_is_weakly_typed_and_tf32_only_when_asked(fake_trt, 
     assert (("clear", "TF32") in calls) is not tf32
     assert not [c for c in calls if c[0] == "set"] and all(layer.precision is None for layer in trt._layers)
     assert info["tf32"] is tf32 and info["precision"] == "fp32" and not info["strongly_typed"]
+
+
+@pytest.mark.parametrize("version", ["10.9.0", "11.1.0"])
+def test_tensorrt_int8_reads_the_qdq_onnx_and_logs_its_trtexec_line(fake_trt, tmp_path, version):
+    trt, calls, build = fake_trt(version)
+    qdq = tmp_path / "model.int8.onnx"
+    qdq.write_bytes((tmp_path / "model.onnx").read_bytes())
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"earlier timings")
+    lines: list[str] = []
+    plan = tensorrt_build(
+        qdq, tmp_path / "model.plan", precision="int8", batch=(1, 4, 16), timing_cache=cache, log=lines.append
+    )
+    info = json.loads(plan.with_suffix(".json").read_text())
+    assert ("parse", "model.int8.onnx") in calls and info["precision"] == "int8"
+    if version.startswith("10"):  # explicit quantization in a weakly typed network
+        assert ("set", "INT8") in calls and ("network_flags", 0) in calls
+    else:
+        assert ("network_flags", 1) in calls and not [c for c in calls if c[0] == "set"]
+    assert ("cache_read", b"earlier timings") in calls and cache.read_bytes() == b"timings"  # read, then updated
+    command = info["trtexec"]
+    for part in (f"--onnx={qdq}", "--minShapes=input:1x3x16x16", "--optShapes=input:4x3x16x16", "--noTF32"):
+        assert part in command
+    assert "--maxShapes=input:16x3x16x16" in command and f"--timingCacheFile={cache}" in command
+    assert ("--int8" in command) is version.startswith("10") and (
+        "--stronglyTyped" in command
+    ) is not version.startswith("10")
+    assert lines == [f"tensorrt: equivalent to `{command}`"]
 
 
 @pytest.mark.parametrize(

@@ -244,32 +244,68 @@ def fold(run_dir: str, base_mismatch_ok: bool | None) -> None:
     "formats",
     help=f"Comma-separated: {', '.join(FORMATS)} (default: the run config's, {','.join(DEFAULT_FORMATS)}).",
 )
-@click.option("--precision", type=click.Choice(PRECISIONS), help="onnx, tensorrt (default: the run config's, fp32).")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    help="Add artifacts at this precision beside the fp32 ones: fp16 (onnx; aoti and tensorrt on cuda), "
+    "bf16 (aoti), int8 (onnx, tensorrt). Default: the run config's, fp32.",
+)
 @click.option("--opset", type=click.IntRange(min=17), help="ONNX opset (default: the run config's, 18).")
+@click.option("--calibration-samples", type=click.IntRange(min=1), help="int8: training images to calibrate on (256).")
+@click.option(
+    "--int8-mode", type=click.Choice(["static", "dynamic"]), help="int8: static QDQ (calibrated; default) or dynamic."
+)
 @click.option("--triton", type=click.Path(file_okay=False), help="Also write a Triton model repository.")
 @device_option("Device for the AOTInductor package: cpu | cuda")
 def export(
-    run_dir: str, formats: str | None, precision: str | None, opset: int | None, triton: str | None, device: str | None
+    run_dir: str,
+    formats: str | None,
+    precision: str | None,
+    opset: int | None,
+    calibration_samples: int | None,
+    int8_mode: str | None,
+    triton: str | None,
+    device: str | None,
 ) -> None:
     """Export RUN_DIR's folded model: RUN_DIR/export/ (model.onnx, model.pt, model.pt2, model.plan)."""
     names = _names(formats)
     unknown = [f for f in names or [] if f not in FORMATS]
     if formats is not None and (unknown or not names):
         raise VitfoldError(f"--format: unknown format '{(unknown or [formats])[0]}' (choose from {', '.join(FORMATS)})")
-    _stage("export", run_dir, formats=names, precision=precision, opset=opset, triton=triton, device=device)
+    _stage(
+        "export",
+        run_dir,
+        formats=names,
+        precision=precision,
+        opset=opset,
+        calibration_samples=calibration_samples,
+        int8_mode=int8_mode,
+        triton=triton,
+        device=device,
+    )
 
 
 @main.command()
 @run_dir_argument
 @backends_option(
-    "torchscript, onnxruntime, onnxruntime-fp16, aoti, tensorrt; torch-folded (the fold) is always checked"
+    "torchscript, onnxruntime, onnxruntime-fp16, onnxruntime-int8, aoti, aoti-fp16, aoti-bf16, tensorrt; "
+    "torch-folded (the fold) is always checked"
 )
 @batch_sizes_option("1,8")
 @click.option("--samples", type=click.IntRange(min=1), help="Evaluation images, and as many random images (16).")
 @device_option()
-@click.option("--max-rel", type=float, help="Tolerance: max |Δ| / max |logit| (default fp32 1e-4, fp16 2e-2).")
+@click.option(
+    "--max-rel", type=float, help="Tolerance: max |Δ| / max |logit| (default fp32 1e-4, fp16 2e-2, bf16 8e-2)."
+)
 @click.option("--cosine-min", type=float, help="Tolerance: least cosine similarity of a logit vector.")
-@click.option("--top1-min", type=float, help="Tolerance: least top-1 agreement.")
+@click.option("--top1-min", type=float, help="Tolerance: least top-1 agreement on the sample.")
+@click.option(
+    "--split-top1-min", type=float, help="Tolerance: least top-1 agreement on the evaluation split (int8: 0.99)."
+)
+@click.option(
+    "--accuracy-delta-min", type=float, help="Tolerance: least accuracy change on the split, points (int8: -0.5)."
+)
+@click.option("--eval-images", type=click.IntRange(min=1), help="Evaluation-split images for accuracy (default: all).")
 @click.option("--allow-no-export", is_flag=True, default=None, help="Pass with only the fold checked (no artifact).")
 @click.option(
     "--output", type=click.Path(file_okay=False), help="Write the results here, not into RUN_DIR (read-only)."
@@ -284,12 +320,21 @@ def verify(
     max_rel: float | None,
     cosine_min: float | None,
     top1_min: float | None,
+    split_top1_min: float | None,
+    accuracy_delta_min: float | None,
+    eval_images: int | None,
     allow_no_export: bool | None,
     output: str | None,
     trust: bool,
 ) -> None:
     """Check that every artifact computes what the unmerged adapted model computes (exit 0 pass, 1 mismatch)."""
-    limits = {"max_rel": max_rel, "cosine_min": cosine_min, "top1_min": top1_min}
+    limits = {
+        "max_rel": max_rel,
+        "cosine_min": cosine_min,
+        "top1_min": top1_min,
+        "split_top1_min": split_top1_min,
+        "accuracy_delta_min": accuracy_delta_min,
+    }
     result = _stage(
         "verify",
         run_dir,
@@ -298,6 +343,7 @@ def verify(
         samples=samples,
         device=device,
         tolerances={k: v for k, v in limits.items() if v is not None} or None,
+        eval_images=eval_images,
         allow_no_export=allow_no_export,
         out_dir=output,
         trust=trust,
@@ -309,7 +355,10 @@ def verify(
 
 @main.command()
 @run_dir_argument
-@backends_option("torch-unmerged, torch-folded, torch-base, torchscript, onnxruntime, onnxruntime-fp16, aoti, tensorrt")
+@backends_option(
+    "torch-unmerged, torch-folded, torch-base, torch-folded-fp16, torch-folded-bf16, torchscript, onnxruntime, "
+    "onnxruntime-fp16, onnxruntime-int8, aoti, aoti-fp16, aoti-bf16, tensorrt"
+)
 @batch_sizes_option("1,8,32")
 @device_option()
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: torch's current count).")

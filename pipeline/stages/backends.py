@@ -4,9 +4,13 @@ of the run.
     torch-unmerged    base backbone + trained adapter (the reference)    train/adapter.safetensors
     torch-folded      fold/model.safetensors loaded by timm alone
     torch-base        the plain base architecture (latency baseline; weights do not matter)
+    torch-folded-fp16 torch-folded with its weights cast to fp16 (CUDA), -bf16 to bf16 (bench rows)
     torchscript       export/model.pt        onnxruntime       export/model.onnx
     aoti              export/model.pt2       onnxruntime-fp16  export/model.fp16.onnx
-    tensorrt          export/model.plan
+    aoti-fp16         export/model.fp16.pt2  onnxruntime-int8  export/model.int8.onnx
+    aoti-bf16         export/model.bf16.pt2  tensorrt          export/model.plan
+
+A backend named `<...>-<precision>` computes at that precision; tensorrt at the one its plan records.
 """
 
 from __future__ import annotations
@@ -14,22 +18,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from vitfold.errors import VitfoldError
+from vitfold.export import PRECISIONS
+from vitfold.export.isa import cpu_has_bf16
+from vitfold.export.precision import at_precision
 from vitfold.export.runners import Runner, open_runner, unavailable
 from vitfold.pipeline.stages.manifest import recorded_outputs, verified_input
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.trust import EXECUTABLE_FORMATS, require_trusted
 
 UNMERGED, FOLDED, BASE = "torch-unmerged", "torch-folded", "torch-base"
-TORCH_BACKENDS = (UNMERGED, FOLDED, BASE)
+FOLDED_FP16, FOLDED_BF16 = "torch-folded-fp16", "torch-folded-bf16"
+TORCH_BACKENDS = (UNMERGED, FOLDED, BASE, FOLDED_FP16, FOLDED_BF16)
 # backend -> (runtime, export format whose file it opens)
 ARTIFACT_BACKENDS = {
     "torchscript": ("torchscript", "torchscript"),
     "onnxruntime": ("onnxruntime", "onnx"),
     "onnxruntime-fp16": ("onnxruntime", "onnx-fp16"),
+    "onnxruntime-int8": ("onnxruntime", "onnx-int8"),
     "aoti": ("aoti", "aoti"),
+    "aoti-fp16": ("aoti", "aoti-fp16"),
+    "aoti-bf16": ("aoti", "aoti-bf16"),
     "tensorrt": ("tensorrt", "tensorrt"),
 }
 BACKENDS = (*TORCH_BACKENDS, *ARTIFACT_BACKENDS)
@@ -62,22 +74,36 @@ def base_model(rd: RunDir) -> nn.Module:
     return timm.create_model(cfg.backbone, num_classes=num_classes, **cfg.backbone_kwargs).eval()
 
 
-MODELS = {UNMERGED: unmerged_model, FOLDED: folded_model, BASE: base_model}
+MODELS = {
+    UNMERGED: unmerged_model,
+    FOLDED: folded_model,
+    BASE: base_model,
+    FOLDED_FP16: lambda rd: at_precision(folded_model(rd), "fp16"),
+    FOLDED_BF16: lambda rd: at_precision(folded_model(rd), "bf16"),
+}
+REDUCED = tuple(name for name in BACKENDS if name.rsplit("-", 1)[-1] in PRECISIONS)  # optional extras
 
 
 def backend_files(rd: RunDir, name: str) -> list[Path]:
     """The files of the run that backend `name` reads (an ONNX file's `.data` beside it, when there is one)."""
     if name == UNMERGED:
         return [rd.adapter]
-    if name in (FOLDED, BASE):
+    if name in (FOLDED, BASE, FOLDED_FP16, FOLDED_BF16):
         return [rd.folded]
     path = rd.artifact(ARTIFACT_BACKENDS[name][1])
     return [path, path.with_name(path.name + ".data")] if path.suffix == ".onnx" else [path]
 
 
 def default_backends(rd: RunDir, names: tuple[str, ...]) -> list[str]:
-    """`names`, less onnxruntime-fp16 when no fp16 ONNX was exported (an option, not a missing artifact)."""
-    return [n for n in names if n != "onnxruntime-fp16" or rd.artifact("onnx-fp16").is_file()]
+    """`names`, less the reduced-precision artifacts this run did not export (an option, not a missing
+    artifact) and the reduced-precision torch rows this machine cannot compute natively."""
+    return [n for n in names if n not in REDUCED or _reduced_available(rd, n)]
+
+
+def _reduced_available(rd: RunDir, name: str) -> bool:
+    if name in ARTIFACT_BACKENDS:
+        return rd.artifact(ARTIFACT_BACKENDS[name][1]).is_file()
+    return name == FOLDED_BF16 and cpu_has_bf16() or name == FOLDED_FP16 and torch.cuda.is_available()
 
 
 def backend_unavailable(rd: RunDir, name: str, device: str) -> str | None:
@@ -85,12 +111,22 @@ def backend_unavailable(rd: RunDir, name: str, device: str) -> str | None:
     if name not in BACKENDS:
         return f"unknown backend '{name}' (choose from {', '.join(BACKENDS)})"
     runtime, fmt = ARTIFACT_BACKENDS.get(name, ("torch", None))
-    reason = unavailable(runtime, device)
+    reason = unavailable(runtime, device) or _precision_unavailable(name, device)
     if reason is None and fmt is not None and not rd.artifact(fmt).is_file():
         if rd.artifact(fmt) in recorded_outputs(rd, "export"):  # exported, then lost: fail closed
             raise VitfoldError(f"{rd.artifact(fmt)} is missing, though the export stage recorded it: rerun the export")
         reason = f"export/{rd.artifact(fmt).name} not built (vitfold export --format ...)"
     return reason
+
+
+def _precision_unavailable(name: str, device: str) -> str | None:
+    """Why the torch row of a reduced precision cannot run natively on `device` (None when it can)."""
+    cpu = torch.device(device).type == "cpu"
+    if name == FOLDED_FP16 and cpu:
+        return "fp16 torch rows run on CUDA (CPUs have no fast fp16 matmul)"
+    if name == FOLDED_BF16 and cpu and not cpu_has_bf16():
+        return "this CPU has no native bf16 (AVX512_BF16 or AMX)"
+    return None
 
 
 def open_backend(rd: RunDir, name: str, device: str = "cpu", threads: int | None = None, trust: bool = False) -> Runner:
@@ -111,9 +147,9 @@ def checked_artifact(rd: RunDir, name: str, trust: bool = False) -> Path:
 
 
 def backend_precision(rd: RunDir, name: str) -> str:
-    """fp16 for the fp16 ONNX and for a TensorRT plan built in fp16; fp32 otherwise."""
-    if name == "onnxruntime-fp16":
-        return "fp16"
+    """The precision a `<...>-<precision>` backend names, the one a TensorRT plan records, else fp32."""
+    if name in REDUCED:
+        return name.rsplit("-", 1)[-1]
     info = rd.artifact("tensorrt").with_suffix(".json")
     if name == "tensorrt" and info.is_file():
         return json.loads(info.read_text()).get("precision", "fp32")

@@ -7,14 +7,20 @@ precision, input size, tensor names and, per artifact, its files, bytes and seco
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
 
 from vitfold.export import FILES
 from vitfold.export.artifacts import INPUT_NAME, OUTPUT_NAME
 from vitfold.export.exporting import check_formats, export
 from vitfold.pipeline.atomic import atomic_write_json
 from vitfold.pipeline.config import ExportConfig
+from vitfold.pipeline.data import build_splits, parse_data_spec
+from vitfold.pipeline.models import data_transform
 from vitfold.pipeline.stages.backends import folded_model
 from vitfold.pipeline.stages.manifest import recorded_outputs
 from vitfold.pipeline.stages.rundir import RunDir
@@ -24,11 +30,27 @@ from vitfold.pipeline.stages.trust import EXECUTABLE_FORMATS, remember
 TRITON_FORMATS = ("onnx", "torchscript", "tensorrt")
 
 
+CALIBRATION_SEED = 0
+
+
+def calibration_images(rd: RunDir, model: nn.Module, samples: int, seed: int = CALIBRATION_SEED) -> torch.Tensor:
+    """A seeded choice of `samples` training images (n, 3, H, W) as `model` reads them (never flipped)."""
+    transform = replace(data_transform(rd.config, model), hflip=False)
+    train = build_splits(parse_data_spec(rd.config.data), transform).train
+    picks = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
+    return torch.stack([train[i][0] for i in picks])
+
+
 def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
     formats = check_formats(settings.formats, settings.precision, settings.device)  # before any work
     model = folded_model(rd)
     size = tuple(int(s) for s in model.patch_embed.img_size)
     artifacts: dict[str, dict[str, Any]] = {}
+    int8 = settings.precision == "int8"
+    calibration = None
+    if int8 and settings.int8_mode == "static":
+        calibration = calibration_images(rd, model, settings.calibration_samples)
+        ctx.log(f"int8: calibrating on {len(calibration)} training images (seed {CALIBRATION_SEED})")
 
     def done(name: str, files: list[Path], seconds: float) -> None:
         artifacts[name] = {
@@ -48,6 +70,9 @@ def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
         settings.precision,
         settings.opset,
         device=settings.device,
+        calibration=calibration,
+        int8_mode=settings.int8_mode,
+        quantize_head=settings.int8_head,
         on_artifact=done,
     )
     summary = {
@@ -59,6 +84,15 @@ def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
         "output_name": OUTPUT_NAME,
         "artifacts": artifacts,
     }
+    if int8:
+        summary["int8"] = {
+            "mode": settings.int8_mode,
+            "format": "QDQ" if settings.int8_mode == "static" else "dynamic",
+            "quantize_head": settings.int8_head,
+            "calibration": None
+            if calibration is None
+            else {"split": "train", "images": len(calibration), "seed": CALIBRATION_SEED},
+        }
     if settings.triton:
         from vitfold.export.triton import write_triton_repository
 

@@ -16,7 +16,7 @@ from vitfold.pipeline.config import RunConfig
 from vitfold.pipeline.stages.manifest import read_manifest, staleness
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult
-from vitfold.pipeline.stages.verify import VERIFY
+from vitfold.pipeline.stages.verify import VERIFY, describe_bars
 
 
 def _machine() -> str:
@@ -71,6 +71,7 @@ def _equivalence(verify: dict[str, Any]) -> list[str]:
         [
             r["kind"],
             r["backend"],
+            r["precision"],
             r["provider"],
             r["batch_size"],
             r["compared_to"],
@@ -78,6 +79,8 @@ def _equivalence(verify: dict[str, Any]) -> list[str]:
             f"{r['max_rel']:.2e}",
             f"{r['cosine_min']:.7f}",
             f"{r['top1_agreement']:.3f}",
+            f"{r['split_top1_agreement']:.4f}",
+            f"{r['split_accuracy']:.4f} ({r['accuracy_delta']:+.2f})",
             "pass" if r["passed"] else "**FAIL**",
         ]
         for r in verify["results"]
@@ -85,6 +88,7 @@ def _equivalence(verify: dict[str, Any]) -> list[str]:
     header = [
         "kind",
         "backend",
+        "precision",
         "provider",
         "batch",
         "vs",
@@ -92,9 +96,12 @@ def _equivalence(verify: dict[str, Any]) -> list[str]:
         "max rel",
         "min cosine",
         "top-1 agree",
+        f"split top-1 agree ({verify['inputs']['split_images']} images)",
+        "split accuracy (Δ pts)",
         "verdict",
     ]
-    lines = _table(header, rows, ["---", "---", "---", "--:", "---", "--:", "--:", "--:", "--:", "---"])
+    align = ["---", "---", "---", "---", "--:", "---", "--:", "--:", "--:", "--:", "--:", "--:", "---"]
+    lines = _table(header, rows, align)
     lines += [f"- {name}: first divergence at `{where['where']}`" for name, where in verify["localisation"].items()]
     lines += [f"- {name} not verified: {reason}" for name, reason in verify["skipped"].items()]
     return lines
@@ -142,9 +149,7 @@ def _verdict(rd: RunDir, verify: dict[str, Any] | None) -> str:
     stale = staleness(rd, "verify", VERIFY.inputs(rd, rd.config.verify), entry.get("params") or {})
     if stale is not None:
         return f"OUT OF DATE ({stale} since verify passed): run vitfold verify"
-    loosened = "; ".join(
-        f"{p}: " + ", ".join(f"{k} {v:g}" for k, v in t.items()) for p, t in verify["loosened"].items()
-    )
+    loosened = "; ".join(f"{p}: {describe_bars(t)}" for p, t in verify["loosened"].items())
     return "PASSED" + (f" with tolerances loosened beyond the defaults ({loosened})" if loosened else "")
 
 
