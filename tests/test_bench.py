@@ -147,6 +147,16 @@ def test_a_bench_under_bursty_load_flags_unstable_rows_and_unreliable_ratios(run
     assert report.count("**unstable**") == len(flagged)
 
 
+def test_the_report_asks_for_a_new_bench_over_a_bench_json_without_stability_flags(benched, tmp_path):
+    run = copy_run(benched[0], tmp_path / "run")
+    summary = json.loads((run / "bench" / "bench.json").read_text())
+    new = ("rounds", "rel_iqr", "unstable")
+    summary["rows"] = [{k: v for k, v in row.items() if k not in new} for row in summary["rows"]]
+    (run / "bench" / "bench.json").write_text(json.dumps(summary))
+    run_stage("report", run, log=lambda _: None)
+    assert "predates interleaved rounds and stability flags: rerun `vitfold bench`" in (run / "REPORT.md").read_text()
+
+
 def _row(backend: str, p50: float, unstable: bool) -> dict:
     return {"backend": backend, "batch_size": 1, "p50_ms": p50, "unstable": unstable}
 

@@ -77,7 +77,7 @@ def test_timing_needs_both_its_calls_and_its_seconds():
     runner = CountingRunner("A", log, seconds=0.002)
     started = time.perf_counter()
     times = Timing(min_iters=4, min_seconds=0.2, warmup_seconds=0.0, rounds=2).measure({"A": (runner, torch.zeros(1))})
-    assert time.perf_counter() - started >= 0.2 and all(sum(r) >= 100 for r in times["A"])  # 0.1 s per round
+    assert time.perf_counter() - started >= 0.2 and all(sum(r) >= 90 for r in times["A"])  # 0.1 s per round
     assert sum(len(r) for r in times["A"]) > 4  # the seconds, not the 4 calls, ended it
     times = Timing(min_iters=40, min_seconds=0.0, warmup_seconds=0.0, rounds=2).measure({"A": (runner, torch.zeros(1))})
     assert [len(r) for r in times["A"]] == [20, 20]  # the calls, not the 0 seconds, ended it

@@ -102,6 +102,8 @@ def _equivalence(verify: dict[str, Any]) -> list[str]:
 
 
 def _latency(bench: dict[str, Any]) -> list[str]:
+    if any("unstable" not in r for r in bench["rows"]):
+        return ["bench/bench.json predates interleaved rounds and stability flags: rerun `vitfold bench`."]
     rows = [
         [
             r["backend"],
