@@ -8,7 +8,9 @@ output stay float32, so callers do not change with the precision.
 
 from __future__ import annotations
 
+import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -35,3 +37,15 @@ def export_aoti(
     with staged_files(path.parent) as tmp:
         torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / path.name))
     return [path]
+
+
+def package_cpu_isa(path: Path) -> str | None:
+    """The CPU instruction set an AOTInductor package was compiled for, as it records it (AOTI_CPU_ISA in
+    its metadata, e.g. "AVX512 AVX512_VNNI"); None for a CUDA package or one that records none."""
+    with zipfile.ZipFile(path) as package:
+        for name in package.namelist():
+            if name.endswith("_metadata.json") and "/aotinductor/" in name:
+                isa = json.loads(package.read(name)).get("AOTI_CPU_ISA")
+                if isa:
+                    return str(isa)
+    return None

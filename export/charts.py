@@ -13,7 +13,8 @@ LOG_SCALE_SPREAD = 20  # log latency axis when the slowest p50 is more than this
 def latency_chart(rows: list[dict[str, Any]], title: str) -> bytes:
     """PNG: horizontal bars of p50 latency per backend, one colour per batch size, whiskers to p90.
 
-    `rows`: dicts with backend, provider, batch_size, p50_ms and p90_ms; every backend at every batch size."""
+    `rows`: dicts with backend, provider, batch_size, p50_ms and p90_ms (and `unstable`, marked on its bar);
+    every backend at every batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +31,8 @@ def latency_chart(rows: list[dict[str, Any]], title: str) -> bytes:
         to_p90 = [r["p90_ms"] - r["p50_ms"] for r in found]
         y = np.arange(len(backends)) + (i - (len(batches) - 1) / 2) * height
         bars = ax.barh(y, p50, height, xerr=[[0.0] * len(found), to_p90], capsize=2, label=str(batch))
-        ax.bar_label(bars, labels=[f"{v:.3g} ms" for v in p50], padding=3, fontsize=7)
+        labels = [f"{r['p50_ms']:.3g} ms" + (" (unstable)" if r.get("unstable") else "") for r in found]
+        ax.bar_label(bars, labels=labels, padding=3, fontsize=7)
     providers = {r["backend"]: r["provider"] for r in rows}
     ax.set_yticks(np.arange(len(backends)), [f"{name}\n({providers[name]})" for name in backends])
     ax.invert_yaxis()

@@ -1,42 +1,58 @@
-"""Latency of a runner: warm up, then time calls with the clock that fits its device.
+"""Latency of runners: warm up, then time calls in rounds that interleave the runners, with the clock that
+fits their device.
 
 Per call, the time of `runner(x)` on a batch already on the device: no host-to-device copy, no pre- or
-post-processing. Warm-up calls for `warmup_seconds` (at least 2), then timed calls until `min_iters`
-calls are done or `min_seconds` have passed, whichever comes first (at least 5 calls). On CPU each call
-is timed with `time.perf_counter`; on CUDA with a pair of CUDA events around each call, recorded after
-a synchronise.
+post-processing. Each runner is warmed up for `warmup_seconds` (at least 2 calls); then `rounds` rounds,
+in each of which every runner in turn makes its share of the calls: at least `min_iters / rounds` calls
+*and* `min_seconds / rounds` seconds. So in all at least `min_iters` calls and `min_seconds` seconds per
+runner, and drift on a busy machine hits every runner alike. On CPU each call is timed with
+`time.perf_counter`; on CUDA with a pair of CUDA events around each call, recorded after a synchronise.
+
+`latency_stats` turns the rounds into the numbers a reader can trust: mean, p50, p90, p99 (only from
+100 calls or more), and the spread of the per-round means (their IQR over their median), which flags a
+row as unstable when it is above a threshold.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from vitfold.export.isa import cpu_isa, cpu_name
 from vitfold.export.runners import Runner
 
 MIN_WARMUP_CALLS, MIN_TIMED_CALLS = 2, 5
+MIN_CALLS_FOR_P99 = 100
+Key = TypeVar("Key", bound=Hashable)
 
 
 @dataclass(frozen=True)
 class Timing:
-    """When to stop warming up and timing one (runner, input)."""
+    """How long to warm up and time each (runner, input), and in how many interleaved rounds."""
 
     min_iters: int = 50
     min_seconds: float = 3.0
     warmup_seconds: float = 0.2
+    rounds: int = 10
 
-    def measure(self, runner: Runner, x: torch.Tensor) -> list[float]:
-        """Per-call latencies (ms) of `runner(x)` after warm-up, with the clock that fits its device."""
-        self._warm_up(runner, x)
-        return (_cuda_times if runner.device.type == "cuda" else _cpu_times)(runner, x, self.more)
+    def measure(self, cases: Mapping[Key, tuple[Runner, torch.Tensor]]) -> dict[Key, list[list[float]]]:
+        """Per case, the per-call latencies (ms) of each round: every runner warmed up, then rounds in which
+        each runner in turn makes its calls (A B C, A B C, ...)."""
+        for runner, x in cases.values():
+            self._warm_up(runner, x)
+        times: dict[Key, list[list[float]]] = {key: [] for key in cases}
+        for _ in range(self.rounds):
+            for key, (runner, x) in cases.items():
+                times[key].append((_cuda_times if runner.device.type == "cuda" else _cpu_times)(runner, x, self.more))
+        return times
 
     def _warm_up(self, runner: Runner, x: torch.Tensor) -> None:
         started, calls = time.perf_counter(), 0
@@ -46,9 +62,10 @@ class Timing:
         runner.synchronize()
 
     def more(self, calls: int, started: float) -> bool:
-        """Go on until `min_iters` calls or `min_seconds`, whichever comes first, and at least 5 calls."""
-        done = calls >= self.min_iters or time.perf_counter() - started >= self.min_seconds
-        return calls < MIN_TIMED_CALLS or not done
+        """Within one round: go on until both this round's share of `min_iters` calls and of `min_seconds`
+        are done (and the rounds together make at least 5 calls)."""
+        least_calls = max(math.ceil(self.min_iters / self.rounds), math.ceil(MIN_TIMED_CALLS / self.rounds))
+        return calls < least_calls or time.perf_counter() - started < self.min_seconds / self.rounds
 
 
 def _cpu_times(runner: Runner, x: torch.Tensor, more: Callable[[int, float], bool]) -> list[float]:
@@ -77,27 +94,51 @@ def _cuda_times(runner: Runner, x: torch.Tensor, more: Callable[[int, float], bo
     return [start.elapsed_time(end) for start, end in pairs]
 
 
-def latency_stats(times_ms: list[float]) -> dict[str, float]:
-    """mean and p50/p90/p99 (ms) of per-call latencies."""
-    times = np.asarray(times_ms, dtype=np.float64)
+def latency_stats(round_times_ms: list[list[float]], unstable_above: float) -> dict[str, Any]:
+    """Over all calls of all rounds: mean and p50/p90 (ms), p99 only from 100 calls on (None below), and
+    `iterations` (the calls). Over the rounds: `rounds`, `rel_iqr` (the IQR of the per-round means over their median)
+    and `unstable` (rel_iqr above `unstable_above`)."""
+    times = np.concatenate([np.asarray(r, dtype=np.float64) for r in round_times_ms])
     p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return {"mean_ms": float(times.mean()), "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99)}
+    spread = round_spread(round_times_ms)
+    return {
+        "iterations": int(times.size),
+        "mean_ms": float(times.mean()),
+        "p50_ms": float(p50),
+        "p90_ms": float(p90),
+        "p99_ms": float(p99) if times.size >= MIN_CALLS_FOR_P99 else None,
+        "rounds": len(round_times_ms),
+        "rel_iqr": spread,
+        "unstable": bool(spread > unstable_above),
+    }
 
 
-def cpu_name() -> str:
-    """The CPU model, as /proc/cpuinfo names it (else what `platform` knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def round_medians(round_times_ms: list[list[float]]) -> np.ndarray:
+    """The median latency of each round."""
+    return np.array([np.median(r) for r in round_times_ms], dtype=np.float64)
+
+
+def round_means(round_times_ms: list[list[float]]) -> np.ndarray:
+    """The mean latency of each round: what the machine gave the runner during that round (a round in which
+    other processes took the CPU is slower on average, even where most of its calls were not)."""
+    return np.array([np.mean(r) for r in round_times_ms], dtype=np.float64)
+
+
+def round_spread(round_times_ms: list[list[float]]) -> float:
+    """How much the rounds disagree: (q75 - q25) / q50 of the per-round means (0 with a single round)."""
+    q25, q50, q75 = np.percentile(round_means(round_times_ms), [25, 50, 75])
+    return float((q75 - q25) / q50)
 
 
 def machine(device: str = "cpu") -> dict[str, Any]:
-    """What the numbers were measured on: CPU model, logical CPUs, platform, and the GPU on CUDA."""
-    found: dict[str, Any] = {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform()}
+    """What the numbers were measured on: CPU model and instruction sets, logical CPUs, platform, and the GPU
+    on CUDA."""
+    found: dict[str, Any] = {
+        "cpu": cpu_name(),
+        "cpu_isa": cpu_isa(),
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
     if torch.device(device).type == "cuda":
         found["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return found

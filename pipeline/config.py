@@ -73,9 +73,11 @@ class BenchConfig:
     backends: list[str] | None = None  # None: every available backend
     device: str = "cpu"
     threads: int | None = None
-    min_iters: int = 50
-    min_seconds: float = 3.0
+    min_iters: int = 50  # calls per row, at least; and
+    min_seconds: float = 3.0  # seconds per row, at least
     warmup_seconds: float = 0.2
+    rounds: int = 10  # interleaved rounds over which the calls are spread
+    unstable_above: float = 0.1  # a row whose per-round means' IQR / median exceeds this is unstable
 
 
 @dataclass
@@ -264,6 +266,13 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
         ("bench.min_iters", b.min_iters, _is_int(b.min_iters, 1), "a positive integer"),
         ("bench.min_seconds", b.min_seconds, _is_number(b.min_seconds, 0), "a number >= 0"),
         ("bench.warmup_seconds", b.warmup_seconds, _is_number(b.warmup_seconds, 0), "a number >= 0"),
+        ("bench.rounds", b.rounds, _is_int(b.rounds, 1), "a positive integer"),
+        (
+            "bench.unstable_above",
+            b.unstable_above,
+            _is_number(b.unstable_above, 0) and b.unstable_above > 0,
+            "a positive number",
+        ),
     ]
     for key, value, ok, expected in rules:
         if not ok:

@@ -362,8 +362,10 @@ def verify(
 @batch_sizes_option("1,8,32")
 @device_option()
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: torch's current count).")
-@click.option("--min-iters", type=click.IntRange(min=1), help="Timed calls (or --min-seconds); default 50.")
-@click.option("--min-seconds", type=float, help="Timed seconds (or --min-iters); default 3.")
+@click.option("--min-iters", type=click.IntRange(min=1), help="Timed calls per row, at least; default 50.")
+@click.option("--min-seconds", type=float, help="Timed seconds per row, at least (as well); default 3.")
+@click.option("--rounds", type=click.IntRange(min=1), help="Rounds that alternate the backends; default 10.")
+@click.option("--unstable-above", type=float, help="Flag a row unstable above this rounds' IQR / median; default 0.1.")
 @trust_option
 def bench(
     run_dir: str,
@@ -373,6 +375,8 @@ def bench(
     threads: int | None,
     min_iters: int | None,
     min_seconds: float | None,
+    rounds: int | None,
+    unstable_above: float | None,
     trust: bool,
 ) -> None:
     """Latency of every backend per batch size: RUN_DIR/bench/bench.json, bench.csv, latency.png."""
@@ -385,6 +389,8 @@ def bench(
         threads=threads,
         min_iters=min_iters,
         min_seconds=min_seconds,
+        rounds=rounds,
+        unstable_above=unstable_above,
         trust=trust,
     )
 

@@ -1,11 +1,16 @@
 """The bench stage: latency and throughput of each backend of a run, per batch size -> RUN/bench/.
 
 Inputs are seeded random images (seed 0) of the model's input size (as the fold stage recorded it).
-Each (backend, batch size) is timed with `vitfold.export.timing` at a fixed thread count (torch and
-onnxruntime alike): mean and p50/p90/p99 latency (ms) and throughput (images/s = batch size / mean).
+Every runnable backend is opened at once; per batch size each is warmed up, then `vitfold.export.timing`
+times them in rounds that alternate the backends (A B C, A B C, ...), at a fixed thread count (torch and
+onnxruntime alike), at least `min_iters` calls and `min_seconds` seconds per row. Each row: mean, p50,
+p90 and p99 latency (ms; p99 only from 100 calls), throughput (images/s = batch size / mean), the
+rounds, the spread of the per-round means (`rel_iqr`, IQR / median) and `unstable` when that spread
+is above `unstable_above`. A ratio built from an unstable row is marked unreliable.
 
-Writes bench/bench.json (machine, threads, rows, skipped backends with reasons, p50 ratios),
-bench/bench.csv (the rows) and bench/latency.png (p50 per backend, one bar per batch size).
+Writes bench/bench.json (machine with its instruction sets, threads, rows, skipped backends with
+reasons, ratios), bench/bench.csv (the rows) and bench/latency.png (p50 per backend, one bar per batch
+size).
 """
 
 from __future__ import annotations
@@ -13,17 +18,21 @@ from __future__ import annotations
 import csv
 import io
 import sys
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from vitfold.errors import VitfoldError
+from vitfold.export.aoti import package_cpu_isa
 from vitfold.export.charts import latency_chart
+from vitfold.export.isa import inductor_vec_isa
 from vitfold.export.runners import Runner
-from vitfold.export.timing import Timing, latency_stats, machine
+from vitfold.export.timing import Timing, latency_stats, machine, round_medians
 from vitfold.pipeline.atomic import atomic_replace, atomic_write_json, atomic_write_text
 from vitfold.pipeline.config import BenchConfig
 from vitfold.pipeline.stages.backends import (
@@ -47,10 +56,13 @@ ROW_KEYS = (
     "precision",
     "batch_size",
     "iterations",
+    "rounds",
     "mean_ms",
     "p50_ms",
     "p90_ms",
     "p99_ms",
+    "rel_iqr",
+    "unstable",
     "throughput_ips",
 )
 # ratio name -> (numerator backend, denominator backend), both p50 at the same batch size
@@ -62,7 +74,7 @@ RATIO_NOTES = {
 
 
 def _run(rd: RunDir, b: BenchConfig, ctx: Context) -> StageResult:
-    """Time every available backend at every batch size; write RUN/bench/."""
+    """Time every available backend at every batch size in interleaved rounds; write RUN/bench/."""
     batch_sizes = tuple(dict.fromkeys(b.batch_sizes))  # values checked with the config (check_config)
     names = _checked_backends(rd, b.backends)
     _check_device(b.device)
@@ -75,26 +87,28 @@ def _run(rd: RunDir, b: BenchConfig, ctx: Context) -> StageResult:
     previous_threads = torch.get_num_threads()
     threads = b.threads or previous_threads
     torch.set_num_threads(threads)
-    timing, found = Timing(b.min_iters, b.min_seconds, b.warmup_seconds), machine(b.device)
+    timing, found = Timing(b.min_iters, b.min_seconds, b.warmup_seconds, b.rounds), machine(b.device)
     runnable = [name for name in names if name not in skipped]
     for name in runnable:  # a changed, unrecorded or untrusted artifact stops the bench, as it stops verify
         if name in ARTIFACT_BACKENDS:
             checked_artifact(rd, name, ctx.trust)
     ctx.log(
         f"timing {', '.join(runnable)} at batch sizes {', '.join(map(str, batch_sizes))} on {b.device} "
-        f"({found.get('gpu') or found['cpu']}, {threads} threads)"
+        f"({found.get('gpu') or found['cpu']}, {' '.join(found['cpu_isa']) or 'ISA unknown'}, {threads} threads), "
+        f"{b.rounds} interleaved rounds"
     )
     try:
-        rows = _bench_all(rd, runnable, b.device, threads, batch_sizes, image_size, timing, skipped, ctx)
+        rows, medians = _bench_all(
+            rd, runnable, b.device, threads, batch_sizes, image_size, timing, b.unstable_above, skipped, ctx
+        )
     finally:
         torch.set_num_threads(previous_threads)
     _require_some(names, skipped)
-    ratios = _ratios(rows)
-    for key, per_batch in ratios.items():
-        ctx.log(
-            f"{key} ({' p50 / '.join(RATIOS[key])} p50): "
-            f"{', '.join(f'b{b} {r:.2f}x' for b, r in per_batch.items())} ({RATIO_NOTES[key]})"
-        )
+    ran = list(dict.fromkeys(r["backend"] for r in rows))
+    found.update(_aoti_isa(rd, ran))
+    ratios = bench_ratios(rows, medians)
+    for key, ratio in ratios.items():
+        ctx.log(ratio_line(key, ratio))
     summary = {
         "model": cfg.backbone,
         "device": b.device,
@@ -102,13 +116,13 @@ def _run(rd: RunDir, b: BenchConfig, ctx: Context) -> StageResult:
         "image_size": list(image_size),
         "machine": found,
         "timing": asdict(timing),
+        "unstable_above": b.unstable_above,
         "rows": rows,
         "skipped": skipped,
         "ratios": ratios,
     }
     outputs = _write_outputs(rd.bench_dir, summary)
     ctx.log(f"bench: {', '.join(rd.key(p) for p in outputs)}")
-    ran = list(dict.fromkeys(r["backend"] for r in rows))
     extra = {"device": b.device, "batch_sizes": list(batch_sizes), "threads": threads, "backends": ran}
     return StageResult(outputs, value=rows, extra=extra)
 
@@ -156,28 +170,38 @@ def _bench_all(
     batch_sizes: tuple[int, ...],
     image_size: tuple[int, int],
     timing: Timing,
+    unstable_above: float,
     skipped: dict[str, str],
     ctx: Context,
-) -> list[dict]:
-    """Rows for each backend that opens on `device`; one that does not is added to `skipped`."""
+) -> tuple[list[dict], dict[tuple[str, int], np.ndarray]]:
+    """Rows for each backend that opens on `device` (one that does not is added to `skipped`), and each
+    row's per-round medians (for the ratios' spread), keyed by (backend, batch size).
+
+    Every runner stays open for the whole bench so that the rounds can alternate them: memory holds all
+    the backends' copies of the model at once, which is acceptable at bench scale (one model, a handful
+    of runtimes) but adds up for a big model."""
     rows: list[dict] = []
-    with tqdm(total=len(names) * len(batch_sizes), desc="bench", unit="case", file=sys.stderr, disable=None) as bar:
+    medians: dict[tuple[str, int], np.ndarray] = {}
+    with ExitStack() as stack:
+        runners: dict[str, Runner] = {}
         for name in names:
             runner = _open(rd, name, device, threads, skipped, ctx.trust)
             if runner is None:
-                with tqdm.external_write_mode():
-                    ctx.log(f"skipping {name}: {skipped[name]}")
-                bar.update(len(batch_sizes))
-                continue
-            with runner:
-                for batch in batch_sizes:
-                    bar.set_postfix_str(f"{name} b{batch}")
-                    x = runner.to_device(_images(batch, image_size))
-                    rows.append(_row(name, backend_precision(rd, name), runner, batch, timing.measure(runner, x)))
+                ctx.log(f"skipping {name}: {skipped[name]}")
+            else:
+                runners[name] = stack.enter_context(runner)
+        with tqdm(total=len(batch_sizes), desc="bench", unit="batch size", file=sys.stderr, disable=None) as bar:
+            for batch in batch_sizes:
+                bar.set_postfix_str(f"b{batch}")
+                cases = {name: (r, r.to_device(_images(batch, image_size))) for name, r in runners.items()}
+                for name, per_round in timing.measure(cases).items():
+                    stats = latency_stats(per_round, unstable_above)
+                    rows.append(_row(name, backend_precision(rd, name), runners[name], batch, stats))
+                    medians[name, batch] = round_medians(per_round)
                     with tqdm.external_write_mode():
                         ctx.log(_describe(rows[-1]))
-                    bar.update()
-    return rows
+                bar.update()
+    return rows, medians
 
 
 def _open(rd: RunDir, name: str, device: str, threads: int, skipped: dict[str, str], trust: bool) -> Runner | None:
@@ -198,38 +222,82 @@ def _images(batch: int, image_size: tuple[int, int]) -> torch.Tensor:
     return torch.randn(batch, 3, *image_size, generator=torch.Generator().manual_seed(0))
 
 
-def _row(name: str, precision: str, runner: Runner, batch: int, times_ms: list[float]) -> dict:
-    stats = latency_stats(times_ms)
-    return {
+def _row(name: str, precision: str, runner: Runner, batch: int, stats: dict[str, Any]) -> dict:
+    """One row of bench.json and bench.csv (the keys of ROW_KEYS, in order) from `latency_stats`."""
+    found = {
         "backend": name,
         "provider": runner.provider,
         "device": runner.device.type,
         "precision": precision,
         "batch_size": batch,
-        "iterations": len(times_ms),
-        **{key: round(value, 4) for key, value in stats.items()},
         "throughput_ips": round(batch * 1e3 / stats["mean_ms"], 2),
+        **{key: value if value is None else round(value, 4) for key, value in stats.items() if key.endswith("_ms")},
+        "rel_iqr": round(stats["rel_iqr"], 4),
+        **{key: stats[key] for key in ("iterations", "rounds", "unstable")},
     }
+    return {key: found[key] for key in ROW_KEYS}
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _describe(row: dict) -> str:
     return (
-        f"{row['backend']:<16} {row['provider']:<20} b{row['batch_size']:<4} p50 {row['p50_ms']:9.3f} ms  "
-        f"p90 {row['p90_ms']:9.3f} ms  {row['throughput_ips']:10.1f} img/s  ({row['iterations']} calls)"
+        f"{row['backend']:<16} {row['provider']:<20} b{row['batch_size']:<4} p50 {row['p50_ms']:9.3f} ms "
+        f"(rounds' IQR {row['rel_iqr']:.1%})  p90 {row['p90_ms']:9.3f}  p99 {_ms(row['p99_ms']):>9} ms  "
+        f"{row['throughput_ips']:10.1f} img/s  ({row['iterations']} calls, {row['rounds']} rounds)"
+        + ("  UNSTABLE" if row["unstable"] else "")
     )
 
 
-def _ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Per ratio, per batch size (as a string key): numerator p50 / denominator p50, where both ran."""
-    p50 = {(row["backend"], row["batch_size"]): row["p50_ms"] for row in rows}
-    ratios: dict[str, dict[str, float]] = {}
+def bench_ratios(rows: list[dict], medians: dict[tuple[str, int], np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Per ratio of RATIOS, where both backends ran: its backends, its note and, per batch size (a string
+    key), the ratio of the two p50s, the IQR of the per-round ratios (the median of round i of one backend
+    over that of round i of the other, which ran next to it) and `reliable`: False when either row is
+    unstable (named in `unstable`)."""
+    by_key = {(row["backend"], row["batch_size"]): row for row in rows}
+    ratios: dict[str, dict[str, Any]] = {}
     for key, (num, den) in RATIOS.items():
-        per_batch = {
-            str(b): round(ms / p50[den, b], 3) for (name, b), ms in p50.items() if name == num and (den, b) in p50
-        }
-        if per_batch:
-            ratios[key] = per_batch
+        batches: dict[str, dict[str, Any]] = {}
+        for (name, b), row in by_key.items():
+            if name != num or (den, b) not in by_key:
+                continue
+            q25, q75 = np.percentile(medians[num, b] / medians[den, b], [25, 75])
+            unstable = [r["backend"] for r in (row, by_key[den, b]) if r["unstable"]]
+            batches[str(b)] = {
+                "ratio": round(row["p50_ms"] / by_key[den, b]["p50_ms"], 3),
+                "round_iqr": [round(float(q25), 3), round(float(q75), 3)],
+                "reliable": not unstable,
+                "unstable": unstable,
+            }
+        if batches:
+            ratios[key] = {"numerator": num, "denominator": den, "note": RATIO_NOTES[key], "batches": batches}
     return ratios
+
+
+def ratio_line(key: str, ratio: dict[str, Any]) -> str:
+    """One line for the console and the report: each batch size's ratio with its per-round IQR, or
+    "unreliable" with the unstable rows; the ratio's note only when every value is reliable."""
+    values = [
+        f"b{b} {r['ratio']:.3f} (rounds {r['round_iqr'][0]:.3f}–{r['round_iqr'][1]:.3f})"
+        if r["reliable"]
+        else f"b{b} unreliable {r['ratio']:.3f} ({', '.join(r['unstable'])} unstable)"
+        for b, r in ratio["batches"].items()
+    ]
+    reliable = all(r["reliable"] for r in ratio["batches"].values())
+    verdict = ratio["note"] if reliable else "unreliable: built from unstable rows, rerun on a quiet machine"
+    return f"{key} ({ratio['numerator']} p50 / {ratio['denominator']} p50): {', '.join(values)} — {verdict}"
+
+
+def _aoti_isa(rd: RunDir, backends: list[str]) -> dict[str, Any]:
+    """With an AOTInductor backend benched: the ISA inductor compiles for on this machine, and the one
+    each benched .pt2 records that it was compiled for."""
+    aoti = [name for name in backends if ARTIFACT_BACKENDS.get(name, ("",))[0] == "aoti"]
+    if not aoti:
+        return {}
+    compiled = {name: package_cpu_isa(rd.artifact(ARTIFACT_BACKENDS[name][1])) for name in aoti}
+    return {"inductor_vec_isa": inductor_vec_isa(), "aoti_compiled_isa": compiled}
 
 
 def _write_outputs(out_dir: Path, summary: dict[str, Any]) -> list[Path]:

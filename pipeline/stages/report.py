@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitfold.export.timing import cpu_name
+from vitfold.export.isa import cpu_name
 from vitfold.pipeline.atomic import atomic_write_text
 from vitfold.pipeline.config import RunConfig
+from vitfold.pipeline.stages.bench import ratio_line
 from vitfold.pipeline.stages.manifest import read_manifest, staleness
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult
@@ -108,24 +109,42 @@ def _equivalence(verify: dict[str, Any]) -> list[str]:
 
 
 def _latency(bench: dict[str, Any]) -> list[str]:
+    if any("unstable" not in r for r in bench["rows"]):
+        return ["bench/bench.json predates interleaved rounds and stability flags: rerun `vitfold bench`."]
     rows = [
         [
             r["backend"],
             r["provider"],
+            r["precision"],
             r["batch_size"],
-            *(f"{r[k]:.3f}" for k in ("p50_ms", "p90_ms", "p99_ms")),
+            f"{r['p50_ms']:.3f}",
+            f"{r['rel_iqr']:.1%}",
+            *("–" if r[k] is None else f"{r[k]:.3f}" for k in ("p90_ms", "p99_ms")),
             f"{r['throughput_ips']:.1f}",
+            f"{r['iterations']} / {r['rounds']}",
+            "**unstable**" if r["unstable"] else "stable",
         ]
         for r in bench["rows"]
     ]
-    lines = _table(
-        ["backend", "provider", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s"],
-        rows,
-        ["---", "---", "--:", "--:", "--:", "--:", "--:"],
-    )
-    for name, per_batch in bench.get("ratios", {}).items():
-        values = ", ".join(f"batch {b}: {v:.3f}" for b, v in per_batch.items())
-        lines.append(f"- {name.replace('_', ' ')} (p50 ratio): {values}")
+    found = bench["machine"]
+    compiled = ", ".join(f"{name} for {isa or '?'}" for name, isa in found.get("aoti_compiled_isa", {}).items())
+    lines = [
+        f"{found.get('gpu') or found['cpu']} ({' '.join(found.get('cpu_isa', [])) or 'ISA unknown'}), "
+        f"{bench['threads']} threads on {bench['device']}; calls in rounds that alternate the backends, "
+        f"a row unstable when its rounds' means spread (IQR / median) above {bench['unstable_above']:.0%}"
+        + (f"; AOTInductor compiled {compiled} (inductor here: {found['inductor_vec_isa']})" if compiled else "")
+        + ".",
+        "",
+        *_table(
+            ["backend", "provider", "precision", "batch", "p50 ms", "rounds IQR", "p90 ms", "p99 ms", "img/s"]
+            + ["calls / rounds", "stability"],
+            rows,
+            ["---", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "---"],
+        ),
+        "",
+        "p99 only from 100 calls or more (– below).",
+    ]
+    lines += [f"- {ratio_line(key, ratio)}" for key, ratio in bench.get("ratios", {}).items()]
     lines += [f"- {name} not measured: {reason}" for name, reason in bench.get("skipped", {}).items()]
     return lines + ["", "![latency per backend](bench/latency.png)"]
 

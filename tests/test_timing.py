@@ -1,0 +1,93 @@
+"""The timing library on injected numbers: statistics over rounds (p99 only from 100 calls, the rounds'
+spread and the unstable flag against numpy computed here), interleaved rounds, the calls-and-seconds
+minimum, and the instruction sets read from /proc/cpuinfo."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vitfold.export.isa import cpu_isa
+from vitfold.export.runners import Runner
+from vitfold.export.timing import Timing, latency_stats
+
+rng = np.random.default_rng(0)
+QUIET = [list(1.0 + 0.01 * rng.standard_normal(12)) for _ in range(10)]  # ~1 ms, 1% jitter, same every round
+BURSTY = [list(np.full(12, 1.0 if i % 2 else 2.5) + 0.01 * rng.standard_normal(12)) for i in range(10)]
+
+
+def _spread(rounds: list[list[float]]) -> float:
+    means = [sum(r) / len(r) for r in rounds]
+    q25, q50, q75 = np.percentile(means, [25, 50, 75])
+    return (q75 - q25) / q50
+
+
+@pytest.mark.parametrize("rounds", [QUIET, BURSTY], ids=["quiet", "bursty"])
+def test_statistics_over_rounds_match_numpy(rounds):
+    stats = latency_stats(rounds, unstable_above=0.1)
+    calls = [t for r in rounds for t in r]
+    assert stats["iterations"] == 120 and stats["rounds"] == 10
+    assert stats["mean_ms"] == pytest.approx(sum(calls) / len(calls))
+    assert [stats["p50_ms"], stats["p90_ms"], stats["p99_ms"]] == pytest.approx(np.percentile(calls, [50, 90, 99]))
+    assert stats["rel_iqr"] == pytest.approx(_spread(rounds))
+
+
+def test_a_quiet_row_is_stable_and_a_bursty_one_is_not():
+    quiet, bursty = latency_stats(QUIET, 0.1), latency_stats(BURSTY, 0.1)
+    assert _spread(QUIET) < 0.01 and quiet["unstable"] is False
+    assert _spread(BURSTY) > 0.5 and bursty["unstable"] is True
+    assert latency_stats(BURSTY, unstable_above=2 * _spread(BURSTY))["unstable"] is False  # the threshold decides
+
+
+def test_no_p99_from_fewer_than_100_calls():
+    assert latency_stats([[1.0] * 33] * 3, 0.1)["p99_ms"] is None  # 99 calls
+    hundred = [[float(i) for i in range(50)], [float(i) for i in range(50, 100)]]
+    assert latency_stats(hundred, 0.1)["p99_ms"] == pytest.approx(np.percentile(range(100), 99))
+
+
+class CountingRunner(Runner):
+    """A CPU runner that records its name in a shared log at each call."""
+
+    def __init__(self, name: str, log: list[str], seconds: float = 0.0) -> None:
+        super().__init__("cpu")
+        self.name, self.log, self.seconds = name, log, seconds
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append(self.name)
+        time.sleep(self.seconds)
+        return x
+
+
+def test_rounds_alternate_the_runners_after_warming_each_up():
+    log: list[str] = []
+    x = torch.zeros(1)
+    cases = {name: (CountingRunner(name, log), x) for name in "ABC"}
+    times = Timing(min_iters=12, min_seconds=0.0, warmup_seconds=0.0, rounds=4).measure(cases)
+    blocks = [(name, len(list(calls))) for name, calls in itertools.groupby(log)]
+    assert blocks == [("A", 2), ("B", 2), ("C", 2)] + [("A", 3), ("B", 3), ("C", 3)] * 4  # warm-up, then rounds
+    assert {name: [len(r) for r in rounds] for name, rounds in times.items()} == {n: [3] * 4 for n in "ABC"}
+
+
+def test_timing_needs_both_its_calls_and_its_seconds():
+    log: list[str] = []
+    runner = CountingRunner("A", log, seconds=0.002)
+    started = time.perf_counter()
+    times = Timing(min_iters=4, min_seconds=0.2, warmup_seconds=0.0, rounds=2).measure({"A": (runner, torch.zeros(1))})
+    assert time.perf_counter() - started >= 0.2 and all(sum(r) >= 90 for r in times["A"])  # 0.1 s per round
+    assert sum(len(r) for r in times["A"]) > 4  # the seconds, not the 4 calls, ended it
+    times = Timing(min_iters=40, min_seconds=0.0, warmup_seconds=0.0, rounds=2).measure({"A": (runner, torch.zeros(1))})
+    assert [len(r) for r in times["A"]] == [20, 20]  # the calls, not the 0 seconds, ended it
+
+
+def test_cpu_isa_reads_the_flags_of_proc_cpuinfo(tmp_path: Path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 amx_tile\n")
+    assert cpu_isa(info) == ["AVX2", "FMA", "AVX-512", "AVX512_BF16", "AMX"]
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx\n")
+    assert cpu_isa(info) == []
+    assert cpu_isa(tmp_path / "missing") == []
