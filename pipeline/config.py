@@ -243,7 +243,7 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
         ("method_options", cfg.method_options, isinstance(cfg.method_options, dict), "a mapping"),
         ("compare", cfg.compare, isinstance(cfg.compare, dict), "a mapping of method: settings"),
         ("pretrain", cfg.pretrain, cfg.pretrain is None or isinstance(cfg.pretrain, dict), "a mapping"),
-        ("data", cfg.data, isinstance(cfg.data, str), "a data spec (digits, folder:PATH, vtab:PATH)"),
+        ("data", cfg.data, isinstance(cfg.data, str), "a data spec (digits, folder:PATH, vtab:PATH, fgvc:PATH)"),
         ("num_classes", cfg.num_classes, cfg.num_classes is None or _is_int(cfg.num_classes, 1), "a positive integer"),
         ("seed", cfg.seed, _is_int(cfg.seed, 0), "a non-negative integer"),
         ("seeds", cfg.seeds, cfg.seeds is None or _seeds(cfg.seeds), "a list of distinct non-negative integers"),

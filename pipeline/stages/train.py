@@ -129,7 +129,7 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
         atomic_replace(rd.last_ckpt, buffer.getvalue())
         write_metrics(rd.metrics, trainer.history)
         if board is not None:
-            for key in ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "img_per_s"):
+            for key in ("train_loss", "train_acc", "eval_loss", "eval_acc", "select_acc", "lr", "img_per_s"):
                 if row[key] != "":
                     board.add_scalar(key, row[key], row["epoch"])
             board.flush()
