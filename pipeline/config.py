@@ -26,7 +26,13 @@ class TrainConfig:
     warmup_epochs: float | None = None
     warmup_lr: float | None = None
     min_lr: float | None = None
+    schedule: str = "step-cosine"  # step-cosine | epoch-cosine | warm-restarts (vitfold.pipeline.schedules)
+    cooldown_epochs: int = 0  # epochs at min_lr after `epochs` (the official RLRR loop: 100 + 10)
+    restart_epochs: int = 5  # warm-restarts: epochs per cosine cycle (T_0)
+    drop_last: bool = True  # drop the last partial batch of an epoch (RLRR's official loaders keep it)
     drop_path: float | None = None
+    drop_path_mode: str = "sample"  # sample: timm's DropPath | elementwise: RLRR's nn.Dropout on each branch
+    select: str = "last"  # which epoch's adapter is folded: last | best-val (best on the validation split)
     hflip: bool | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -35,6 +41,11 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the training forward/backward (fewer kernel launches on a GPU)
+
+    @property
+    def total_epochs(self) -> int:
+        """`epochs` and the cool-down after them."""
+        return self.epochs + self.cooldown_epochs
 
 
 @dataclass
@@ -92,6 +103,7 @@ class RunConfig:
     recipe: str | None = None
     num_classes: int | None = None  # None: the dataset's class count
     seed: int = 0
+    seeds: list[int] | None = None  # `vitfold run`: the comparison trains every method with each (None: `seed`)
     train: TrainConfig = field(default_factory=TrainConfig)
     # `vitfold run` only: pre-train the backbone first ({data, train}), and the methods to compare with
     # ({method: {method_options, train}}); the stages' settings.
@@ -131,6 +143,8 @@ def training_params(cfg: RunConfig) -> dict[str, Any]:
     data = cfg.to_dict()
     return {k: data[k] for k in TRAINING_KEYS}
 
+
+SELECT = ("last", "best-val")  # the epoch folded: the last one, or the best on the validation split
 
 SECTIONS = {"fold": FoldConfig, "export": ExportConfig, "verify": VerifyConfig, "bench": BenchConfig}
 
@@ -210,6 +224,12 @@ def _is_device(value: Any, auto: bool = False) -> bool:
     return isinstance(value, str) and name in kinds and (not index or (index.isdigit() and name == "cuda"))
 
 
+def _seeds(value: Any) -> bool:
+    return (
+        isinstance(value, list) and bool(value) and all(_is_int(s, 0) for s in value) and len(set(value)) == len(value)
+    )
+
+
 def _batch_sizes(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(_is_int(b, 1) for b in value)
 
@@ -221,6 +241,8 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
     from vitfold.export.comparison import tolerances_for
     from vitfold.export.int8 import INT8_MODES
     from vitfold.pipeline.adapters import get_method
+    from vitfold.pipeline.drop_path import DROP_PATH_MODES
+    from vitfold.pipeline.schedules import SCHEDULES
 
     t, f, e, v, b = cfg.train, cfg.fold, cfg.export, cfg.verify, cfg.bench
     formats_ok = isinstance(e.formats, list) and bool(e.formats) and set(map(str, e.formats)) <= set(FORMATS)
@@ -230,9 +252,10 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
         ("method_options", cfg.method_options, isinstance(cfg.method_options, dict), "a mapping"),
         ("compare", cfg.compare, isinstance(cfg.compare, dict), "a mapping of method: settings"),
         ("pretrain", cfg.pretrain, cfg.pretrain is None or isinstance(cfg.pretrain, dict), "a mapping"),
-        ("data", cfg.data, isinstance(cfg.data, str), "a data spec (digits, folder:PATH, vtab:PATH)"),
+        ("data", cfg.data, isinstance(cfg.data, str), "a data spec (digits, folder:PATH, vtab:PATH, fgvc:PATH)"),
         ("num_classes", cfg.num_classes, cfg.num_classes is None or _is_int(cfg.num_classes, 1), "a positive integer"),
         ("seed", cfg.seed, _is_int(cfg.seed, 0), "a non-negative integer"),
+        ("seeds", cfg.seeds, cfg.seeds is None or _seeds(cfg.seeds), "a list of distinct non-negative integers"),
         ("train.epochs", t.epochs, _is_int(t.epochs, 1), "a positive integer"),
         ("train.batch_size", t.batch_size, _is_int(t.batch_size, 1), "a positive integer"),
         ("train.lr", t.lr, _is_number(t.lr, 0) and t.lr > 0, "a positive number"),
@@ -240,7 +263,13 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
         ("train.warmup_epochs", t.warmup_epochs, _is_number(t.warmup_epochs, 0), "a number >= 0"),
         ("train.warmup_lr", t.warmup_lr, _is_number(t.warmup_lr, 0), "a number >= 0"),
         ("train.min_lr", t.min_lr, _is_number(t.min_lr, 0), "a number >= 0"),
+        ("train.schedule", t.schedule, t.schedule in SCHEDULES, " | ".join(SCHEDULES)),
+        ("train.cooldown_epochs", t.cooldown_epochs, _is_int(t.cooldown_epochs, 0), "a non-negative integer"),
+        ("train.restart_epochs", t.restart_epochs, _is_int(t.restart_epochs, 1), "a positive integer"),
+        ("train.drop_last", t.drop_last, isinstance(t.drop_last, bool), "true or false"),
         ("train.drop_path", t.drop_path, t.drop_path is None or _is_number(t.drop_path, 0, 1), "a number in [0, 1)"),
+        ("train.drop_path_mode", t.drop_path_mode, t.drop_path_mode in DROP_PATH_MODES, " | ".join(DROP_PATH_MODES)),
+        ("train.select", t.select, t.select in SELECT, " | ".join(SELECT)),
         ("train.hflip", t.hflip, t.hflip is None or isinstance(t.hflip, bool), "true or false"),
         ("train.label_smoothing", t.label_smoothing, _is_number(t.label_smoothing, 0, 1), "a number in [0, 1)"),
         ("train.eval_every", t.eval_every, _is_int(t.eval_every, 1), "a positive integer"),
@@ -280,6 +309,12 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
     for std in t.std or ():
         if std <= 0:
             raise VitfoldError(f"{where}: train.std must be positive, got {list(t.std)}")
+    if t.schedule == "warm-restarts" and t.warmup_epochs:
+        raise VitfoldError(
+            f"{where}: train.warmup_epochs must be 0 with train.schedule warm-restarts (it has no warm-up)"
+        )
+    if "drop_path_rate" in cfg.backbone_kwargs:
+        raise VitfoldError(f"{where}: backbone_kwargs.drop_path_rate: set train.drop_path (and train.drop_path_mode)")
     try:
         get_method(cfg.method)(**cfg.method_options)
     except VitfoldError as error:

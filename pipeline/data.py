@@ -1,18 +1,29 @@
-"""Datasets for `vitfold train`: an ImageFolder tree, the VTAB-1k list layout, and the UCI digits that
-ship inside scikit-learn (the offline default).
+"""Datasets for `vitfold train`: an ImageFolder tree, the VTAB-1k list layout, the FGVC layout of the
+official RLRR loaders, and the UCI digits that ship inside scikit-learn (the offline default).
 
     --data digits            all ten classes        --data digits:5-9    classes 5..9, relabelled 0..4
     --data folder:PATH       PATH/train/<class>/*, PATH/val/ (or PATH/test/)
-    --data vtab:PATH         PATH/train800val200.txt, PATH/test.txt: "relative/path label" per line
+    --data vtab:PATH         PATH/train800val200.txt, train800.txt, val200.txt, test.txt: "relative/path label"
+    --data fgvc:PATH         PATH named CUB_200_2011, NABirds, OxfordFlowers, StanfordCars or StanfordDogs,
+                             holding trainval.json, train.json, val.json, test.json: {"relative/path": class id}
+                             with the paths under PATH/images/ (CUB_200_2011, NABirds) or PATH/ (the others)
+
+Splits: the model trains on one split and is evaluated on another (VTAB-1k: train800val200 and test; FGVC:
+trainval and test). With a validation split (`validation=True`, for `train.select: best-val`) it trains on
+the rest (VTAB-1k train800, FGVC train, folder train/) and the validation split (val200, val, val/) picks
+the epoch, while evaluation stays on the test split.
 
 Transforms follow the papers: resize to the model's input size (bicubic), a horizontal flip in training
-where the recipe says, then normalisation with the recipe's or the backbone's mean and std.
+where the recipe says, then normalisation with the recipe's or the backbone's mean and std. FGVC (the
+official `get_transforms`): resize to 256/224 of the input size (bilinear), then a random crop in training
+and the centre crop in evaluation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +35,18 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tif
 DIGITS_EVAL_FRACTION = 0.25  # fixed, stratified split of the 1,797 digits: same eval set for every seed
 
 
+FGVC_IMAGE_DIRS = {  # the official loaders' dataset folders, and where their images are under them
+    "CUB_200_2011": "images",
+    "NABirds": "images",
+    "OxfordFlowers": "",
+    "StanfordCars": "",
+    "StanfordDogs": "",
+}
+
+
 @dataclass(frozen=True)
 class DataSpec:
-    kind: str  # digits | folder | vtab
+    kind: str  # digits | folder | vtab | fgvc
     path: Path | None = None
     classes: tuple[int, ...] | None = None  # digits: the subset, relabelled 0..k-1 in this order
 
@@ -37,48 +57,77 @@ class Splits:
     eval: Dataset
     eval_split: str  # which split evaluates: val, test
     class_names: list[str]
+    train_split: str = "train"  # which split trains: train, train800val200, train800, trainval
+    select: Dataset | None = None  # the validation split that picks the epoch (train.select best-val)
+    select_split: str | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def describe(self) -> dict[str, dict[str, Any] | None]:
+        """Each role's split name and image count: {"train", "eval", "select"} -> {"split", "images"}."""
+        roles = {"train": (self.train_split, self.train), "eval": (self.eval_split, self.eval)}
+        described: dict[str, dict[str, Any] | None] = {
+            role: {"split": name, "images": len(data)} for role, (name, data) in roles.items()
+        }
+        has_select = self.select is not None
+        described["select"] = {"split": self.select_split, "images": len(self.select)} if has_select else None
+        return described
+
     def check_eval(self) -> None:
-        """Read every evaluation image's header now (in-memory splits have nothing to check)."""
-        if isinstance(self.eval, FileImages):
-            self.eval.check()
+        """Read every evaluation (and validation) image's header now (in-memory splits have nothing to check)."""
+        for split in (self.eval, self.select):
+            if isinstance(split, FileImages):
+                split.check()
 
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Resize (bicubic) to `size`, optional horizontal flip, normalise with `mean`/`std`."""
+    """Resize (bicubic) to `size`, optional horizontal flip in training, normalise with `mean`/`std`.
+
+    `crop` (FGVC): resize (bilinear) to `size` · 256/224 instead, then crop `size`: at random in training,
+    the centre in evaluation."""
 
     size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     hflip: bool = False
+    crop: bool = False
 
-    def pil(self):
+    def pil(self, train: bool = True):
+        """The torchvision transform of a PIL image, for the training split or (`train=False`) any other."""
         from torchvision import transforms as T
 
-        steps = [T.Resize(self.size, interpolation=T.InterpolationMode.BICUBIC)]
-        steps += [T.RandomHorizontalFlip()] if self.hflip else []
+        if self.crop:
+            resized = tuple(round(s * 256 / 224) for s in self.size)
+            steps = [T.Resize(resized), T.RandomCrop(self.size) if train else T.CenterCrop(self.size)]
+        else:
+            steps = [T.Resize(self.size, interpolation=T.InterpolationMode.BICUBIC)]
+        steps += [T.RandomHorizontalFlip()] if self.hflip and train else []
         steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
         return T.Compose(steps)
 
 
 def parse_data_spec(spec: str) -> DataSpec:
-    """`digits[:A-B|:A,B,...]`, `folder:PATH` or `vtab:PATH`; a `DataError` naming the spec otherwise."""
+    """`digits[:A-B|:A,B,...]`, `folder:PATH`, `vtab:PATH` or `fgvc:PATH`; a `DataError` naming the spec
+    otherwise."""
     kind, _, rest = spec.partition(":")
     if kind == "digits":
         return DataSpec("digits", classes=_parse_classes(rest, spec) if rest else None)
-    if kind in ("folder", "vtab"):
+    if kind in ("folder", "vtab", "fgvc"):
         if not rest:
             raise DataError(f"--data {spec}: give a path, e.g. {kind}:/data/my_dataset")
         path = Path(rest).expanduser()
         if not path.is_dir():
             raise DataError(f"--data {spec}: directory not found: {path}")
+        if kind == "fgvc" and path.resolve().name not in FGVC_IMAGE_DIRS:
+            raise DataError(
+                f"--data {spec}: the FGVC folder must be named as the official loaders name it "
+                f"({', '.join(FGVC_IMAGE_DIRS)}), got '{path.resolve().name}'"
+            )
         return DataSpec(kind, path=path)
-    raise DataError(f"--data {spec}: unknown kind '{kind}' (use digits, folder:PATH or vtab:PATH)")
+    raise DataError(f"--data {spec}: unknown kind '{kind}' (use digits, folder:PATH, vtab:PATH or fgvc:PATH)")
 
 
 def _parse_classes(text: str, spec: str) -> tuple[int, ...]:
@@ -95,10 +144,15 @@ def _parse_classes(text: str, spec: str) -> tuple[int, ...]:
     return classes
 
 
-def build_splits(spec: DataSpec, transform: ImageTransform) -> Splits:
-    """The training split (flip as the transform says) and the evaluation split (never flipped)."""
-    builders = {"digits": _digits, "folder": _folder, "vtab": _vtab}
-    return builders[spec.kind](spec, transform)
+def build_splits(spec: DataSpec, transform: ImageTransform, validation: bool = False) -> Splits:
+    """The training split (flip as the transform says), the evaluation split (never flipped) and, with
+    `validation`, a validation split held out of the training data (a `DataError` if the data has none)."""
+    builders = {"digits": _digits, "folder": _folder, "vtab": _vtab, "fgvc": _fgvc}
+    return builders[spec.kind](spec, transform, validation)
+
+
+def _no_validation(spec: DataSpec, why: str) -> DataError:
+    return DataError(f"train.select best-val: {spec.kind} data {why}; use train.select last")
 
 
 # -- digits -------------------------------------------------------------------------------------------
@@ -127,7 +181,9 @@ class _FlipDataset(Dataset):
         return (x.flip(-1) if torch.rand(()) < 0.5 else x), self.labels[i]
 
 
-def _digits(spec: DataSpec, transform: ImageTransform) -> Splits:
+def _digits(spec: DataSpec, transform: ImageTransform, validation: bool) -> Splits:
+    if validation:
+        raise _no_validation(spec, "has no validation split apart from its evaluation split")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -186,10 +242,6 @@ class FileImages(Dataset):
         return self.transform(load_rgb(path)), label
 
 
-def _eval_transform(transform: ImageTransform) -> ImageTransform:
-    return ImageTransform(transform.size, transform.mean, transform.std, hflip=False)
-
-
 def _scan_split(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
     samples = []
     for label, name in enumerate(classes):
@@ -205,21 +257,27 @@ def _scan_split(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
     return samples
 
 
-def _folder(spec: DataSpec, transform: ImageTransform) -> Splits:
+def _folder(spec: DataSpec, transform: ImageTransform, validation: bool) -> Splits:
     root = spec.path
     train_dir = root / "train"
     eval_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if not train_dir.is_dir() or eval_dir is None:
         raise DataError(f"{root}: expected train/ and val/ (or test/) sub-folders of class folders")
+    if validation and not ((root / "val").is_dir() and (root / "test").is_dir()):
+        raise _no_validation(spec, f"at {root} needs both val/ (to select on) and test/ (to evaluate on)")
+    select_dir = root / "val" if validation else None
+    eval_dir = root / "test" if validation else eval_dir
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{train_dir}: no class folders")
-    extra = sorted({p.name for p in eval_dir.iterdir() if p.is_dir()} - set(classes))
-    if extra:
-        raise DataError(f"{eval_dir / extra[0]}: class not present in {train_dir}")
+    for split_dir in filter(None, (eval_dir, select_dir)):
+        extra = sorted({p.name for p in split_dir.iterdir() if p.is_dir()} - set(classes))
+        if extra:
+            raise DataError(f"{split_dir / extra[0]}: class not present in {train_dir}")
     train = FileImages(_scan_split(train_dir, classes), transform.pil())
-    evaluation = FileImages(_scan_split(eval_dir, classes), _eval_transform(transform).pil())
-    return Splits(train, evaluation, eval_dir.name, classes)
+    evaluation = FileImages(_scan_split(eval_dir, classes), transform.pil(train=False))
+    select = FileImages(_scan_split(select_dir, classes), transform.pil(train=False)) if select_dir else None
+    return Splits(train, evaluation, eval_dir.name, classes, "train", select, "val" if select_dir else None)
 
 
 def _read_list(path: Path, root: Path) -> list[tuple[Path, int]]:
@@ -241,16 +299,65 @@ def _read_list(path: Path, root: Path) -> list[tuple[Path, int]]:
     return samples
 
 
-def _vtab(spec: DataSpec, transform: ImageTransform) -> Splits:
+def _vtab(spec: DataSpec, transform: ImageTransform, validation: bool) -> Splits:
     root = spec.path
-    train = _read_list(root / "train800val200.txt", root)
+    train_split = "train800" if validation else "train800val200"
+    train = _read_list(root / f"{train_split}.txt", root)
     test = _read_list(root / "test.txt", root)
-    num_classes = max(label for _, label in train + test) + 1
-    if min(label for _, label in train + test) < 0:
+    val = _read_list(root / "val200.txt", root) if validation else []
+    listed = train + test + val
+    num_classes = max(label for _, label in listed) + 1
+    if min(label for _, label in listed) < 0:
         raise DataError(f"{root}: negative class label in the list files")
     return Splits(
         FileImages(train, transform.pil()),
-        FileImages(test, _eval_transform(transform).pil()),
+        FileImages(test, transform.pil(train=False)),
         "test",
         [str(i) for i in range(num_classes)],
+        train_split,
+        FileImages(val, transform.pil(train=False)) if validation else None,
+        "val200" if validation else None,
+    )
+
+
+def _read_json_split(path: Path, images: Path) -> dict[Path, Any]:
+    """An official FGVC split file: {"relative/path": class id} -> {image path: class id}."""
+    import json
+
+    if not path.is_file():
+        raise DataError(f"FGVC split file not found: {path}")
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read FGVC split file {path}: {e}") from None
+    if not isinstance(entries, dict) or not entries:
+        raise DataError(f"{path}: expected a non-empty mapping of 'relative/path': class id")
+    missing = next((name for name in entries if not (images / name).is_file()), None)
+    if missing is not None:
+        raise DataError(f"{path}: image not found: {images / missing}")
+    return {images / name: label for name, label in entries.items()}
+
+
+def _fgvc(spec: DataSpec, transform: ImageTransform, validation: bool) -> Splits:
+    """The official FGVC splits; class ids (any sortable ids) are numbered 0..k-1 in sorted order over the
+    splits read, so every split labels a class the same way."""
+    root = spec.path
+    images = root / FGVC_IMAGE_DIRS[root.resolve().name]
+    names = ("train", "test", "val") if validation else ("trainval", "test")
+    splits = {name: _read_json_split(root / f"{name}.json", images) for name in names}
+    class_ids = sorted({label for split in splits.values() for label in split.values()})
+    number = {c: i for i, c in enumerate(class_ids)}
+
+    def files(name: str, train: bool) -> FileImages:
+        return FileImages([(path, number[c]) for path, c in splits[name].items()], transform.pil(train=train))
+
+    select = files("val", train=False) if validation else None
+    return Splits(
+        files(names[0], train=True),
+        files("test", train=False),
+        "test",
+        [str(c) for c in class_ids],
+        names[0],
+        select,
+        "val" if validation else None,
     )

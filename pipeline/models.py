@@ -11,18 +11,19 @@ from torch import nn
 from vitfold.pipeline.adapting import adapt
 from vitfold.pipeline.backbones import create_backbone, load_checkpoint
 from vitfold.pipeline.config import RunConfig
-from vitfold.pipeline.data import ImageTransform
+from vitfold.pipeline.data import ImageTransform, parse_data_spec
+from vitfold.pipeline.drop_path import set_drop_path
 
 
 def build_backbone(cfg: RunConfig) -> nn.Module:
-    """The backbone with random, `checkpoint` or `pretrained` weights; seeds torch from `cfg.seed` first."""
+    """The backbone with random, `checkpoint` or `pretrained` weights and the run's drop path
+    (`train.drop_path`, `train.drop_path_mode`); seeds torch from `cfg.seed` first."""
     import torch
 
     torch.manual_seed(cfg.seed)
-    kwargs = dict(cfg.backbone_kwargs)
+    model = create_backbone(cfg.backbone, pretrained=cfg.pretrained, **cfg.backbone_kwargs)
     if cfg.train.drop_path is not None:
-        kwargs.setdefault("drop_path_rate", cfg.train.drop_path)
-    model = create_backbone(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
+        set_drop_path(model, cfg.train.drop_path, cfg.train.drop_path_mode)
     if cfg.checkpoint:
         load_checkpoint(model, cfg.checkpoint)
     return model
@@ -38,8 +39,10 @@ def build_model(cfg: RunConfig, num_classes: int, backbone: nn.Module | None = N
 
 
 def data_transform(cfg: RunConfig, model: nn.Module) -> ImageTransform:
-    """The model's input size with the run's normalisation (the recipe's, else the backbone's own)."""
+    """The model's input size with the run's normalisation (the recipe's, else the backbone's own); FGVC data
+    crops as the official FGVC transform does."""
     pretrained = getattr(model, "pretrained_cfg", {}) or {}
     mean = cfg.train.mean or tuple(pretrained.get("mean", (0.5, 0.5, 0.5)))
     std = cfg.train.std or tuple(pretrained.get("std", (0.5, 0.5, 0.5)))
-    return ImageTransform(tuple(model.patch_embed.img_size), mean, std, hflip=bool(cfg.train.hflip))
+    size, crop = tuple(model.patch_embed.img_size), parse_data_spec(cfg.data).kind == "fgvc"
+    return ImageTransform(size, mean, std, hflip=bool(cfg.train.hflip), crop=crop)

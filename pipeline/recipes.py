@@ -2,8 +2,12 @@
 values for the run config.
 
 Resolution order (later wins): the method's paper defaults, then `--recipe NAME`, then the config file,
-then command-line flags. `rlrr-vtab:<task>` fills the official per-task lr / drop-path / weight decay /
-flip; `efft1-vtab:<task>` and `efft2-vtab:<task>` the authors' per-task rank / scale / init.
+then command-line flags. The method defaults are the paper's hyper-parameters on vitfold's per-step
+schedule; a recipe is the official protocol: `rlrr-vtab:<task>` fills the official per-task lr /
+drop-path / weight decay / flip, `efft1-vtab:<task>` and `efft2-vtab:<task>` the authors' per-task
+rank / scale / init, `rlrr-fgvc:<dataset>` the official FGVC settings, each with the official code's
+schedule (timm's per-epoch cosine; warm restarts for CUB and Dogs), cool-down, last partial batch and
+evaluation cadence.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from vitfold.errors import VitfoldError
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # RLRR official VTAB-1k: AdamW, batch 32, 100 epochs, 10 warm-up epochs from 1e-7, min lr 1e-8,
-# mean = std = 0.5; weight decay skipped for names containing "bias" or "norm".
+# mean = std = 0.5; weight decay skipped for names containing "bias" or "norm"; drop path is nn.Dropout on
+# each residual branch (the per-task rates were tuned for that operator).
 RLRR_TRAIN = {
     "batch_size": 32,
     "epochs": 100,
@@ -25,10 +30,14 @@ RLRR_TRAIN = {
     "lr": 1e-3,
     "weight_decay": 5e-5,
     "drop_path": 0.1,
+    "drop_path_mode": "elementwise",
     "mean": (0.5, 0.5, 0.5),
     "std": (0.5, 0.5, 0.5),
     "hflip": False,
 }
+# The official RLRR loop: timm's create_scheduler (cosine, warmup_prefix False, stepped per epoch) with
+# 10 cool-down epochs, the last partial batch kept, the test split scored every epoch.
+RLRR_PROTOCOL = {"schedule": "epoch-cosine", "cooldown_epochs": 10, "drop_last": False, "eval_every": 1}
 # EFFT: AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs, 10 warm-up epochs from 1e-6, min lr 1e-5,
 # ImageNet mean/std, no augmentation, drop_path 0.1.
 EFFT_TRAIN = {
@@ -40,10 +49,14 @@ EFFT_TRAIN = {
     "lr": 1e-3,
     "weight_decay": 1e-4,
     "drop_path": 0.1,
+    "drop_path_mode": "sample",  # timm's create_model(drop_path_rate=0.1)
     "mean": IMAGENET_MEAN,
     "std": IMAGENET_STD,
     "hflip": False,
 }
+# The official EFFT loop (execute.py): timm CosineLRScheduler stepped per epoch, no cool-down, the last
+# partial batch dropped, the test split scored every 10 epochs.
+EFFT_PROTOCOL = {"schedule": "epoch-cosine", "cooldown_epochs": 0, "drop_last": True, "eval_every": 10}
 METHOD_TRAIN = {"rlrr": RLRR_TRAIN, "efft1": EFFT_TRAIN, "efft2": EFFT_TRAIN}
 
 # task: (lr, drop_path, weight_decay, horizontal flip)
@@ -113,25 +126,53 @@ EFFT1_VTAB = {
 }
 
 
+# RLRR official FGVC (train_fgvc.py, FGVCConfig.py): 50 + 10 epochs, the transform flips; dataset:
+# (official folder, lr, drop_path, weight decay). CUB and Dogs train all 60 epochs on
+# CosineAnnealingWarmRestarts(T_0=5, eta_min=0) from the full lr (no warm-up) instead of the cosine.
+RLRR_FGVC = {
+    "cub": ("CUB_200_2011", 3e-3, 0.1, 5e-2),
+    "nabirds": ("NABirds", 5e-4, 0.3, 5e-2),
+    "flowers": ("OxfordFlowers", 3e-3, 0.2, 5e-2),
+    "cars": ("StanfordCars", 3e-3, 0.2, 5e-2),
+    "dogs": ("StanfordDogs", 1e-4, 0.0, 5e-2),
+}
+FGVC_WARM_RESTARTS = {
+    "schedule": "warm-restarts",
+    "restart_epochs": 5,
+    "epochs": 60,
+    "cooldown_epochs": 0,
+    "warmup_epochs": 0,
+    "min_lr": 0.0,
+}
+
+
 def method_train_defaults(method: str) -> dict[str, Any]:
     """The paper's training settings for `method` (RLRR's official recipe for the baselines)."""
     return dict(METHOD_TRAIN.get(method, RLRR_TRAIN))
 
 
 def resolve_recipe(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """`rlrr-vtab:<task>` | `efft1-vtab:<task>` | `efft2-vtab:<task>` -> (method, train values, method options)."""
+    """`rlrr-vtab:<task>` | `efft1-vtab:<task>` | `efft2-vtab:<task>` | `rlrr-fgvc:<dataset>`
+    -> (method, train values, method options)."""
     family, _, task = name.partition(":")
-    tables = {"rlrr-vtab": RLRR_VTAB, "efft1-vtab": EFFT1_VTAB, "efft2-vtab": EFFT2_VTAB}
+    tables = {"rlrr-vtab": RLRR_VTAB, "efft1-vtab": EFFT1_VTAB, "efft2-vtab": EFFT2_VTAB, "rlrr-fgvc": RLRR_FGVC}
     if family not in tables:
         raise VitfoldError(f"unknown recipe '{name}' (use {', '.join(f'{t}:<task>' for t in tables)})")
     table = tables[family]
     if task not in table:
-        raise VitfoldError(f"recipe '{name}': unknown VTAB-1k task '{task}' (known: {', '.join(sorted(table))})")
-    method = family.removesuffix("-vtab")
+        benchmark = "FGVC dataset" if family == "rlrr-fgvc" else "VTAB-1k task"
+        raise VitfoldError(f"recipe '{name}': unknown {benchmark} '{task}' (known: {', '.join(sorted(table))})")
+    method = family.split("-")[0]
     train = method_train_defaults(method)
+    if family == "rlrr-fgvc":
+        _, lr, drop_path, weight_decay = table[task]
+        train.update(RLRR_PROTOCOL, epochs=50, lr=lr, drop_path=drop_path, weight_decay=weight_decay, hflip=True)
+        train.update(FGVC_WARM_RESTARTS if task in ("cub", "dogs") else {})
+        return method, train, {}
     if method == "rlrr":
         lr, drop_path, weight_decay, hflip = table[task]
-        train.update(lr=lr, drop_path=drop_path, weight_decay=weight_decay, hflip=hflip)
+        train.update(RLRR_PROTOCOL, lr=lr, drop_path=drop_path, weight_decay=weight_decay, hflip=hflip)
         return method, train, {}
     rank, scale, init = table[task]
+    train.update(EFFT_PROTOCOL)
     return method, train, {"rank": rank, "scale": float(scale), "init": init}

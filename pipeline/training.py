@@ -1,9 +1,9 @@
 """The training loop: a model and datasets in, a trained model and per-epoch metrics out. No files.
 
 AdamW with weight decay grouped by each method's official rule (`AdapterMethod.no_weight_decay`); the
-learning rate warms up linearly from `warmup_lr` to `lr`, then follows a cosine to `min_lr`, per step.
-Batches are global: batch b of an epoch is the same set of images whatever the number of processes,
-so a DDP run takes the same steps as one process with the same global batch. `Trainer.state_dict()`
+learning rate of every step from `train.schedule` (`vitfold.pipeline.schedules`). Batches are global:
+batch b of an epoch is the same set of images whatever the number of processes, so a DDP run takes the
+same steps as one process with the same global batch. `Trainer.state_dict()`
 is everything a resumed run needs (adapter, optimizer, RNG, counters, history); where it is stored is
 the caller's business (the train stage keeps it in RUN/train/last.ckpt).
 """
@@ -29,8 +29,20 @@ from vitfold.errors import VitfoldError
 from vitfold.pipeline.adapters import get_method
 from vitfold.pipeline.adapting import adapter_record, adapter_state_dict, load_adapter, trainable_named_parameters
 from vitfold.pipeline.config import TrainConfig
+from vitfold.pipeline.schedules import learning_rates, steps_per_epoch
 
-METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "img_per_s", "seconds")
+METRIC_FIELDS = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "eval_loss",
+    "eval_acc",
+    "select_loss",
+    "select_acc",
+    "lr",
+    "img_per_s",
+    "seconds",
+)
 
 
 @dataclass(frozen=True)
@@ -61,49 +73,51 @@ def init_distributed(device: str) -> Dist:
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
-    """Seeded per-epoch permutation cut into global batches (last partial batch dropped); each process
-    takes its contiguous share of every global batch."""
+    """Seeded per-epoch permutation cut into global batches (the last partial one dropped when
+    `drop_last`); each process takes its contiguous share of every global batch."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, d: Dist) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, d: Dist, drop_last: bool = True) -> None:
         if batch_size % d.world:
             raise VitfoldError(f"batch size {batch_size} is not divisible by the {d.world} processes")
-        if n < batch_size:
+        if drop_last and n < batch_size:
             raise VitfoldError(f"the training split has {n} images, fewer than one batch of {batch_size}")
+        if not drop_last and n % batch_size % d.world:
+            raise VitfoldError(
+                f"train.drop_last false: the last batch of {n % batch_size} images does not split over the "
+                f"{d.world} processes (set train.drop_last true, or a batch size that divides {n})"
+            )
         self.n, self.batch_size, self.seed, self.d, self.epoch = n, batch_size, seed, d, 0
+        self.steps = steps_per_epoch(n, batch_size, drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n // self.batch_size
+        return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
-        share = self.batch_size // self.d.world
         for b in range(len(self)):
-            start = b * self.batch_size + self.d.rank * share
-            yield order[start : start + share]
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]  # the last one may be short
+            share = len(batch) // self.d.world
+            yield batch[self.d.rank * share : (self.d.rank + 1) * share]
 
 
-def lr_at(step: int, total: int, steps_per_epoch: int, tc: TrainConfig) -> float:
-    """Linear warm-up from warmup_lr to lr over warmup_epochs, then cosine down to min_lr."""
-    warmup = int(tc.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return tc.warmup_lr + (tc.lr - tc.warmup_lr) * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model: nn.Module, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable tensors, in a decayed and an undecayed group by the method's own rule
-    (`AdapterMethod.no_weight_decay`, reproducing each official code's groups)."""
+def param_groups(model: nn.Module, weight_decay: float) -> list[tuple[float, list[tuple[str, nn.Parameter]]]]:
+    """The trainable tensors as (weight decay, [(name, tensor)]) groups: decayed, then exempt by the method's
+    own rule (`AdapterMethod.no_weight_decay`, reproducing each official code's groups); empty ones left out."""
     exempt = get_method(adapter_record(model).method).no_weight_decay
     decay, no_decay = [], []
     for name, p in trainable_named_parameters(model):
-        (no_decay if exempt(name) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0)
+        (no_decay if exempt(name) else decay).append((name, p))
+    return [(wd, named) for wd, named in ((weight_decay, decay), (0.0, no_decay)) if named]
+
+
+def make_optimizer(model: nn.Module, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, weight_decay)`."""
+    groups = [{"params": [p for _, p in named], "weight_decay": wd} for wd, named in param_groups(model, weight_decay)]
+    return torch.optim.AdamW(groups, lr=0.0)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -143,28 +157,46 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, disable=not shown, dynamic_ncols=True)
 
 
-EpochCallback = Callable[[dict[str, Any], bool], None]  # (the epoch's metrics row, best accuracy so far?)
+EpochCallback = Callable[[dict[str, Any], bool], None]  # (the epoch's metrics row, the epoch to fold so far?)
 
 
 class Trainer:
-    """Fine-tunes an adapted model's trainable tensors on `train_set`, evaluating on `eval_set`.
+    """Fine-tunes an adapted model's trainable tensors on `train_set`, evaluating on `eval_set` (and, for
+    `tc.select == "best-val"`, on `select_set`, whose best epoch is the one to fold; else the last one).
 
     bf16 autocast on CUDA, fp32 elsewhere; `tc.compile` wraps the step in `torch.compile` (the weights,
     adapter state and checkpoints stay those of `model`)."""
 
     def __init__(
-        self, model: nn.Module, tc: TrainConfig, d: Dist, train_set: Dataset, eval_set: Dataset, seed: int
+        self,
+        model: nn.Module,
+        tc: TrainConfig,
+        d: Dist,
+        train_set: Dataset,
+        eval_set: Dataset,
+        seed: int,
+        select_set: Dataset | None = None,
     ) -> None:
+        if (tc.select == "best-val") != (select_set is not None):
+            raise VitfoldError("train.select best-val needs a validation split (and only best-val uses one)")
         self.model, self.tc, self.d = model, tc, d
         self.amp = d.device.type == "cuda"
-        self.sampler = GlobalBatchSampler(len(train_set), tc.batch_size, seed, d)
+        self.sampler = GlobalBatchSampler(len(train_set), tc.batch_size, seed, d, tc.drop_last)
         self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=tc.num_workers, pin_memory=self.amp)
-        self.eval_loader = DataLoader(eval_set, batch_size=max(1, tc.batch_size // d.world), num_workers=tc.num_workers)
+        self.eval_loaders = {"eval": self._eval_loader(eval_set)}
+        if select_set is not None:
+            self.eval_loaders["select"] = self._eval_loader(select_set)
         net = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
         self.net = torch.compile(net) if tc.compile else net
         self.optimizer = make_optimizer(model, tc.weight_decay)
-        self.epoch, self.step, self.best_acc = 0, 0, -1.0
+        self.lrs = learning_rates(tc, len(self.sampler))
+        self.epoch, self.step, self.best_acc, self.best_select = 0, 0, -1.0, -1.0
         self.history: list[dict[str, Any]] = []
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=max(1, self.tc.batch_size // self.d.world), num_workers=self.tc.num_workers
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, metrics history, adapter and optimizer state and the RNG: all a resume needs."""
@@ -172,6 +204,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "best_acc": self.best_acc,
+            "best_select": self.best_select,
             "history": self.history,
             "adapter": adapter_state_dict(self.model),
             "optimizer": self.optimizer.state_dict(),
@@ -183,40 +216,53 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         self.epoch, self.step, self.best_acc = state["epoch"], state["step"], state["best_acc"]
+        self.best_select = state["best_select"]
         self.history = list(state["history"])
 
+    def result(self) -> dict[str, Any]:
+        """The last epoch's row, the best evaluation accuracy over epochs, and the epoch to fold."""
+        selected = self.history[-1]
+        if self.tc.select == "best-val":
+            scored = [r for r in self.history if r["select_acc"] != ""]
+            selected = max(scored, key=lambda r: r["select_acc"])  # the first of equals, as `fit` keeps it
+        return {**self.history[-1], "best_acc": self.best_acc, "selected": selected}
+
     def fit(self, on_epoch: EpochCallback | None = None, eval_name: str = "eval", log=print) -> dict[str, Any]:
-        """Train from `self.epoch` to `tc.epochs`; returns the last epoch's row and the best accuracy."""
+        """Train from `self.epoch` to `tc.total_epochs`; returns `self.result()`."""
         tc, d = self.tc, self.d
-        total_steps = tc.epochs * len(self.sampler)
-        for epoch in range(self.epoch, tc.epochs):
-            row = self._train_epoch(epoch, total_steps)
-            if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.epochs:
-                eval_loss, eval_acc = evaluate(self.model, self.eval_loader, d, self.amp)
-                row.update(eval_loss=round(eval_loss, 6), eval_acc=round(eval_acc, 6))
-            improved = row["eval_acc"] != "" and row["eval_acc"] > self.best_acc
-            if improved:
+        for epoch in range(self.epoch, tc.total_epochs):
+            row = self._train_epoch(epoch)
+            if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.total_epochs:
+                for split, loader in self.eval_loaders.items():
+                    loss, acc = evaluate(self.model, loader, d, self.amp)
+                    row.update({f"{split}_loss": round(loss, 6), f"{split}_acc": round(acc, 6)})
+            if row["eval_acc"] != "" and row["eval_acc"] > self.best_acc:
                 self.best_acc = row["eval_acc"]
+            chosen = tc.select == "last" or (row["select_acc"] != "" and row["select_acc"] > self.best_select)
+            if tc.select == "best-val" and chosen:
+                self.best_select = row["select_acc"]
             self.history.append(row)
             self.epoch = epoch + 1
             if on_epoch is not None:
-                on_epoch(row, improved)
+                on_epoch(row, chosen)
             if d.main:
                 log(
-                    f"epoch {epoch + 1}/{tc.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}"
+                    f"epoch {epoch + 1}/{tc.total_epochs}: train loss {row['train_loss']:.4f} "
+                    f"acc {row['train_acc']:.3f}"
                     + (f", {eval_name} acc {row['eval_acc']:.3f}" if row["eval_acc"] != "" else "")
+                    + (f", val acc {row['select_acc']:.3f}" if row["select_acc"] != "" else "")
                     + f", {row['img_per_s']:.0f} img/s"
                 )
-        return {**self.history[-1], "best_acc": self.best_acc}
+        return self.result()
 
-    def _train_epoch(self, epoch: int, total_steps: int) -> dict[str, Any]:
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
         tc, d = self.tc, self.d
         self.sampler.set_epoch(epoch)
         self.net.train()
         loss_sum, correct, seen, started, lr = 0.0, 0, 0, time.perf_counter(), 0.0
-        bar = _progress(self.loader, len(self.sampler), f"epoch {epoch + 1}/{tc.epochs}", d.main)
+        bar = _progress(self.loader, len(self.sampler), f"epoch {epoch + 1}/{tc.total_epochs}", d.main)
         for x, y in bar:
-            lr = lr_at(self.step, total_steps, len(self.sampler), tc)
+            lr = self.lrs[self.step]
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
@@ -243,8 +289,7 @@ class Trainer:
             "epoch": epoch + 1,
             "train_loss": round(loss_sum / seen, 6),
             "train_acc": round(correct / seen, 6),
-            "eval_loss": "",
-            "eval_acc": "",
+            **{f"{split}_{kind}": "" for split in ("eval", "select") for kind in ("loss", "acc")},
             "lr": lr,
             "img_per_s": round(seen * d.world / seconds, 2),
             "seconds": round(seconds, 3),

@@ -1,8 +1,10 @@
 """Shared test helpers: tiny ViTs, adapter randomisation, an error measure written here apart from the
-code under test, a tiny run config, and one way to call the command line."""
+code under test, a tiny run config, generated datasets in the VTAB-1k and FGVC layouts, and one way to
+call the command line."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -70,3 +72,47 @@ def vitfold_cli(*args: str, env: dict[str, str] | None = None, **kwargs) -> subp
         env={**os.environ, **(env or {})},
         **kwargs,
     )
+
+
+def _class_image(path: Path, label: int, index: int) -> str:
+    """A small RGB image whose colour says its class (learnable), varied a little per index."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 14), (90 * label % 256, 255 - 80 * label % 256, (7 * index) % 64)).save(path)
+    return str(path)
+
+
+def write_vtab(root: Path, sizes: dict[str, int], classes: int = 3) -> Path:
+    """A VTAB-1k folder: `sizes` images per list (train800, val200, test; train800val200 is the first two),
+    `relative/path label` lines, labels cycling over `classes`."""
+    lines: dict[str, list[str]] = {}
+    for split, n in sizes.items():
+        lines[split] = []
+        for i in range(n):
+            name = f"images/{split}_{i}.png"
+            _class_image(root / name, i % classes, i)
+            lines[split].append(f"{name} {i % classes}")
+    lines["train800val200"] = lines["train800"] + lines["val200"]
+    for split, listed in lines.items():
+        (root / f"{split}.txt").write_text("\n".join(listed) + "\n")
+    return root
+
+
+def write_fgvc(parent: Path, name: str, sizes: dict[str, int], classes: int = 3) -> Path:
+    """An FGVC folder `parent/name` as the official loaders read it: {split}.json = {"relative/path": class id}
+    for train, val, test (trainval = train + val), images under images/ (CUB_200_2011, NABirds) or the folder
+    itself, class ids 10, 20, ... (not 0-based: the loader renumbers them)."""
+    root = parent / name
+    images = root / "images" if name in ("CUB_200_2011", "NABirds") else root
+    splits: dict[str, dict[str, int]] = {}
+    for split, n in sizes.items():
+        splits[split] = {}
+        for i in range(n):
+            relative = f"{i % classes:03d}.class/{split}_{i}.jpg"
+            _class_image(images / relative, i % classes, i)
+            splits[split][relative] = 10 * (i % classes + 1)
+    splits["trainval"] = {**splits["train"], **splits["val"]}
+    for split, entries in splits.items():
+        (root / f"{split}.json").write_text(json.dumps(entries))
+    return root

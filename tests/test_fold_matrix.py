@@ -43,6 +43,45 @@ CASES = {
         TINY_KW + (("depth", 3), ("reg_tokens", 2), ("no_embed_class", True)),
         100,
     ),
+    # ablation switches (RLRR Table 6, EFFT Table 4), each folding exactly
+    "rlrr-left-tiny": ("rlrr", (("scales", "left"),), "vit_tiny_patch16_224", TINY_KW + (("depth", 2),), 100),
+    "rlrr-right-tiny": ("rlrr", (("scales", "right"),), "vit_tiny_patch16_224", TINY_KW + (("depth", 2),), 100),
+    "rlrr-no_residual-tiny": ("rlrr", (("residual", False),), "vit_tiny_patch16_224", TINY_KW + (("depth", 2),), 100),
+    "rlrr-right_no_residual-tiny": (
+        "rlrr",
+        (("scales", "right"), ("residual", False)),
+        "vit_tiny_patch16_224",
+        TINY_KW + (("depth", 2),),
+        100,
+    ),
+    "efft1-attention-tiny": (
+        "efft1",
+        EFFT_OPTS + (("targets", "attention"),),
+        "vit_tiny_patch16_224",
+        TINY_KW + (("depth", 3),),
+        100,
+    ),
+    "efft1-ffn-tiny": (
+        "efft1",
+        EFFT_OPTS + (("targets", "ffn"),),
+        "vit_tiny_patch16_224",
+        TINY_KW + (("depth", 3),),
+        100,
+    ),
+    "efft2-attention-tiny": (
+        "efft2",
+        EFFT_OPTS + (("targets", "attention"),),
+        "vit_tiny_patch16_224",
+        TINY_KW + (("depth", 3),),
+        100,
+    ),
+    "efft2-ffn-tiny": (
+        "efft2",
+        EFFT_OPTS + (("targets", "ffn"),),
+        "vit_tiny_patch16_224",
+        TINY_KW + (("depth", 3),),
+        100,
+    ),
     "efft1-vit_base": pytest.param(("efft1", (("rank", 32), ("scale", 0.7)), *VIT_B, 1000), marks=SLOW),
     "efft1-tiny_depth5": (
         "efft1",
@@ -169,3 +208,30 @@ def test_timm_reparameterize_model_folds_through_fuse(method):
     with torch.no_grad():
         assert rel(fused(x), adapted(x)) <= 1e-5
         assert torch.equal(fused(x), folded(x))
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "expected"),
+    [  # trainable adapter tensors of a depth-2 ViT (d = 192, MLP h = 768), head excluded, counted from the papers
+        # RLRR per block: qkv 3 x 3d, proj 3d, fc1 2h + d, fc2 2d + h, norm SSF 4d; + patch and final SSF 4d.
+        # One side alone drops s_out (3d + d + h + d) or s_in (3d + d + d + h): 5d + h either way
+        ("rlrr", {}, 2 * (19 * 192 + 3 * 768) + 4 * 192),
+        ("rlrr", {"scales": "left"}, 2 * (14 * 192 + 2 * 768) + 4 * 192),
+        ("rlrr", {"scales": "right"}, 2 * (14 * 192 + 2 * 768) + 4 * 192),
+        ("efft2", {"rank": 4, "targets": "attention"}, 2 * 192 * 4 + 4 * 2 * 16),
+        ("efft2", {"rank": 4, "targets": "ffn"}, 192 * 4 + 4 * 768 + 2 * 2 * 16),
+        ("efft1", {"rank": 4, "targets": "attention"}, 4 * 192 * 4 + 192 * 4 + 2 * 16),
+        ("efft1", {"rank": 4, "targets": "ffn"}, 4 * 192 * 4 + 192 * 4 + 2 * 2 * 16),
+    ],
+)
+def test_ablations_train_only_their_tensors(method, options, expected):
+    """RLRR left/right: s_in (left) or s_out (right) alone, per qkv block s_in [3, d]; EFFT attention/ffn: the
+    other layers stay plain nn.Linear and their factors are not created (EFFT1: 1 or 2 core slices per block)."""
+    model = vitfold.adapt(make_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), method, **options)
+    assert vitfold.parameter_counts(model)["adapter_params"] == expected
+    layers = [n for n, m in model.named_modules() if isinstance(m, vitfold.pipeline.adapters.AdapterLayer)]
+    wrapped = {n.split(".", 2)[2] for n in layers if n.startswith("blocks.")}
+    if options.get("targets") == "attention":
+        assert {"attn.qkv", "attn.proj"} <= wrapped and not wrapped & {"mlp.fc1", "mlp.fc2"}
+    if options.get("targets") == "ffn":
+        assert {"mlp.fc1", "mlp.fc2"} <= wrapped and not wrapped & {"attn.qkv", "attn.proj"}

@@ -144,9 +144,9 @@ def info(
 @click.option("--backbone", help="timm ViT name, e.g. vit_base_patch16_224.orig_in21k.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local backbone weights (.safetensors/.pth/.npz).")
 @click.option("--pretrained", is_flag=True, default=None, help="Download the backbone's weights from the hub.")
-@click.option("--data", help="digits[:5-9] | folder:PATH | vtab:PATH")
+@click.option("--data", help="digits[:5-9] | folder:PATH | vtab:PATH | fgvc:PATH")
 @click.option("--method", help="rlrr | efft1 | efft2 | lora | linear | full")
-@click.option("--recipe", help="rlrr-vtab:<task> | efft1-vtab:<task> | efft2-vtab:<task>")
+@click.option("--recipe", help="rlrr-vtab:<task> | efft1-vtab:<task> | efft2-vtab:<task> | rlrr-fgvc:<dataset>")
 @click.option("--rank", type=click.IntRange(min=1), help="Rank (efft1, efft2, lora).")
 @method_options
 @click.option("--num-classes", type=click.IntRange(min=1), help="Head size (default: the dataset's classes).")
@@ -155,6 +155,8 @@ def info(
 @click.option("--lr", type=float)
 @click.option("--weight-decay", type=float)
 @click.option("--drop-path", type=float)
+@click.option("--drop-path-mode", type=click.Choice(["sample", "elementwise"]), help="Drop path operator.")
+@click.option("--select", type=click.Choice(["last", "best-val"]), help="The epoch to fold (default: last).")
 @click.option("--eval-every", type=click.IntRange(min=1))
 @click.option("--num-workers", type=click.IntRange(min=0))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
@@ -164,6 +166,7 @@ def info(
 @click.option(
     "--resume", is_flag=True, help="Continue the run in OUT from its last epoch checkpoint, with its saved config."
 )
+@click.option("--print-plan", is_flag=True, help="Print the resolved training plan as JSON; train nothing.")
 def train(  # one parameter per option, as click passes them
     config_path,
     backbone,
@@ -180,6 +183,8 @@ def train(  # one parameter per option, as click passes them
     lr,
     weight_decay,
     drop_path,
+    drop_path_mode,
+    select,
     eval_every,
     num_workers,
     device,
@@ -187,6 +192,7 @@ def train(  # one parameter per option, as click passes them
     seed,
     out,
     resume,
+    print_plan,
 ) -> None:
     """Fine-tune a timm ViT with an adapter into the run directory OUT (its config and train/)."""
     from vitfold.pipeline.config import load_config
@@ -217,14 +223,25 @@ def train(  # one parameter per option, as click passes them
             "lr": lr,
             "weight_decay": weight_decay,
             "drop_path": drop_path,
+            "drop_path_mode": drop_path_mode,
+            "select": select,
             "eval_every": eval_every,
             "num_workers": num_workers,
             "device": device,
             "compile": compile_model,
         },
     )
+    if print_plan:
+        from vitfold.pipeline.plan import training_plan
+
+        click.echo(json.dumps(training_plan(cfg), indent=1))
+        return
     result = run_stage("train", rd, settings=cfg, config=cfg, resume=resume, log=_echo)
-    _echo(f"best eval accuracy {result['best_acc']:.4f}; adapter: {rd.adapter}")
+    chosen = result["selected"]
+    _echo(
+        f"epoch {chosen['epoch']} to fold ({cfg.train.select}): eval accuracy {chosen['eval_acc']:.4f} "
+        f"(best over epochs {result['best_acc']:.4f}); adapter: {rd.adapter}"
+    )
 
 
 @main.command()

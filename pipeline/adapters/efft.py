@@ -15,8 +15,11 @@ EFFT1 (one core over three 4d×d slabs per block), U ∈ R^{4d×r}, V ∈ R^{d×
     slab[l, i] = s · U Σ[3l+i] Vᵀ,   slab[l, 0] = [ΔW_q; ΔW_k; ΔW_v; ΔW_o],  slab[l, 1] = ΔW_fc1ᵀ,
                                      slab[l, 2] = ΔW_fc2
 
-q, k, v are the three row blocks of timm's fused `attn.qkv` (nn.Linear holds Wᵀ). Only the factors (and
-a new head) train. `init` names the factor that starts at zero ("u" or "v"; EFFT2 one letter for the
+q, k, v are the three row blocks of timm's fused `attn.qkv` (nn.Linear holds Wᵀ). `targets` (the EFFT
+paper's Table 4 ablation) adapts all of them, the attention alone (q, k, v, o: EFFT2 keeps U1, V1, C1;
+EFFT1 one core slice per block, slab 0) or the FFN alone (fc1, fc2: EFFT2 keeps U2, V2, C2; EFFT1 two core
+slices per block, slabs 1 and 2, so Σ[2l+i]); the other layers stay the base's. Only the factors (and a
+new head) train. `init` names the factor that starts at zero ("u" or "v"; EFFT2 one letter for the
 attention factors and one for the FFN factors, e.g. "vu"); the others are Xavier-uniform, so the adapted
 model equals the base at step 0. Dropout acts on the factor tensors U, C, V themselves, in training only.
 
@@ -44,15 +47,20 @@ from vitfold.errors import AdapterError
 from vitfold.pipeline.adapters.base import AdapterMethod, AdapterModule, AdditiveLinear, is_number
 from vitfold.pipeline.adapters.targets import vit_targets
 
+TARGETS = {"all": ("attn", "fc1", "fc2"), "attention": ("attn",), "ffn": ("fc1", "fc2")}  # deltas per option
+LAYERS = {"attn": ("attn.qkv", "attn.proj"), "fc1": ("mlp.fc1",), "fc2": ("mlp.fc2",)}  # the layers of a delta
+
 
 @dataclass(frozen=True)
 class EFFTOptions:
-    """rank r, fixed scale s, dropout p on the factors, and `init` (which factor starts at zero)."""
+    """rank r, fixed scale s, dropout p on the factors, `init` (which factor starts at zero), and `targets`
+    (all | attention | ffn: which layers get deltas)."""
 
     rank: int = 16
     scale: float = 1.0
     dropout: float = 0.1
     init: str = "v"
+    targets: str = "all"
 
     init_letters = 1  # EFFT2: attention + FFN
 
@@ -67,6 +75,9 @@ class EFFTOptions:
         if not isinstance(self.init, str) or len(self.init) != self.init_letters or set(self.init) - {"u", "v"}:
             example = "'vv' or 'vu'" if self.init_letters == 2 else "'u' or 'v'"
             raise AdapterError(f"option 'init' must be {example} for method '{method}', got '{self.init}'")
+        if self.targets not in TARGETS:
+            choices = " | ".join(TARGETS)
+            raise AdapterError(f"option 'targets' must be {choices} for method '{method}', got {self.targets!r}")
 
 
 @dataclass(frozen=True)
@@ -78,10 +89,12 @@ class EFFT2Options(EFFTOptions):
 class SharedFactors(AdapterModule):
     """Factors shared by all blocks; builds the per-layer deltas, in nn.Linear orientation [out, in]."""
 
-    def __init__(self, scale: float, dropout: float) -> None:
+    def __init__(self, opts: EFFTOptions, depth: int) -> None:
         super().__init__()
-        self.scale = float(scale)
-        self.dropout = dropout
+        self.scale = float(opts.scale)
+        self.dropout = opts.dropout
+        self.kinds = TARGETS[opts.targets]  # the deltas built: attn, fc1, fc2 (or some of them)
+        self.depth = depth
         self._deltas: dict[str, tuple[torch.Tensor, ...]] | None = None  # this forward's, per block
         self._folded = False  # set by `fuse`: the layers hold the deltas now, `build` has nothing to do
 
@@ -95,27 +108,28 @@ class SharedFactors(AdapterModule):
         return F.dropout(t, self.dropout, training=True) if dropout else t
 
     @abstractmethod
-    def stacked_deltas(
-        self, blocks: slice, dtype: torch.dtype | None, dropout: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Contiguous nn.Linear-orientation deltas of `blocks` (n of them): attention [n, 4, d, d]
-        (q, k, v, o; each [out, in]), fc1 [n, h, d], fc2 [n, d, h]."""
+    def stacked_deltas(self, blocks: slice, dtype: torch.dtype | None, dropout: bool) -> dict[str, torch.Tensor]:
+        """Contiguous nn.Linear-orientation deltas of `blocks` (n of them), for each kind in `self.kinds`:
+        "attn" [n, 4, d, d] (q, k, v, o; each [out, in]), "fc1" [n, h, d], "fc2" [n, d, h]."""
 
     def linear_deltas(
         self, blocks: slice = slice(None), dtype: torch.dtype | None = None, dropout: bool = False
     ) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Deltas of `blocks`: layer name -> one [out, in] tensor per block.
+        """Deltas of `blocks`: layer name -> one [out, in] tensor per block (the targeted layers only).
 
         Split with unbind/split only, so each layer's backward writes its own slice into one stack
         instead of zero-filling a full-size gradient per layer."""
-        attn, fc1, fc2 = self.stacked_deltas(blocks, dtype, dropout)
-        d = attn.shape[-1]
-        qkv, proj = [], []
-        for block in attn.unbind(0):  # [4, d, d]
-            q_k_v, o = block.split([3, 1])
-            qkv.append(q_k_v.reshape(3 * d, d))  # [3, d, d] -> [3d, d], a view
-            proj.append(o.squeeze(0))
-        return {"attn.qkv": tuple(qkv), "attn.proj": tuple(proj), "mlp.fc1": fc1.unbind(0), "mlp.fc2": fc2.unbind(0)}
+        stacked = self.stacked_deltas(blocks, dtype, dropout)
+        deltas = {f"mlp.{kind}": stacked[kind].unbind(0) for kind in ("fc1", "fc2") if kind in stacked}
+        if "attn" in stacked:
+            d = stacked["attn"].shape[-1]
+            qkv, proj = [], []
+            for block in stacked["attn"].unbind(0):  # [4, d, d]
+                q_k_v, o = block.split([3, 1])
+                qkv.append(q_k_v.reshape(3 * d, d))  # [3, d, d] -> [3d, d], a view
+                proj.append(o.squeeze(0))
+            deltas.update({"attn.qkv": tuple(qkv), "attn.proj": tuple(proj)})
+        return deltas
 
     def _dropout_now(self) -> bool:
         return self.training and self.dropout > 0
@@ -150,65 +164,77 @@ def _xavier_then_zero(tensors: dict[str, nn.Parameter], zero: str) -> None:
 
 
 class EFFT2Factors(SharedFactors):
-    """U1 [d, r], V1 [r, d], C1 [r, r, 4L]; U2 [d, r], V2 [r, h], C2 [r, r, 2L]."""
+    """U1 [d, r], V1 [r, d], C1 [r, r, 4L] (attention); U2 [d, r], V2 [r, h], C2 [r, r, 2L] (FFN)."""
 
     def __init__(self, d: int, h: int, depth: int, opts: EFFTOptions, like: torch.Tensor) -> None:
-        super().__init__(opts.scale, opts.dropout)
+        super().__init__(opts, depth)
         r, kw = opts.rank, {"device": like.device, "dtype": like.dtype}
-        self.U1, self.V1 = nn.Parameter(torch.empty(d, r, **kw)), nn.Parameter(torch.empty(r, d, **kw))
-        self.C1 = nn.Parameter(torch.empty(r, r, 4 * depth, **kw))
-        self.U2, self.V2 = nn.Parameter(torch.empty(d, r, **kw)), nn.Parameter(torch.empty(r, h, **kw))
-        self.C2 = nn.Parameter(torch.empty(r, r, 2 * depth, **kw))
-        _xavier_then_zero({"U1": self.U1, "C1": self.C1, "V1": self.V1}, zero=opts.init[0].upper() + "1")
-        _xavier_then_zero({"U2": self.U2, "C2": self.C2, "V2": self.V2}, zero=opts.init[1].upper() + "2")
+        if "attn" in self.kinds:
+            self.U1, self.V1 = nn.Parameter(torch.empty(d, r, **kw)), nn.Parameter(torch.empty(r, d, **kw))
+            self.C1 = nn.Parameter(torch.empty(r, r, 4 * depth, **kw))
+        if "fc1" in self.kinds:
+            self.U2, self.V2 = nn.Parameter(torch.empty(d, r, **kw)), nn.Parameter(torch.empty(r, h, **kw))
+            self.C2 = nn.Parameter(torch.empty(r, r, 2 * depth, **kw))
+        if "attn" in self.kinds:
+            _xavier_then_zero({"U1": self.U1, "C1": self.C1, "V1": self.V1}, zero=opts.init[0].upper() + "1")
+        if "fc1" in self.kinds:
+            _xavier_then_zero({"U2": self.U2, "C2": self.C2, "V2": self.V2}, zero=opts.init[1].upper() + "2")
 
     def stacked_deltas(self, blocks, dtype, dropout):
-        start, stop, _ = blocks.indices(self.C2.shape[-1] // 2)
-        n, r = stop - start, self.U1.shape[1]
+        start, stop, _ = blocks.indices(self.depth)
+        n, out = stop - start, {}
         # the official masks: per block one for the attention factors (shared by q, k, v, o), and separate
         # ones for the fc1 and the fc2 delta of each MLP
-        u1, v1 = (
-            self._factor("U1", dtype, dropout, (n,)),
-            self._factor("V1", dtype, dropout, (n,)),
-        )  # [n, d, r], [n, r, d]
-        u2, v2 = self._factor("U2", dtype, dropout, (2, n)), self._factor("V2", dtype, dropout, (2, n))  # [2, n, ...]
-        c1 = self._factor("C1", dtype, dropout)[:, :, 4 * start : 4 * stop].reshape(r, r, n, 4)  # [r, r, n, 4]
-        c2 = self._factor("C2", dtype, dropout)[:, :, 2 * start : 2 * stop]  # [r, r, 2n]
-        # (s U C V)ᵀ = s Vᵀ Cᵀ Uᵀ: q, k, v, o and fc1 are the transposes of their x·W deltas
-        vc1 = torch.einsum("bsj,rsbk->bkjr", v1, c1)  # [n, 4, d, r]
-        attn = self.scale * vc1 @ u1.transpose(-1, -2).unsqueeze(1)  # [n, 4, d, r] @ [n, 1, r, d] -> [n, 4, d, d]
-        vc2 = torch.einsum("bsj,rsb->bjr", v2[0], c2[:, :, 0::2])  # [n, h, r]
-        fc1 = self.scale * vc2 @ u2[0].transpose(-1, -2)  # [n, h, r] @ [n, r, d] -> [n, h, d]
-        uc2 = torch.einsum("bir,rsb->bis", u2[1], c2[:, :, 1::2])  # [n, d, r]
-        fc2 = self.scale * uc2 @ v2[1]  # [n, d, r] @ [n, r, h] -> [n, d, h]
-        return attn, fc1, fc2
+        if "attn" in self.kinds:
+            u1, v1 = self._factor("U1", dtype, dropout, (n,)), self._factor("V1", dtype, dropout, (n,))  # [n, d|r, ·]
+        if "fc1" in self.kinds:
+            u2, v2 = self._factor("U2", dtype, dropout, (2, n)), self._factor("V2", dtype, dropout, (2, n))
+        if "attn" in self.kinds:
+            r = self.C1.shape[0]
+            c1 = self._factor("C1", dtype, dropout)[:, :, 4 * start : 4 * stop].reshape(r, r, n, 4)  # [r, r, n, 4]
+            # (s U C V)ᵀ = s Vᵀ Cᵀ Uᵀ: q, k, v, o and fc1 are the transposes of their x·W deltas
+            vc1 = torch.einsum("bsj,rsbk->bkjr", v1, c1)  # [n, 4, d, r]
+            out["attn"] = self.scale * vc1 @ u1.transpose(-1, -2).unsqueeze(1)  # [n, 4, d, r] @ [n, 1, r, d]
+        if "fc1" in self.kinds:
+            c2 = self._factor("C2", dtype, dropout)[:, :, 2 * start : 2 * stop]  # [r, r, 2n]
+            vc2 = torch.einsum("bsj,rsb->bjr", v2[0], c2[:, :, 0::2])  # [n, h, r]
+            out["fc1"] = self.scale * vc2 @ u2[0].transpose(-1, -2)  # [n, h, r] @ [n, r, d] -> [n, h, d]
+            uc2 = torch.einsum("bir,rsb->bis", u2[1], c2[:, :, 1::2])  # [n, d, r]
+            out["fc2"] = self.scale * uc2 @ v2[1]  # [n, d, r] @ [n, r, h] -> [n, d, h]
+        return out
 
 
 class EFFT1Factors(SharedFactors):
-    """U [4d, r], V [d, r], core Σ [3L, r, r]; the MLP must be 4d wide (the slabs are 4d×d)."""
+    """U [4d, r], V [d, r], core Σ [kL, r, r] for the k targeted slabs of each block (3: all); the MLP must be
+    4d wide (the slabs are 4d×d)."""
 
     def __init__(self, d: int, depth: int, opts: EFFTOptions, like: torch.Tensor) -> None:
-        super().__init__(opts.scale, opts.dropout)
+        super().__init__(opts, depth)
         r, kw = opts.rank, {"device": like.device, "dtype": like.dtype}
         self.U = nn.Parameter(torch.empty(4 * d, r, **kw))
         self.V = nn.Parameter(torch.empty(d, r, **kw))
-        self.core = nn.Parameter(torch.empty(3 * depth, r, r, **kw))
+        self.core = nn.Parameter(torch.empty(len(self.kinds) * depth, r, r, **kw))
         _xavier_then_zero({"U": self.U, "core": self.core, "V": self.V}, zero=opts.init.upper())
 
     def stacked_deltas(self, blocks, dtype, dropout):
-        start, stop, _ = blocks.indices(self.core.shape[0] // 3)
-        n, (d, r) = stop - start, self.V.shape
+        start, stop, _ = blocks.indices(self.depth)
+        k, n, (d, r) = len(self.kinds), stop - start, self.V.shape
         # per block, one mask per slab (attention, fc1, fc2), as each layer's own dropout draws it
-        u, v = self._factor("U", dtype, dropout, (3, n)), self._factor("V", dtype, dropout, (3, n))  # [3, n, 4d|d, r]
-        core = self._factor("core", dtype, dropout)[3 * start : 3 * stop].view(n, 3, r, r)
-        # slab 0 = s U Σ0 Vᵀ stacks the x·W deltas of q, k, v, o on its input axis: part p is s U_p Σ0 Vᵀ,
-        # whose nn.Linear form is s V Σ0ᵀ U_pᵀ
-        v_core = self.scale * v[0] @ core[:, 0].transpose(-1, -2)  # [n, d, r] @ [n, r, r] -> [n, d, r]
-        u_parts = u[0].reshape(n, 4, d, r).transpose(-1, -2)  # [n, 4, r, d]
-        attn = v_core.unsqueeze(1) @ u_parts  # [n, 1, d, r] @ [n, 4, r, d] -> [n, 4, d, d]
-        fc1 = self.scale * (u[1] @ core[:, 1]) @ v[1].transpose(-1, -2)  # slab 1 = ΔW_fc1ᵀ: [n, 4d, d]
-        fc2 = self.scale * (v[2] @ core[:, 2].transpose(-1, -2)) @ u[2].transpose(-1, -2)  # slab 2ᵀ: [n, d, 4d]
-        return attn, fc1, fc2
+        u, v = self._factor("U", dtype, dropout, (k, n)), self._factor("V", dtype, dropout, (k, n))  # [k, n, ·, r]
+        core = self._factor("core", dtype, dropout)[k * start : k * stop].view(n, k, r, r)
+        out = {}
+        for i, kind in enumerate(self.kinds):
+            if kind == "attn":
+                # slab 0 = s U Σ Vᵀ stacks the x·W deltas of q, k, v, o on its input axis: part p is
+                # s U_p Σ Vᵀ, whose nn.Linear form is s V Σᵀ U_pᵀ
+                v_core = self.scale * v[i] @ core[:, i].transpose(-1, -2)  # [n, d, r] @ [n, r, r] -> [n, d, r]
+                u_parts = u[i].reshape(n, 4, d, r).transpose(-1, -2)  # [n, 4, r, d]
+                out[kind] = v_core.unsqueeze(1) @ u_parts  # [n, 1, d, r] @ [n, 4, r, d] -> [n, 4, d, d]
+            elif kind == "fc1":
+                out[kind] = self.scale * (u[i] @ core[:, i]) @ v[i].transpose(-1, -2)  # slab 1 = ΔW_fc1ᵀ: [n, 4d, d]
+            else:
+                out[kind] = self.scale * (v[i] @ core[:, i].transpose(-1, -2)) @ u[i].transpose(-1, -2)  # slab 2ᵀ
+        return out
 
 
 class DeltaLinear(AdditiveLinear):
@@ -242,10 +268,12 @@ class _EFFT(AdapterMethod):
         """The method's factors for a ViT of width d, MLP width h and `depth` blocks."""
 
     def attach(self, model: nn.Module) -> None:
-        targets = vit_targets(model, shifts=False)
+        layers = {layer for kind in TARGETS[self.options.targets] for layer in LAYERS[kind]}
+        found = vit_targets(model, shifts=False)
+        targets = [t for t in found.linears if t.name.split(".", 2)[2] in layers]
         first = model.blocks[0]
         d, h = first.attn.qkv.in_features, first.mlp.fc1.out_features
-        for target in targets.linears:
+        for target in targets:
             layer = model.get_submodule(target.name)
             block, name = target.name.split(".", 2)[1:]
             expect = {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (h, d), "mlp.fc2": (d, h)}[name]
@@ -254,9 +282,9 @@ class _EFFT(AdapterMethod):
                     f"layer '{target.name}' has weight shape {tuple(layer.weight.shape)}; {self.name} shares "
                     f"factors across blocks and needs {expect} in every block"
                 )
-        factors = self.make_factors(model, d, h, targets.depth)
+        factors = self.make_factors(model, d, h, found.depth)
         model.efft = factors
-        for target in targets.linears:
+        for target in targets:
             block, name = target.name.split(".", 2)[1:]
             model.set_submodule(target.name, DeltaLinear(model.get_submodule(target.name), factors, name, int(block)))
         factors.hooks = [

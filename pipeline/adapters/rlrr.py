@@ -5,6 +5,11 @@ Linear layers (q, k, v as the three row blocks of timm's fused `attn.qkv`, `attn
 
     W' = W ⊙ (1 + s_out s_inᵀ)        b' = b + f
 
+The RLRR paper's Table 6 ablations (`scales`, `residual`): s_in is the paper's s_left (it scales the rows
+of W in x·W orientation, the input features) and s_out its s_right. `scales: left` keeps s_in alone
+(W ⊙ (1 + 1 s_inᵀ)), `right` s_out alone (W ⊙ (1 + s_out 1ᵀ)); `residual: false` drops the 1
+(W ⊙ (s_out s_inᵀ), W ⊙ (1 s_inᵀ), W ⊙ (s_out 1ᵀ)). Every variant folds the same way.
+
 SSF (scale γ, shift β) on the output of `norm1`, `norm2`, the final norm, and of the patch-embedding
 conv (the patch tokens, before the class token and position embedding are added):
 
@@ -25,55 +30,81 @@ from vitfold.pipeline.adapters.base import AdapterLayer, AdapterMethod
 from vitfold.pipeline.adapters.targets import vit_targets
 
 INITS = ("paper", "identity")
+SCALES = ("both", "left", "right")  # which scale vectors train: s_in (left) and s_out (right), or one of them
 
 
 @dataclass(frozen=True)
 class RLRROptions:
-    """`init="paper"`: the official init (kaiming-uniform scales, zero shifts, SSF N(1, .02)/N(0, .02)).
-    `init="identity"`: s_out = 0, shifts 0, SSF γ = 1, β = 0 — the adapted model equals the base."""
+    """`init="paper"`: the official init (kaiming-uniform scales, zero shifts, SSF N(1, .02)/N(0, .02));
+    without the residual term the scales start at N(1, .02) instead (the SSF init the official code keeps
+    commented out), since the kaiming product would replace W. `init="identity"`: the adapted model equals
+    the base (with the residual: s_out = 0, or the one trained scale 0; without it: scales 1; shifts 0,
+    SSF γ = 1, β = 0). `scales`: both | left | right; `residual`: keep the 1 of 1 + s_out s_inᵀ."""
 
     init: str = "paper"
+    scales: str = "both"
+    residual: bool = True
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise AdapterError(f"option 'init' must be one of {', '.join(INITS)} for method 'rlrr', got '{self.init}'")
+        if self.scales not in SCALES:
+            choices = " | ".join(SCALES)
+            raise AdapterError(f"option 'scales' must be {choices} for method 'rlrr', got {self.scales!r}")
+        if not isinstance(self.residual, bool):
+            raise AdapterError(f"option 'residual' must be true or false for method 'rlrr', got {self.residual!r}")
 
 
 class RLRRLinear(AdapterLayer):
-    """W' = W ⊙ (1 + s_out s_inᵀ), b' = b + f, with one s_in per block of `groups` equal row blocks.
+    """W' = W ⊙ (r + s_out s_inᵀ), b' = b + f (r = 1 with the residual term, else 0), with one s_in per
+    block of `groups` equal row blocks; a scale that does not train (`scales`) is a vector of ones.
 
     The forward builds W' once per call (an O(out·in) elementwise product) and runs one matmul, so a
     training step costs about what full fine-tuning's does, instead of a second activation matmul.
     """
 
-    def __init__(self, base: nn.Linear, groups: int, init: str) -> None:
+    s_out: nn.Parameter | None
+    s_in: nn.Parameter | None
+
+    def __init__(self, base: nn.Linear, groups: int, opts: RLRROptions) -> None:
         super().__init__(base)
         out_features, in_features = base.weight.shape
-        self.groups = groups
+        self.groups, self.residual = groups, opts.residual
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.s_out = nn.Parameter(torch.empty(out_features, **kw))
-        self.s_in = nn.Parameter(torch.empty(groups, in_features, **kw))
+        self.s_out = nn.Parameter(torch.empty(out_features, **kw)) if opts.scales != "left" else None
+        self.s_in = nn.Parameter(torch.empty(groups, in_features, **kw)) if opts.scales != "right" else None
         self.f = nn.Parameter(torch.zeros(out_features, **kw))
         # official code: kaiming_uniform_ (a=0) on s_in as [1, in] (fan-in = in) and s_out as [out, 1] (fan-in 1)
-        nn.init.uniform_(self.s_in, -math.sqrt(6 / in_features), math.sqrt(6 / in_features))
-        if init == "identity":
-            nn.init.zeros_(self.s_out)
-        else:
-            nn.init.uniform_(self.s_out, -math.sqrt(6), math.sqrt(6))
+        bounds = {"s_in": math.sqrt(6 / in_features), "s_out": math.sqrt(6)}
+        trained = [(name, p) for name, p in (("s_in", self.s_in), ("s_out", self.s_out)) if p is not None]
+        for name, p in trained:
+            if not opts.residual and opts.init == "identity":  # the scales are the weight's multipliers
+                nn.init.ones_(p)
+            elif not opts.residual:
+                nn.init.normal_(p, mean=1.0, std=0.02)
+            elif opts.init == "identity" and name == trained[-1][0]:  # s_out, or the one trained scale
+                nn.init.zeros_(p)
+            else:
+                nn.init.uniform_(p, -bounds[name], bounds[name])
 
-    def _weight(self, weight: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor) -> torch.Tensor:
+    def _weight(self, weight: torch.Tensor, s_out: torch.Tensor | None, s_in: torch.Tensor | None) -> torch.Tensor:
         out_features, in_features = weight.shape
         g = self.groups
         blocks = weight.view(g, out_features // g, in_features)  # [g, out/g, in]
-        scale = 1 + s_out.view(g, -1, 1) * s_in.view(g, 1, in_features)  # [g, out/g, in]
+        rows = s_out.view(g, -1, 1) if s_out is not None else 1  # [g, out/g, 1]
+        columns = s_in.view(g, 1, in_features) if s_in is not None else 1  # [g, 1, in]
+        scale = rows * columns + (1 if self.residual else 0)  # broadcasts to [g, out/g, in]
         return (blocks * scale).view(out_features, in_features)  # [out, in]
 
+    def _scales(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return tuple(None if s is None else s if dtype is None else s.to(dtype) for s in (self.s_out, self.s_in))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight(self.base.weight, self.s_out, self.s_in), self.base.bias + self.f)
+        return F.linear(x, self._weight(self.base.weight, *self._scales()), self.base.bias + self.f)
 
     def folded_parameters(self) -> dict[str, torch.Tensor]:
         d = torch.float64
-        weight = self._weight(self.base.weight.to(d), self.s_out.to(d), self.s_in.to(d))
+        weight = self._weight(self.base.weight.to(d), *self._scales(d))
         return {"weight": weight, "bias": self.base.bias.to(d) + self.f.to(d)}
 
 
@@ -125,7 +156,7 @@ class RLRR(AdapterMethod):
         init = self.options.init
         model.set_submodule(targets.patch_proj, SSF(model.get_submodule(targets.patch_proj), dim=1, init=init))
         for target in targets.linears:
-            layer = RLRRLinear(model.get_submodule(target.name), groups=target.groups, init=init)
+            layer = RLRRLinear(model.get_submodule(target.name), groups=target.groups, opts=self.options)
             model.set_submodule(target.name, layer)
         norms = targets.block_norms + ((targets.final_norm,) if targets.final_norm else ())
         for name in norms:

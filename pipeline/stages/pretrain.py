@@ -81,13 +81,14 @@ def pretrain(cfg: RunConfig, log=print) -> Path:
         log(f"pre-trained backbone: {path} (cached)")
         return path
     pre = pretrain_config(cfg)
-    log(f"pre-training {cfg.backbone} on {pre.data} for {pre.train.epochs} epochs (cached in {path.parent})")
+    log(f"pre-training {cfg.backbone} on {pre.data} for {pre.train.total_epochs} epochs (cached in {path.parent})")
     scratch = RunDir(path.with_name(f".pretrain-{path.stem}"))
     with scratch.locked():
         result = execute(TRAIN, scratch, settings=pre, log=log, resume=True)
         trained = scratch.tensors(scratch.adapter)  # method full: every weight
         state = {k: v for k, v in trained.items() if not k.startswith("head.")}
-        meta = {"pretrained_on": pre.data, "epochs": str(pre.train.epochs), "eval_acc": str(result["best_acc"])}
+        eval_acc = str(result["selected"]["eval_acc"])
+        meta = {"pretrained_on": pre.data, "epochs": str(pre.train.total_epochs), "eval_acc": eval_acc}
         atomic_replace(path, safetensors_bytes(state, meta))
         atomic_write_text(_digest_file(path), sha256(path) + "\n")
     shutil.rmtree(scratch.path, ignore_errors=True)

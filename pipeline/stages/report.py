@@ -40,31 +40,57 @@ def _table(header: list[str], rows: list[list[Any]], align: str) -> list[str]:
     ]
 
 
-def _accuracy(results: list[dict[str, Any]]) -> list[str]:
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def _selected_by(summary: dict[str, Any]) -> str:
+    """Which epoch the folded adapter is: the last, or the best on the named validation split (its size)."""
+    select = summary["splits"]["select"]
+    if summary["select"] == "best-val" and select:
+        return f"best on {select['split']} ({select['images']:,} images)"
+    return "last epoch (no selection)"
+
+
+def _accuracy(compare: dict[str, Any]) -> list[str]:
+    """One row per method: accuracy of the folded epoch as mean ± std over seeds, the split that selected
+    it, and the best evaluation accuracy over epochs as a labelled extra (chosen by looking at that split)."""
+    methods = compare["methods"]
+    evaluated = methods[0]["splits"]["eval"]
+    where = f"{evaluated['split']}, {evaluated['images']:,} images"
     rows = [
         [
             r["method"] + (" (this run)" if i == 0 else ""),
             f"{r['trainable_params']:,}",
             f"{r['trainable_params'] / r['backbone_params']:.2%}",
-            f"{r['best_acc']:.3f}",
-            f"{r['final_acc']:.3f}",
+            _pm(r["acc_mean"], r["acc_std"]),
+            _selected_by(r),
+            _pm(r["best_eval_acc_mean"], r["best_eval_acc_std"]),
             r["epochs"],
             r["lr"],
-            r["seed"],
+            ", ".join(map(str, r["seeds"])),
         ]
-        for i, r in enumerate(results)
+        for i, r in enumerate(methods)
     ]
     header = [
         "method",
         "trainable params (adapter + head)",
         "of backbone",
-        "best eval acc",
-        "final eval acc",
+        f"acc of the folded epoch ({where}), mean ± std",
+        "folded epoch",
+        f"extra: best {evaluated['split']} acc over epochs (selected on {evaluated['split']} itself)",
         "epochs",
         "lr",
-        "seed",
+        "seeds",
     ]
-    return _table(header, rows, ["---", "--:", "--:", "--:", "--:", "--:", "--:", "--:"])
+    seeds = compare["seeds"]
+    notes = [
+        "",
+        f"Mean ± sample standard deviation over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}): "
+        "a difference within about one standard deviation is noise. The extra column picks each run's best epoch "
+        f"on the {evaluated['split']} split it reports, so it is optimistic; it is not the folded model.",
+    ]
+    return _table(header, rows, ["---", "--:", "--:", "--:", "---", "--:", "--:", "--:", "---"]) + notes
 
 
 def _equivalence(verify: dict[str, Any]) -> list[str]:
@@ -191,9 +217,10 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
         if cfg.pretrain
         else "- pre-training: none",
         f"- data `{cfg.data}`; method `{cfg.method}` {cfg.method_options or ''}; seed {cfg.seed}",
-        f"- training: {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.lr}, "
+        f"- training: {cfg.train.total_epochs} epochs ({cfg.train.cooldown_epochs} of them cool-down), "
+        f"batch {cfg.train.batch_size}, lr {cfg.train.lr} ({cfg.train.schedule}), "
         f"weight decay {cfg.train.weight_decay}, warm-up {cfg.train.warmup_epochs} epochs, "
-        f"drop-path {cfg.train.drop_path}",
+        f"drop-path {cfg.train.drop_path} ({cfg.train.drop_path_mode}); folded epoch: {cfg.train.select}",
         f"- export: {', '.join(cfg.export.formats)} ({cfg.export.precision}, opset {cfg.export.opset})",
         "",
         "## Stages",

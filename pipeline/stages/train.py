@@ -1,7 +1,8 @@
 """The train stage: fine-tune the run's backbone with its adapter on its dataset, into RUN/train/.
 
 Writes (rank 0 only, every file atomically):
-    train/adapter.safetensors       adapter + head tensors of the best evaluated epoch, metadata inside
+    train/adapter.safetensors       adapter + head tensors of the epoch to fold, metadata inside: the last
+                                    one, or (`train.select: best-val`) the best on the validation split
     train/adapter_last.safetensors  the same for the last epoch
     train/metrics.csv               one row per completed epoch
     train/last.ckpt                 what a resume needs (`Trainer.state_dict()` and the training settings)
@@ -89,7 +90,7 @@ def _resume(rd: RunDir, cfg: RunConfig, trainer: Trainer, log) -> None:
         log(f"{rd.last_ckpt} was written for other training settings: starting from epoch 1")
         return
     trainer.load_state_dict(state)
-    log(f"resuming after epoch {trainer.epoch} of {cfg.train.epochs} from {rd.last_ckpt}")
+    log(f"resuming after epoch {trainer.epoch} of {cfg.train.total_epochs} from {rd.last_ckpt}")
     if trainer.d.main:
         write_metrics(rd.metrics, trainer.history)  # drop any row written after that checkpoint
 
@@ -99,39 +100,43 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     backbone = build_backbone(cfg)
-    splits = build_splits(parse_data_spec(cfg.data), data_transform(cfg, backbone))  # draws no random number
+    validation = cfg.train.select == "best-val"
+    splits = build_splits(parse_data_spec(cfg.data), data_transform(cfg, backbone), validation)  # no random draw
     splits.check_eval()  # a bad evaluation image fails before the first epoch, not after it
     if cfg.num_classes is not None and cfg.num_classes < splits.num_classes:
         raise VitfoldError(
             f"num_classes {cfg.num_classes} is smaller than the {splits.num_classes} classes of {cfg.data}"
         )
     model = build_model(cfg, splits.num_classes, backbone).to(d.device)
-    trainer = Trainer(model, cfg.train, d, splits.train, splits.eval, cfg.seed)
+    trainer = Trainer(model, cfg.train, d, splits.train, splits.eval, cfg.seed, splits.select)
     if ctx.resume:
         _resume(rd, cfg, trainer, ctx.log)
     board = _tensorboard(rd.tensorboard) if d.main else None
     base = base_identity(rd, cfg)  # the adapter is tied to these base weights (the fold checks it)
 
-    def save(row: dict[str, Any], improved: bool) -> None:
+    described = splits.describe()
+
+    def save(row: dict[str, Any], chosen: bool) -> None:
         if not d.main:
             return
-        meta = adapter_metadata(cfg, model, {"epoch": row["epoch"], "eval_acc": row["eval_acc"], "base": base})
+        extra = {"epoch": row["epoch"], "eval_acc": row["eval_acc"], "select_acc": row["select_acc"], "base": base}
+        meta = adapter_metadata(cfg, model, {**extra, "select": cfg.train.select, "splits": json.dumps(described)})
         save_adapter(rd.adapter_last, model, meta)
-        if improved:
+        if chosen:
             save_adapter(rd.adapter, model, meta)
         buffer = io.BytesIO()
         torch.save({**trainer.state_dict(), "config": training_params(cfg)}, buffer)
         atomic_replace(rd.last_ckpt, buffer.getvalue())
         write_metrics(rd.metrics, trainer.history)
         if board is not None:
-            for key in ("train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "img_per_s"):
+            for key in ("train_loss", "train_acc", "eval_loss", "eval_acc", "select_acc", "lr", "img_per_s"):
                 if row[key] != "":
                     board.add_scalar(key, row[key], row["epoch"])
             board.flush()
 
-    if trainer.epoch >= cfg.train.epochs:
-        ctx.log(f"{rd.last_ckpt}: all {cfg.train.epochs} epochs already completed")
-        result = {**trainer.history[-1], "best_acc": trainer.best_acc}
+    if trainer.epoch >= cfg.train.total_epochs:
+        ctx.log(f"{rd.last_ckpt}: all {cfg.train.total_epochs} epochs already completed")
+        result = trainer.result()
     else:
         result = trainer.fit(save, eval_name=splits.eval_split, log=ctx.log)
     if d.world > 1:

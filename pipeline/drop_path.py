@@ -1,0 +1,49 @@
+"""Drop path on the residual branches of a timm ViT, in one of two operators.
+
+Block i of L has rate p_i = rate · i / (L − 1) (timm's and the official RLRR code's linear rule), applied
+to the attention and the MLP branch of `x + branch(x)`:
+
+- `sample` (timm's `DropPath`): a whole sample's branch is kept with probability 1 − p_i and scaled by
+  1 / (1 − p_i), else dropped;
+- `elementwise` (the official RLRR ViT, `nn.Dropout(p_i)` on each branch): every element of the branch
+  output is kept or dropped on its own, kept ones scaled by 1 / (1 − p_i).
+
+Both are the identity in eval mode, so the fold and the exported model do not depend on them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DROP_PATH_MODES = ("sample", "elementwise")
+BRANCHES = ("drop_path1", "drop_path2")  # after the attention and after the MLP of a timm Block
+
+
+def linear_rates(rate: float, depth: int) -> list[float]:
+    """p_i = rate · i / (depth − 1), i = 0..depth−1."""
+    return [float(p) for p in torch.linspace(0, rate, depth)]
+
+
+def _operator(p: float, mode: str) -> nn.Module:
+    from timm.layers import DropPath
+
+    if p == 0:
+        return nn.Identity()
+    return nn.Dropout(p) if mode == "elementwise" else DropPath(p)
+
+
+def set_drop_path(model: nn.Module, rate: float, mode: str) -> None:
+    """Give every block of `model` its drop path at the linear rate, with the `mode` operator, in place."""
+    for block, p in zip(model.blocks, linear_rates(rate, len(model.blocks)), strict=True):
+        for branch in BRANCHES:
+            setattr(block, branch, _operator(p, mode))
+
+
+def drop_path_rates(model: nn.Module) -> list[float]:
+    """The rate each block of `model` drops its branches at (read from its modules; 0 for none)."""
+
+    def rate(module: nn.Module) -> float:
+        return float(getattr(module, "p", getattr(module, "drop_prob", 0.0)))
+
+    return [rate(getattr(block, BRANCHES[0])) for block in model.blocks]

@@ -1,0 +1,47 @@
+"""The training plan: what `vitfold train` would run, resolved and listed before anything trains.
+
+`training_plan(cfg)` builds the model and the splits as the train stage does (no training, no file
+written) and returns, as JSON-ready values: the optimizer's parameter groups (weight decay and parameter
+names as in `named_parameters()`), the learning rate of every optimizer step, the epochs and steps per
+epoch, the drop path (operator and per-block rates), the new head's initialisation, and the splits that
+train, evaluate and select the epoch to fold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vitfold.pipeline.adapters import get_method
+from vitfold.pipeline.config import RunConfig
+from vitfold.pipeline.data import build_splits, parse_data_spec
+from vitfold.pipeline.drop_path import drop_path_rates
+from vitfold.pipeline.models import build_backbone, build_model, data_transform
+from vitfold.pipeline.schedules import learning_rates
+from vitfold.pipeline.training import Dist, GlobalBatchSampler, param_groups
+
+
+def training_plan(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved training of `cfg` as the train stage would run it on one process."""
+    tc = cfg.train
+    backbone = build_backbone(cfg)
+    splits = build_splits(parse_data_spec(cfg.data), data_transform(cfg, backbone), tc.select == "best-val")
+    model = build_model(cfg, splits.num_classes, backbone)
+    per_epoch = len(GlobalBatchSampler(len(splits.train), tc.batch_size, cfg.seed, Dist(), tc.drop_last))
+    groups = param_groups(model, tc.weight_decay)
+    return {
+        "method": cfg.method,
+        "method_options": cfg.method_options,
+        "param_groups": [{"weight_decay": wd, "params": [name for name, _ in named]} for wd, named in groups],
+        "schedule": tc.schedule,
+        "lr": learning_rates(tc, per_epoch),
+        "epochs": tc.total_epochs,
+        "cooldown_epochs": tc.cooldown_epochs,
+        "steps_per_epoch": per_epoch,
+        "batch_size": tc.batch_size,
+        "drop_last": tc.drop_last,
+        "drop_path": {"mode": tc.drop_path_mode, "rates": drop_path_rates(model)},
+        "head_init": "zero" if get_method(cfg.method).zero_head else "random (timm reset_classifier)",
+        "select": tc.select,
+        "eval_every": tc.eval_every,
+        "splits": splits.describe(),
+    }
