@@ -34,11 +34,14 @@ CALIBRATION_SEED = 0
 
 
 def calibration_images(rd: RunDir, model: nn.Module, samples: int, seed: int = CALIBRATION_SEED) -> torch.Tensor:
-    """A seeded choice of `samples` training images (n, 3, H, W) as `model` reads them (never flipped)."""
+    """A seeded choice of `samples` training images (n, 3, H, W) as `model` reads them (never flipped; a
+    random crop, for FGVC data, drawn from the same seed, so the calibration is the same every time)."""
     transform = replace(data_transform(rd.config, model), hflip=False)
     train = build_splits(parse_data_spec(rd.config.data), transform).train
     picks = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
-    return torch.stack([train[i][0] for i in picks])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return torch.stack([train[i][0] for i in picks])
 
 
 def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
