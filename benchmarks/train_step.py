@@ -2,6 +2,7 @@
 the folded model vs a fresh timm model of the same configuration.
 
     python benchmarks/train_step.py --backbone vit_base_patch16_224 --batch-size 8 --out bench.json
+    python benchmarks/train_step.py --backbone swin_base_patch4_window7_224 --batch-size 1 --out swinb-b1.json
 
 Timing: warm-up, then rounds that alternate the variants (so drift hits all alike); each round times
 `--iters` calls with perf_counter after a CUDA synchronise. Reports the median per call, in ms.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 from collections.abc import Callable
 from datetime import date
@@ -21,7 +21,7 @@ import timm
 import torch
 
 import vitfold
-from vitfold.export.timing import interleaved_rounds
+from vitfold.export.timing import interleaved_rounds, machine
 
 from steps import training_step  # benchmarks/steps.py
 
@@ -99,7 +99,7 @@ def main() -> None:
     t = {**train, **infer}
     result = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads)".strip(),
+        "machine": {**machine(args.device), "threads": torch.get_num_threads()},
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "timm": timm.__version__,

@@ -185,14 +185,18 @@ def split_stats(predicted: torch.Tensor, reference: torch.Tensor, labels: torch.
 
 def block_errors(blocks: list[torch.Tensor], reference: list[torch.Tensor]) -> list[float]:
     """‖b − r‖ / ‖r‖ per block output."""
+    if len(blocks) != len(reference):
+        raise VitfoldError(f"the artifact exposes {len(blocks)} block outputs, the reference has {len(reference)}")
     pairs = zip(blocks, reference, strict=True)
     return [float((b.cpu().double() - r.cpu().double()).norm() / r.cpu().double().norm()) for b, r in pairs]
 
 
-def first_diverging_block(errors: list[float], threshold: float) -> dict[str, Any]:
-    """The first block whose relative error exceeds `threshold` (or is NaN); if none does, the part after
-    the blocks (final norm, pooling, head)."""
+def first_diverging_block(errors: list[float], threshold: float, names: list[str] | None = None) -> dict[str, Any]:
+    """The first block whose relative error exceeds `threshold` (or is NaN), by index and by name (`names`,
+    in forward order; default `blocks.k`); if none does, the part after the blocks (final norm, pooling,
+    head)."""
     for k, err in enumerate(errors):
         if not err <= threshold:
-            return {"block": k, "where": f"blocks.{k}", "relative_error": err, "block_errors": errors}
+            where = names[k] if names else f"blocks.{k}"
+            return {"block": k, "where": where, "relative_error": err, "block_errors": errors}
     return {"block": None, "where": "after the last block (norm / head)", "block_errors": errors}

@@ -1,40 +1,38 @@
 """Expose each transformer block's output of an exported ONNX graph, to localise a divergence.
 
 The dynamo exporter records each node's module path in the `pkg.torch.onnx.name_scopes` metadata
-(e.g. `['', 'blocks', 'blocks.3', 'blocks.3.mlp', ...]`). Block k's output is the last tensor made
-inside `blocks.k` that a node outside it reads (the residual sum the next block or the final norm
-takes). Those tensors are added as graph outputs; nothing else changes.
+(e.g. `['', 'blocks', 'blocks.3', 'blocks.3.mlp', ...]`; a Swin's `layers.1.blocks.0`). Block k's output is
+the last tensor made inside that block that a node outside it reads (the residual sum the next block, a
+patch merging or the final norm takes). Those tensors are added as graph outputs; nothing else changes.
 """
 
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 import onnx
 
 from vitfold.errors import VitfoldError
+from vitfold.export.blocks import BLOCK, block_order
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-BLOCK = re.compile(r"^blocks\.(\d+)$")
 
 
-def _block_of(node: onnx.NodeProto) -> int | None:
+def _block_of(node: onnx.NodeProto) -> str | None:
     for prop in node.metadata_props:
         if prop.key == SCOPES_KEY:
             for scope in ast.literal_eval(prop.value):
-                match = BLOCK.match(scope)
-                if match:
-                    return int(match.group(1))
+                if BLOCK.match(scope):
+                    return scope
     return None
 
 
-def block_output_names(graph: onnx.GraphProto) -> list[str]:
-    """Names of the block outputs, block 0 first."""
+def block_output_names(graph: onnx.GraphProto) -> dict[str, str]:
+    """Block name -> its output tensor's name, in forward order."""
     block_of = [_block_of(n) for n in graph.node]
     producer_block = {out: b for n, b in zip(graph.node, block_of, strict=True) for out in n.output if b is not None}
-    outputs: dict[int, str] = {}
+    outputs: dict[str, str] = {}
     graph_outputs = {o.name for o in graph.output}
     for node, block in zip(graph.node, block_of, strict=True):
         for name in node.input:
@@ -43,15 +41,15 @@ def block_output_names(graph: onnx.GraphProto) -> list[str]:
                 outputs[source] = name  # later reads overwrite: the last crossing tensor wins
     for name in graph_outputs & producer_block.keys():
         outputs[producer_block[name]] = name
-    if not outputs or sorted(outputs) != list(range(len(outputs))):
+    if not outputs:
         raise VitfoldError("the ONNX graph carries no per-block scope metadata (not a vitfold dynamo export?)")
-    return [outputs[k] for k in range(len(outputs))]
+    return {block: outputs[block] for block in sorted(outputs, key=block_order)}
 
 
 def with_block_outputs(path: Path) -> tuple[onnx.ModelProto, list[str]]:
     """The model at `path` with every block's output added as a graph output, and those names."""
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-    names = block_output_names(model.graph)
+    names = list(block_output_names(model.graph).values())
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     for name in names:
         elem_type = types.get(name, onnx.TensorProto.FLOAT)

@@ -27,6 +27,7 @@ from torch import nn
 
 from vitfold.errors import VitfoldError
 from vitfold.export.artifacts import INPUT_NAME, OUTPUT_NAME
+from vitfold.export.blocks import block_names
 
 RUNTIMES = ("torch", "torchscript", "onnxruntime", "aoti", "tensorrt")
 MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}  # optional packages
@@ -37,6 +38,7 @@ class Runner:
     simply the device (an ONNX Runtime execution provider)."""
 
     runtime = ""
+    block_names: list[str] | None = None  # the names of `block_outputs`, where the runner knows them
 
     def __init__(self, device: str) -> None:
         self.device = torch.device(device)
@@ -55,7 +57,8 @@ class Runner:
         raise NotImplementedError
 
     def block_outputs(self, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """Each transformer block's output (B, N, D), or None when the runtime cannot expose them."""
+        """Each transformer block's output (ViT (B, N, D), Swin (B, H, W, C)), or None when the runtime cannot
+        expose them."""
         return None
 
     def synchronize(self) -> None:
@@ -67,13 +70,14 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    """An eager nn.Module; block outputs through forward hooks on `model.blocks`."""
+    """An eager nn.Module; block outputs through forward hooks on its blocks (`blocks.i`, `layers.i.blocks.j`)."""
 
     runtime = "torch"
 
     def __init__(self, model: nn.Module, device: str) -> None:
         super().__init__(device)
         self.model = model.eval().to(self.device)
+        self.block_names = block_names(model)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +86,8 @@ class TorchRunner(Runner):
     @torch.no_grad()
     def block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         captured: list[torch.Tensor] = []
-        hooks = [b.register_forward_hook(lambda _m, _i, out: captured.append(out)) for b in self.model.blocks]
+        blocks = [self.model.get_submodule(name) for name in self.block_names]
+        hooks = [b.register_forward_hook(lambda _m, _i, out: captured.append(out)) for b in blocks]
         try:
             self.model(x)
         finally:

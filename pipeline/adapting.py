@@ -17,6 +17,7 @@ from torch import nn
 
 from vitfold.errors import AdapterError
 from vitfold.pipeline.adapters import AdapterLayer, AdapterModule, AdapterRecord, get_method
+from vitfold.pipeline.adapters.targets import model_family
 
 RECORD_ATTR = "vitfold_adapter"
 
@@ -66,13 +67,19 @@ def trainable_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Param
             yield name, p
 
 
-def _new_head(model: nn.Module, num_classes: int, zero: bool) -> None:
-    """timm's `reset_classifier` (a randomly initialised nn.Linear), zeroed when `zero`; on the model's
-    device, in its dtype."""
+def _new_head(model: nn.Module, num_classes: int, init: str) -> None:
+    """timm's `reset_classifier` (a randomly initialised nn.Linear), then `init` (HEAD_INITS): zero, or a
+    trunc-normal(0.02) weight with a zero bias, or kept; on the model's device, in its dtype."""
+    from timm.layers import trunc_normal_
+
     ref = next(model.parameters())
     model.reset_classifier(num_classes)
     for _, p in _head_named_parameters(model):
-        p.data = torch.zeros_like(p, device=ref.device, dtype=ref.dtype) if zero else p.to(ref.device, ref.dtype)
+        p.data = p.to(ref.device, ref.dtype)
+        if init == "zero" or (init == "trunc-normal" and p.dim() == 1):
+            p.data.zero_()
+        elif init == "trunc-normal":
+            trunc_normal_(p.data, std=0.02)
 
 
 def adapt(model: nn.Module, method: str = "rlrr", *, num_classes: int | None = None, **options: Any) -> nn.Module:
@@ -91,7 +98,7 @@ def adapt(model: nn.Module, method: str = "rlrr", *, num_classes: int | None = N
     model.requires_grad_(False)
     adapter.attach(model)
     if num_classes is not None:
-        _new_head(model, num_classes, zero=adapter.zero_head)
+        _new_head(model, num_classes, adapter.head_init(model_family(model)))
     model.train(model.training)  # new modules take the model's train/eval mode
     setattr(model, RECORD_ATTR, AdapterRecord(method, asdict(adapter.options), new_head=num_classes is not None))
     for _, p in trainable_named_parameters(model):

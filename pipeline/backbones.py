@@ -1,16 +1,17 @@
-"""Create timm ViT backbones: offline by default, with a clear error when hub weights cannot be had."""
+"""Create timm ViT and Swin backbones: offline by default, with a clear error when hub weights cannot be had."""
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from torch import nn
 
-from vitfold.errors import BackboneError, CheckpointError, first_line
+from vitfold.errors import AdapterError, BackboneError, CheckpointError, first_line
 
 HUB_TIMEOUT_S = 3.0
 
@@ -29,16 +30,18 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
 
 
 def create_backbone(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """`timm.create_model(name, pretrained=..., **kwargs)` for a timm VisionTransformer.
+    """`timm.create_model(name, pretrained=..., **kwargs)` for a model of a supported family (timm
+    VisionTransformer, SwinTransformer v1).
 
     Random weights unless `pretrained`; with `pretrained` and no reachable hub this fails at once
     (instead of timm's minute of retries) and says to pass a local checkpoint.
     """
     import timm
-    from timm.models.vision_transformer import VisionTransformer
+
+    from vitfold.pipeline.adapters.targets import model_family
 
     if not timm.is_model(name.split(".")[0]):
-        raise BackboneError(f"unknown backbone '{name}' (see timm.list_models('vit_*'))")
+        raise BackboneError(f"unknown backbone '{name}' (see timm.list_models('vit_*') and ('swin_*'))")
     if pretrained and not hub_reachable():
         raise BackboneError(
             f"cannot download pretrained weights for '{name}': the model hub is unreachable (offline?); "
@@ -48,8 +51,10 @@ def create_backbone(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise BackboneError(f"backbone '{name}' rejected an option: {e}") from None
-    if not isinstance(model, VisionTransformer):
-        raise BackboneError(f"backbone '{name}' is a {type(model).__name__}, not a timm VisionTransformer")
+    try:
+        model_family(model)
+    except AdapterError as e:
+        raise BackboneError(f"backbone '{name}': {e}") from None
     return model
 
 
@@ -79,8 +84,12 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     Every backbone key must be present with its shape; the classifier head may differ (a new head
     replaces it). Fails naming the first missing, unexpected or mismatched key.
     """
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    from timm.models import swin_transformer, vision_transformer
 
+    from vitfold.pipeline.adapters.targets import model_family
+
+    filters = {"vit": vision_transformer.checkpoint_filter_fn, "swin": swin_transformer.checkpoint_filter_fn}
+    checkpoint_filter_fn = filters[model_family(model)]  # timm's own key/format conversions, per family
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -93,7 +102,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
             raise CheckpointError(f"checkpoint {path} does not fit the backbone: {e}") from None
         return
     try:
-        state = checkpoint_filter_fn(_read_state_dict(path), model)  # timm's own key/format conversions
+        state = checkpoint_filter_fn(_read_state_dict(path), model)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is an input error naming the file
@@ -131,10 +140,43 @@ def folded_load_call(backbone: str, num_classes: int, path: Path, backbone_kwarg
     )
 
 
-def load_folded(path: Path, backbone: str, num_classes: int, backbone_kwargs: dict[str, Any]) -> nn.Module:
-    """A folded checkpoint (a plain timm state_dict) loaded by timm alone, exactly as `folded_load_call` says."""
-    import timm
+def add_missing_biases(model: nn.Module, keys: Iterable[str]) -> list[str]:
+    """Give each bias-free `nn.Linear` whose bias is among `keys` a (zero) bias, so that a state dict with
+    those keys loads strictly; returns the layers changed. (RLRR's `reduction_shift=true` fold of a Swin:
+    its PatchMerging reductions carry a bias that timm's do not have.)"""
+    import torch
 
+    changed = []
+    for key in keys:
+        layer, _, name = key.rpartition(".")
+        module = model.get_submodule(layer) if layer and name == "bias" else None
+        if isinstance(module, nn.Linear) and module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype))
+            changed.append(layer)
+    return changed
+
+
+def load_folded(path: Path, backbone: str, num_classes: int, backbone_kwargs: dict[str, Any]) -> nn.Module:
+    """A folded checkpoint (a plain timm state_dict) loaded by timm alone, exactly as `folded_load_call` says.
+
+    A checkpoint with biases that timm's layers lack (a Swin folded with RLRR's `reduction_shift=true`)
+    cannot be loaded by timm's loader: the model is built, given those biases, then loaded strictly."""
+    import timm
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    with torch.device("meta"):  # the layout alone, at no cost
+        layout = timm.create_model(backbone, num_classes=num_classes, **backbone_kwargs)
+    extra = [k for k in keys if k not in layout.state_dict()]
+    if add_missing_biases(layout, extra):
+        from safetensors.torch import load_file
+
+        model = timm.create_model(backbone, num_classes=num_classes, **backbone_kwargs)
+        add_missing_biases(model, extra)
+        model.load_state_dict(load_file(str(path)), strict=True)
+        return model.eval()
     overlay = {"file": str(path), "num_classes": num_classes, "custom_load": False}
     model = timm.create_model(
         backbone, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **backbone_kwargs

@@ -1,7 +1,7 @@
-"""Drop path on the residual branches of a timm ViT, in one of two operators.
+"""Drop path on the residual branches of a timm ViT or Swin, in one of two operators.
 
-Block i of L has rate p_i = rate · i / (L − 1) (timm's and the official RLRR code's linear rule), applied
-to the attention and the MLP branch of `x + branch(x)`:
+Block i of L (all blocks in forward order, a Swin's across its stages) has rate p_i = rate · i / (L − 1)
+(timm's and the official RLRR code's linear rule), applied to the attention and the MLP branch of `x + branch(x)`:
 
 - `sample` (timm's `DropPath`): a whole sample's branch is kept with probability 1 − p_i and scaled by
   1 / (1 − p_i), else dropped;
@@ -16,8 +16,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitfold.export.blocks import block_names
+
 DROP_PATH_MODES = ("sample", "elementwise")
-BRANCHES = ("drop_path1", "drop_path2")  # after the attention and after the MLP of a timm Block
+BRANCHES = ("drop_path1", "drop_path2")  # after the attention and after the MLP of a timm (Swin) block
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    return [model.get_submodule(name) for name in block_names(model)]
 
 
 def linear_rates(rate: float, depth: int) -> list[float]:
@@ -35,7 +41,8 @@ def _operator(p: float, mode: str) -> nn.Module:
 
 def set_drop_path(model: nn.Module, rate: float, mode: str) -> None:
     """Give every block of `model` its drop path at the linear rate, with the `mode` operator, in place."""
-    for block, p in zip(model.blocks, linear_rates(rate, len(model.blocks)), strict=True):
+    blocks = _blocks(model)
+    for block, p in zip(blocks, linear_rates(rate, len(blocks)), strict=True):
         for branch in BRANCHES:
             setattr(block, branch, _operator(p, mode))
 
@@ -46,4 +53,4 @@ def drop_path_rates(model: nn.Module) -> list[float]:
     def rate(module: nn.Module) -> float:
         return float(getattr(module, "p", getattr(module, "drop_prob", 0.0)))
 
-    return [rate(getattr(block, BRANCHES[0])) for block in model.blocks]
+    return [rate(getattr(block, BRANCHES[0])) for block in _blocks(model)]

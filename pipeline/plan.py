@@ -12,12 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 from vitfold.pipeline.adapters import get_method
+from vitfold.pipeline.adapters.targets import model_family
 from vitfold.pipeline.config import RunConfig
 from vitfold.pipeline.data import build_splits, parse_data_spec
 from vitfold.pipeline.drop_path import drop_path_rates
 from vitfold.pipeline.models import build_backbone, build_model, data_transform
 from vitfold.pipeline.schedules import learning_rates
 from vitfold.pipeline.training import Dist, GlobalBatchSampler, param_groups
+
+HEAD_INIT_NAMES = {"zero": "zero", "trunc-normal": "trunc-normal(0.02)", "timm": "random (timm reset_classifier)"}
 
 
 def training_plan(cfg: RunConfig) -> dict[str, Any]:
@@ -40,7 +43,7 @@ def training_plan(cfg: RunConfig) -> dict[str, Any]:
         "batch_size": tc.batch_size,
         "drop_last": tc.drop_last,
         "drop_path": {"mode": tc.drop_path_mode, "rates": drop_path_rates(model)},
-        "head_init": "zero" if get_method(cfg.method).zero_head else "random (timm reset_classifier)",
+        "head_init": HEAD_INIT_NAMES[get_method(cfg.method).head_init(model_family(model))],
         "select": tc.select,
         "eval_every": tc.eval_every,
         "splits": splits.describe(),

@@ -126,6 +126,18 @@ EFFT1_VTAB = {
 }
 
 
+# The released EFFT2 settings beyond ViT-B (Set_EFFT.py, execute.py): one setting for every task, scale 1,
+# the zero factor V. ViT-L/H keep vitfold's per-layer cores (the reading that reproduces the ViT counts); the
+# Swin settings reproduce the released code: one core per stage, ranks doubling per stage (these are the
+# last stage's), FFN r2 = 2 r1. There is no Swin-T path in the released code, and no RLRR Swin recipe at all.
+EFFT2_SIZES = {
+    "vit-l": {"rank": 24, "scale": 1.0, "init": "vv"},
+    "vit-h": {"rank": 32, "scale": 1.0, "init": "vv"},
+    "swin-s": {"rank": 32, "ffn_rank": 32, "ffn_rank2": 64, "core": "shared", "scale": 1.0, "init": "vv"},
+    "swin-b": {"rank": 32, "ffn_rank": 16, "ffn_rank2": 32, "core": "shared", "scale": 1.0, "init": "vv"},
+    "swin-l": {"rank": 64, "ffn_rank": 64, "ffn_rank2": 128, "core": "shared", "scale": 1.0, "init": "vv"},
+}
+
 # RLRR official FGVC (train_fgvc.py, FGVCConfig.py): 50 + 10 epochs, the transform flips; dataset:
 # (official folder, lr, drop_path, weight decay). CUB and Dogs train all 60 epochs on
 # CosineAnnealingWarmRestarts(T_0=5, eta_min=0) from the full lr (no warm-up) instead of the cosine.
@@ -152,10 +164,12 @@ def method_train_defaults(method: str) -> dict[str, Any]:
 
 
 def resolve_recipe(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """`rlrr-vtab:<task>` | `efft1-vtab:<task>` | `efft2-vtab:<task>` | `rlrr-fgvc:<dataset>`
+    """`rlrr-vtab:<task>` | `efft1-vtab:<task>` | `efft2-vtab:<task>` | `efft2-vtab-<size>:<task>` (size: vit-l,
+    vit-h, swin-s, swin-b, swin-l; the released setting for that backbone) | `rlrr-fgvc:<dataset>`
     -> (method, train values, method options)."""
     family, _, task = name.partition(":")
     tables = {"rlrr-vtab": RLRR_VTAB, "efft1-vtab": EFFT1_VTAB, "efft2-vtab": EFFT2_VTAB, "rlrr-fgvc": RLRR_FGVC}
+    tables |= {f"efft2-vtab-{size}": RLRR_VTAB for size in EFFT2_SIZES}  # every VTAB-1k task, one setting
     if family not in tables:
         raise VitfoldError(f"unknown recipe '{name}' (use {', '.join(f'{t}:<task>' for t in tables)})")
     table = tables[family]
@@ -173,6 +187,9 @@ def resolve_recipe(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         lr, drop_path, weight_decay, hflip = table[task]
         train.update(RLRR_PROTOCOL, lr=lr, drop_path=drop_path, weight_decay=weight_decay, hflip=hflip)
         return method, train, {}
-    rank, scale, init = table[task]
     train.update(EFFT_PROTOCOL)
+    size = family.removeprefix("efft2-vtab").removeprefix("-")
+    if size:
+        return method, train, dict(EFFT2_SIZES[size])
+    rank, scale, init = table[task]
     return method, train, {"rank": rank, "scale": float(scale), "init": init}

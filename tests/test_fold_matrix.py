@@ -1,5 +1,5 @@
-"""Fold exactness over one matrix of adapter methods x ViTs, against folds written out from the papers'
-formulas in `reference_folds.py` (not vitfold's fold code).
+"""Fold exactness over one matrix of adapter methods x backbones (ViT, DeiT, Swin), against folds written
+out from the papers' formulas in `reference_folds.py` (not vitfold's fold code).
 
 Each case: random base weights, every adapter and head tensor drawn at random (non-identity), batch
 sizes 1 and 4. A new adapter method is one row here plus its reference fold.
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import vitfold
+from vitfold.pipeline.backbones import add_missing_biases
 
 from helpers import images, make_vit, randomize_trainable, rel
 from reference_folds import reference_fold
@@ -22,6 +23,15 @@ VIT_B = ("vit_base_patch16_224", ())
 TINY_KW = (("img_size", 32), ("patch_size", 8))
 SLOW = pytest.mark.slow
 EFFT_OPTS = (("rank", 8), ("scale", 0.7))
+# a small Swin: widths 16/32/64/128, 8x8 tokens in windows of 4 (stage 0 shifts its windows, with the mask)
+SWIN = "swin_tiny_patch4_window7_224"
+SWIN_KW = (
+    ("img_size", 32),
+    ("embed_dim", 16),
+    ("depths", (2, 1, 2, 1)),
+    ("num_heads", (1, 2, 2, 4)),
+    ("window_size", 4),
+)
 
 # id -> (method, options, backbone, create kwargs, new head classes). Heads of >= 100 classes, so that the
 # float32 error of a batch is a statistic (the 1.5x bar is noise over a dozen logits).
@@ -100,6 +110,19 @@ CASES = {
         TINY_KW + (("depth", 3),),
         100,
     ),
+    "rlrr-swin": ("rlrr", (), SWIN, SWIN_KW, 100),
+    "rlrr-swin-reduction_shift": ("rlrr", (("reduction_shift", True),), SWIN, SWIN_KW, 100),
+    "efft1-swin": ("efft1", EFFT_OPTS, SWIN, SWIN_KW, 100),
+    "efft2-swin": ("efft2", EFFT_OPTS + (("ffn_rank2", 16),), SWIN, SWIN_KW, 100),
+    "efft2-swin-shared_core": (
+        "efft2",
+        EFFT_OPTS + (("core", "shared"), ("ffn_rank2", 16)),
+        SWIN,
+        SWIN_KW,
+        100,
+    ),
+    "efft1-tiny-shared_core": ("efft1", EFFT_OPTS + (("core", "shared"),), "vit_tiny_patch16_224", TINY_KW, 100),
+    "lora-swin": ("lora", (("rank", 4), ("alpha", 6.0)), SWIN, SWIN_KW, 100),
     "efft2-tiny_mlp_ratio2": (
         "efft2",
         EFFT_OPTS,
@@ -117,10 +140,11 @@ def built(method: str, options: tuple, name: str, kwargs: tuple, num_classes: in
     randomize_trainable(adapted, std=0.05)
     folded = vitfold.fold(adapted).eval()
     reference = make_vit(name, num_classes=num_classes, **dict(kwargs)).double()
-    reference.load_state_dict(reference_fold(adapted, method, dict(options)), strict=True)
+    expected = reference_fold(adapted, method, dict(options))
+    add_missing_biases(reference.double(), expected)  # RLRR's Swin reduction shifts: biases timm lacks
+    reference.load_state_dict(expected, strict=True)
     base.reset_classifier(num_classes)  # the base with a head of the right size, for the "differs" check
-    base.head.weight.data.copy_(adapted.head.weight.data)
-    base.head.bias.data.copy_(adapted.head.bias.data)
+    base.get_classifier().load_state_dict(adapted.get_classifier().state_dict())
     return base, adapted, folded, reference
 
 
@@ -139,7 +163,15 @@ def test_fold_is_exact(case):
         assert rel(y_folded, y64) <= 1.5 * rel(y_adapted, y64), f"batch {batch}"
 
 
-PLAIN_CASES = ["rlrr-deit_small", "rlrr-vit_small_img96_patch8", "efft1-tiny_depth5", "efft2-small_depth3"]
+PLAIN_CASES = [
+    "rlrr-deit_small",
+    "rlrr-vit_small_img96_patch8",
+    "efft1-tiny_depth5",
+    "efft2-small_depth3",
+    "rlrr-swin",
+    "efft2-swin",
+    "lora-swin",
+]
 
 
 @pytest.mark.parametrize("case", [CASES[c] for c in PLAIN_CASES], ids=PLAIN_CASES)

@@ -123,12 +123,15 @@ def main() -> None:
 def info(
     backbone: str, method: str, num_classes: int | None, rank: int | None, options: tuple[str, ...], as_json: bool
 ) -> None:
-    """Parameter counts of BACKBONE with an adapter attached (random weights, no download)."""
+    """Parameter counts of BACKBONE with an adapter attached (no weights are made or downloaded)."""
+    import torch
+
     from vitfold.pipeline.adapting import adapt, parameter_counts
     from vitfold.pipeline.backbones import create_backbone
 
     method_opts = _parse_options(options) | ({"rank": rank} if rank is not None else {})
-    model = adapt(create_backbone(backbone), method, num_classes=num_classes, **method_opts)
+    with torch.device("meta"):  # shapes only: instant, even for ViT-H
+        model = adapt(create_backbone(backbone), method, num_classes=num_classes, **method_opts)
     counts = {"backbone": backbone, "method": method, **parameter_counts(model)}
     if as_json:
         click.echo(json.dumps(counts, indent=2))
@@ -146,7 +149,11 @@ def info(
 @click.option("--pretrained", is_flag=True, default=None, help="Download the backbone's weights from the hub.")
 @click.option("--data", help="digits[:5-9] | folder:PATH | vtab:PATH | fgvc:PATH")
 @click.option("--method", help="rlrr | efft1 | efft2 | lora | linear | full")
-@click.option("--recipe", help="rlrr-vtab:<task> | efft1-vtab:<task> | efft2-vtab:<task> | rlrr-fgvc:<dataset>")
+@click.option(
+    "--recipe",
+    help="rlrr-vtab:<task> | efft1-vtab:<task> | efft2-vtab[-vit-l|-vit-h|-swin-s|-swin-b|-swin-l]:<task> | "
+    "rlrr-fgvc:<dataset>",
+)
 @click.option("--rank", type=click.IntRange(min=1), help="Rank (efft1, efft2, lora).")
 @method_options
 @click.option("--num-classes", type=click.IntRange(min=1), help="Head size (default: the dataset's classes).")

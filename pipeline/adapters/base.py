@@ -73,8 +73,10 @@ class AdapterLayer(AdapterModule):
         plain = copy.deepcopy(self.base)
         with torch.no_grad():
             for name, value in self.folded_parameters().items():
-                target = plain.get_parameter(name)
                 check_finite(iter([(name, value)]), what="folded weight")
+                if getattr(plain, name) is None:  # a bias the adapter gives a bias-free layer (RLRR's Swin reduction)
+                    setattr(plain, name, nn.Parameter(torch.empty_like(value, dtype=plain.weight.dtype)))
+                target = plain.get_parameter(name)
                 target.copy_(value.to(target.dtype))
         plain.requires_grad_(True)
         return plain
@@ -94,6 +96,9 @@ class AdditiveLinear(AdapterLayer):
 
     def folded_parameters(self) -> dict[str, torch.Tensor]:
         return {"weight": self.base.weight.to(torch.float64) + self.delta(torch.float64)}
+
+
+HEAD_INITS = ("zero", "trunc-normal", "timm")
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,13 @@ class AdapterMethod(ABC):
     def attach(self, model: nn.Module) -> None:
         """Wrap the model's layers in adapter layers, in place (the caller freezes the rest)."""
 
-    zero_head: ClassVar[bool] = True  # a new head starts at zero (RLRR's official `zero_head=True`)
+    @classmethod
+    def head_init(cls, family: str) -> str:
+        """How a new head starts on a model of `family` (one of HEAD_INITS): "zero" (RLRR's official ViT
+        code, `zero_head=True`, which the baselines follow), "trunc-normal" (weight from timm's
+        trunc_normal_(std=0.02), bias 0: RLRR's official Swin code) or "timm" (timm's `reset_classifier`,
+        nn.Linear's default init: EFFT's)."""
+        return "zero"
 
     @classmethod
     def trainable_base(cls, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

@@ -1,6 +1,6 @@
 """The baselines users compare against: linear probe, full fine-tuning, and LoRA (foldable too).
 
-LoRA (Hu et al. 2021) on every block's `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`, in nn.Linear
+LoRA (Hu et al. 2021) on every block's (ViT or Swin) `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`, in nn.Linear
 orientation:  W' = W + (α / r) B A,  A ∈ R^{r×in} (kaiming-uniform, as PEFT), B ∈ R^{out×r} (zero), so
 the adapted model equals the base at step 0.
 """
@@ -16,7 +16,7 @@ from torch import nn
 
 from vitfold.errors import AdapterError
 from vitfold.pipeline.adapters.base import AdapterMethod, AdditiveLinear, is_number
-from vitfold.pipeline.adapters.targets import vit_targets
+from vitfold.pipeline.adapters.targets import find_targets
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class LinearProbe(AdapterMethod):
     options_type = NoOptions
 
     def attach(self, model: nn.Module) -> None:
-        vit_targets(model, shifts=False)
+        find_targets(model, shifts=False)
 
 
 class FullFineTune(AdapterMethod):
@@ -41,7 +41,7 @@ class FullFineTune(AdapterMethod):
     options_type = NoOptions
 
     def attach(self, model: nn.Module) -> None:
-        vit_targets(model, shifts=False)
+        find_targets(model, shifts=False)
 
     @classmethod
     def trainable_base(cls, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -88,5 +88,5 @@ class LoRA(AdapterMethod):
     def attach(self, model: nn.Module) -> None:
         rank = self.options.rank
         alpha = float(self.options.alpha if self.options.alpha is not None else rank)
-        for target in vit_targets(model, shifts=False).linears:
+        for target in find_targets(model, shifts=False).linears:
             model.set_submodule(target.name, LoRALinear(model.get_submodule(target.name), rank, alpha))

@@ -15,6 +15,13 @@ EFFT1 (one core over three 4d×d slabs per block), U ∈ R^{4d×r}, V ∈ R^{d×
     slab[l, i] = s · U Σ[3l+i] Vᵀ,   slab[l, 0] = [ΔW_q; ΔW_k; ΔW_v; ΔW_o],  slab[l, 1] = ΔW_fc1ᵀ,
                                      slab[l, 2] = ΔW_fc2
 
+Hierarchical backbones (Swin): one factor set per stage (the widths differ), each over the stage's L
+blocks, held by the stage (`layers.i.efft`); the ranks double from stage to stage, `rank` being the last
+stage's (Swin-B attention 4/8/16/32 at rank 32). EFFT2's FFN may take ranks of its own: U2 ∈ R^{d×r1},
+C2 ∈ R^{r1×r2×2L}, V2 ∈ R^{r2×h} (`ffn_rank` r1 and `ffn_rank2` r2, both = `rank` by default, the paper's
+r1 = r2). `core=shared` replaces the per-layer core slices by one set (4 + 2 slices for EFFT2, 3 for EFFT1)
+that every block of a stage uses, as the released code does (its Swin code also has r2 = 2·r1).
+
 q, k, v are the three row blocks of timm's fused `attn.qkv` (nn.Linear holds Wᵀ). `targets` (the EFFT
 paper's Table 4 ablation) adapts all of them, the attention alone (q, k, v, o: EFFT2 keeps U1, V1, C1;
 EFFT1 one core slice per block, slab 0) or the FFN alone (fc1, fc2: EFFT2 keeps U2, V2, C2; EFFT1 two core
@@ -27,10 +34,10 @@ Dropout masks follow the official code, where each layer's forward applies its o
 block one mask on the attention factors (shared by q, k, v, o), and separate masks for the fc1 and fc2
 deltas (EFFT1: one per slab); the factors are expanded to one copy per block (and layer) first.
 
-Cost: the factors are stored once on the model (`model.efft`). At the start of every forward (a
-pre-hook on `patch_embed`) all 6L deltas are built in one batched product (no factor product recomputed
-per layer; the per-block copies cost about L·d·r elements), and each layer adds
-its delta to its weight and runs one matmul (F.linear(x, W + ΔW)), so the step costs about what full
+Cost: the factors are stored once per stage (`model.efft` in a ViT). At the start of every forward of the
+stage (a pre-hook on the model, or on the Swin stage) all its 6L deltas are built in one batched product
+(no factor product recomputed per layer; the per-block copies cost about L·d·r elements), and each layer
+adds its delta to its weight and runs one matmul (F.linear(x, W + ΔW)), so the step costs about what full
 fine-tuning's does. The fold builds each block's deltas from its own core slices, in float64.
 """
 
@@ -45,29 +52,50 @@ from torch import nn
 
 from vitfold.errors import AdapterError
 from vitfold.pipeline.adapters.base import AdapterMethod, AdapterModule, AdditiveLinear, is_number
-from vitfold.pipeline.adapters.targets import vit_targets
+from vitfold.pipeline.adapters.targets import Stage, find_targets
 
 TARGETS = {"all": ("attn", "fc1", "fc2"), "attention": ("attn",), "ffn": ("fc1", "fc2")}  # deltas per option
 LAYERS = {"attn": ("attn.qkv", "attn.proj"), "fc1": ("mlp.fc1",), "fc2": ("mlp.fc2",)}  # the layers of a delta
+CORES = ("layer", "shared")  # per-layer core slices (the paper), or one set every block uses (released code)
+
+
+def stage_rank(rank: int, halvings: int, option: str, method: str) -> int:
+    """The rank of a stage `halvings` stages before the last: rank / 2^halvings (ranks double per stage)."""
+    if rank % 2**halvings:
+        raise AdapterError(
+            f"option '{option}' ({rank}) is the last stage's rank and must be divisible by {2**halvings} "
+            f"for method '{method}' (ranks double from stage to stage)"
+        )
+    return rank // 2**halvings
 
 
 @dataclass(frozen=True)
 class EFFTOptions:
-    """rank r, fixed scale s, dropout p on the factors, `init` (which factor starts at zero), and `targets`
-    (all | attention | ffn: which layers get deltas)."""
+    """rank r (a hierarchical backbone's last stage's), fixed scale s, dropout p on the factors, `init`
+    (which factor starts at zero), `targets` (all | attention | ffn: which layers get deltas) and `core`
+    (layer | shared: per-layer core slices, or one set shared by the blocks of a stage)."""
 
     rank: int = 16
     scale: float = 1.0
     dropout: float = 0.1
     init: str = "v"
     targets: str = "all"
+    core: str = "layer"
 
     init_letters = 1  # EFFT2: attention + FFN
 
+    @property
+    def method(self) -> str:
+        return "efft2" if self.init_letters == 2 else "efft1"
+
+    def _check_rank(self, name: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise AdapterError(f"option '{name}' must be a positive integer for method '{self.method}', got {value!r}")
+
     def __post_init__(self) -> None:
-        method = "efft2" if self.init_letters == 2 else "efft1"
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise AdapterError(f"option 'rank' must be a positive integer for method '{method}', got {self.rank!r}")
+        method = self.method
+        self._check_rank("rank")
         if not is_number(self.dropout) or not 0 <= self.dropout < 1:
             raise AdapterError(f"option 'dropout' must be in [0, 1) for method '{method}', got {self.dropout!r}")
         if not is_number(self.scale):
@@ -78,12 +106,25 @@ class EFFTOptions:
         if self.targets not in TARGETS:
             choices = " | ".join(TARGETS)
             raise AdapterError(f"option 'targets' must be {choices} for method '{method}', got {self.targets!r}")
+        if self.core not in CORES:
+            raise AdapterError(f"option 'core' must be {' | '.join(CORES)} for method '{method}', got {self.core!r}")
 
 
 @dataclass(frozen=True)
 class EFFT2Options(EFFTOptions):
+    """EFFTOptions, plus the FFN's ranks: `ffn_rank` r1 (U2's) and `ffn_rank2` r2 (V2's); None: r1 = `rank`,
+    r2 = r1."""
+
     init: str = "vv"
+    ffn_rank: int | None = None
+    ffn_rank2: int | None = None
     init_letters = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("ffn_rank", "ffn_rank2"):
+            if getattr(self, name) is not None:
+                self._check_rank(name)
 
 
 class SharedFactors(AdapterModule):
@@ -95,6 +136,8 @@ class SharedFactors(AdapterModule):
         self.dropout = opts.dropout
         self.kinds = TARGETS[opts.targets]  # the deltas built: attn, fc1, fc2 (or some of them)
         self.depth = depth
+        self.shared_core = opts.core == "shared"
+        self.core_sets = 1 if self.shared_core else depth  # core slice sets: one per block, or one for all
         self._deltas: dict[str, tuple[torch.Tensor, ...]] | None = None  # this forward's, per block
         self._folded = False  # set by `fuse`: the layers hold the deltas now, `build` has nothing to do
 
@@ -106,6 +149,20 @@ class SharedFactors(AdapterModule):
         t = getattr(self, name) if dtype is None else getattr(self, name).to(dtype)
         t = t.expand(*copies, *t.shape)  # [*copies, *factor], no copy made
         return F.dropout(t, self.dropout, training=True) if dropout else t
+
+    def _core_slices(
+        self, name: str, dtype: torch.dtype | None, dropout: bool, axis: int, start: int, stop: int
+    ) -> torch.Tensor:
+        """The core slices of blocks start..stop, stacked block-major on `axis` (k per block: [.., n·k, ..]).
+
+        Per-layer cores: the blocks' own slices. A shared core: its k slices once per block, each copy with
+        its own dropout mask (the released code's per-layer dropout on the one core)."""
+        n = stop - start
+        if not self.shared_core:
+            k = getattr(self, name).shape[axis] // self.depth
+            return self._factor(name, dtype, dropout).narrow(axis, k * start, k * n)
+        copies = self._factor(name, dtype, dropout, (n,))  # [n, *core]
+        return copies.movedim(0, axis).flatten(axis, axis + 1)  # [.., n, k, ..] -> [.., n·k, ..]
 
     @abstractmethod
     def stacked_deltas(self, blocks: slice, dtype: torch.dtype | None, dropout: bool) -> dict[str, torch.Tensor]:
@@ -164,17 +221,20 @@ def _xavier_then_zero(tensors: dict[str, nn.Parameter], zero: str) -> None:
 
 
 class EFFT2Factors(SharedFactors):
-    """U1 [d, r], V1 [r, d], C1 [r, r, 4L] (attention); U2 [d, r], V2 [r, h], C2 [r, r, 2L] (FFN)."""
+    """U1 [d, r], V1 [r, d], C1 [r, r, 4S] (attention); U2 [d, r1], V2 [r2, h], C2 [r1, r2, 2S] (FFN), with S
+    core sets (L per-layer, or 1 shared)."""
 
-    def __init__(self, d: int, h: int, depth: int, opts: EFFTOptions, like: torch.Tensor) -> None:
+    def __init__(
+        self, d: int, h: int, depth: int, ranks: tuple[int, int, int], opts: EFFTOptions, like: torch.Tensor
+    ) -> None:
         super().__init__(opts, depth)
-        r, kw = opts.rank, {"device": like.device, "dtype": like.dtype}
+        (r, r1, r2), sets, kw = ranks, self.core_sets, {"device": like.device, "dtype": like.dtype}
         if "attn" in self.kinds:
             self.U1, self.V1 = nn.Parameter(torch.empty(d, r, **kw)), nn.Parameter(torch.empty(r, d, **kw))
-            self.C1 = nn.Parameter(torch.empty(r, r, 4 * depth, **kw))
+            self.C1 = nn.Parameter(torch.empty(r, r, 4 * sets, **kw))
         if "fc1" in self.kinds:
-            self.U2, self.V2 = nn.Parameter(torch.empty(d, r, **kw)), nn.Parameter(torch.empty(r, h, **kw))
-            self.C2 = nn.Parameter(torch.empty(r, r, 2 * depth, **kw))
+            self.U2, self.V2 = nn.Parameter(torch.empty(d, r1, **kw)), nn.Parameter(torch.empty(r2, h, **kw))
+            self.C2 = nn.Parameter(torch.empty(r1, r2, 2 * sets, **kw))
         if "attn" in self.kinds:
             _xavier_then_zero({"U1": self.U1, "C1": self.C1, "V1": self.V1}, zero=opts.init[0].upper() + "1")
         if "fc1" in self.kinds:
@@ -191,29 +251,29 @@ class EFFT2Factors(SharedFactors):
             u2, v2 = self._factor("U2", dtype, dropout, (2, n)), self._factor("V2", dtype, dropout, (2, n))
         if "attn" in self.kinds:
             r = self.C1.shape[0]
-            c1 = self._factor("C1", dtype, dropout)[:, :, 4 * start : 4 * stop].reshape(r, r, n, 4)  # [r, r, n, 4]
+            c1 = self._core_slices("C1", dtype, dropout, 2, start, stop).reshape(r, r, n, 4)  # [r, r, n, 4]
             # (s U C V)ᵀ = s Vᵀ Cᵀ Uᵀ: q, k, v, o and fc1 are the transposes of their x·W deltas
             vc1 = torch.einsum("bsj,rsbk->bkjr", v1, c1)  # [n, 4, d, r]
             out["attn"] = self.scale * vc1 @ u1.transpose(-1, -2).unsqueeze(1)  # [n, 4, d, r] @ [n, 1, r, d]
         if "fc1" in self.kinds:
-            c2 = self._factor("C2", dtype, dropout)[:, :, 2 * start : 2 * stop]  # [r, r, 2n]
-            vc2 = torch.einsum("bsj,rsb->bjr", v2[0], c2[:, :, 0::2])  # [n, h, r]
-            out["fc1"] = self.scale * vc2 @ u2[0].transpose(-1, -2)  # [n, h, r] @ [n, r, d] -> [n, h, d]
-            uc2 = torch.einsum("bir,rsb->bis", u2[1], c2[:, :, 1::2])  # [n, d, r]
-            out["fc2"] = self.scale * uc2 @ v2[1]  # [n, d, r] @ [n, r, h] -> [n, d, h]
+            c2 = self._core_slices("C2", dtype, dropout, 2, start, stop)  # [r1, r2, 2n]
+            vc2 = torch.einsum("bsj,rsb->bjr", v2[0], c2[:, :, 0::2])  # [n, h, r1]
+            out["fc1"] = self.scale * vc2 @ u2[0].transpose(-1, -2)  # [n, h, r1] @ [n, r1, d] -> [n, h, d]
+            uc2 = torch.einsum("bir,rsb->bis", u2[1], c2[:, :, 1::2])  # [n, d, r2]
+            out["fc2"] = self.scale * uc2 @ v2[1]  # [n, d, r2] @ [n, r2, h] -> [n, d, h]
         return out
 
 
 class EFFT1Factors(SharedFactors):
-    """U [4d, r], V [d, r], core Σ [kL, r, r] for the k targeted slabs of each block (3: all); the MLP must be
-    4d wide (the slabs are 4d×d)."""
+    """U [4d, r], V [d, r], core Σ [kS, r, r] for the k targeted slabs of each block (3: all), with S core
+    sets (L per-layer, or 1 shared); the MLP must be 4d wide (the slabs are 4d×d)."""
 
-    def __init__(self, d: int, depth: int, opts: EFFTOptions, like: torch.Tensor) -> None:
+    def __init__(self, d: int, depth: int, rank: int, opts: EFFTOptions, like: torch.Tensor) -> None:
         super().__init__(opts, depth)
-        r, kw = opts.rank, {"device": like.device, "dtype": like.dtype}
+        r, kw = rank, {"device": like.device, "dtype": like.dtype}
         self.U = nn.Parameter(torch.empty(4 * d, r, **kw))
         self.V = nn.Parameter(torch.empty(d, r, **kw))
-        self.core = nn.Parameter(torch.empty(len(self.kinds) * depth, r, r, **kw))
+        self.core = nn.Parameter(torch.empty(len(self.kinds) * self.core_sets, r, r, **kw))
         _xavier_then_zero({"U": self.U, "core": self.core, "V": self.V}, zero=opts.init.upper())
 
     def stacked_deltas(self, blocks, dtype, dropout):
@@ -221,7 +281,7 @@ class EFFT1Factors(SharedFactors):
         k, n, (d, r) = len(self.kinds), stop - start, self.V.shape
         # per block, one mask per slab (attention, fc1, fc2), as each layer's own dropout draws it
         u, v = self._factor("U", dtype, dropout, (k, n)), self._factor("V", dtype, dropout, (k, n))  # [k, n, ·, r]
-        core = self._factor("core", dtype, dropout)[k * start : k * stop].view(n, k, r, r)
+        core = self._core_slices("core", dtype, dropout, 0, start, stop).view(n, k, r, r)
         out = {}
         for i, kind in enumerate(self.kinds):
             if kind == "attn":
@@ -256,7 +316,10 @@ class DeltaLinear(AdditiveLinear):
 
 
 class _EFFT(AdapterMethod):
-    zero_head = False  # the official code keeps timm's random init of the new head (`reset_classifier`)
+    @classmethod
+    def head_init(cls, family: str) -> str:
+        """The official code keeps timm's random init of the new head (`reset_classifier`)."""
+        return "timm"
 
     @classmethod
     def no_weight_decay(cls, name: str) -> bool:
@@ -264,33 +327,35 @@ class _EFFT(AdapterMethod):
         return False
 
     @abstractmethod
-    def make_factors(self, model: nn.Module, d: int, h: int, depth: int) -> SharedFactors:
-        """The method's factors for a ViT of width d, MLP width h and `depth` blocks."""
+    def make_factors(self, stage: Stage, halvings: int, like: torch.Tensor) -> SharedFactors:
+        """The method's factors for one stage, whose ranks are the last stage's halved `halvings` times."""
 
     def attach(self, model: nn.Module) -> None:
-        layers = {layer for kind in TARGETS[self.options.targets] for layer in LAYERS[kind]}
-        found = vit_targets(model, shifts=False)
-        targets = [t for t in found.linears if t.name.split(".", 2)[2] in layers]
-        first = model.blocks[0]
-        d, h = first.attn.qkv.in_features, first.mlp.fc1.out_features
-        for target in targets:
-            layer = model.get_submodule(target.name)
-            block, name = target.name.split(".", 2)[1:]
-            expect = {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (h, d), "mlp.fc2": (d, h)}[name]
-            if tuple(layer.weight.shape) != expect:
-                raise AdapterError(
-                    f"layer '{target.name}' has weight shape {tuple(layer.weight.shape)}; {self.name} shares "
-                    f"factors across blocks and needs {expect} in every block"
-                )
-        factors = self.make_factors(model, d, h, found.depth)
-        model.efft = factors
-        for target in targets:
-            block, name = target.name.split(".", 2)[1:]
-            model.set_submodule(target.name, DeltaLinear(model.get_submodule(target.name), factors, name, int(block)))
-        factors.hooks = [
-            model.patch_embed.register_forward_pre_hook(factors.build),
-            model.register_forward_hook(factors.release),
-        ]
+        layers = [layer for kind in TARGETS[self.options.targets] for layer in LAYERS[kind]]
+        stages = find_targets(model, shifts=False).stages
+        for index, stage in enumerate(stages):
+            d, h = stage.width, stage.hidden
+            expected = {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (h, d), "mlp.fc2": (d, h)}
+            for block in stage.blocks:
+                for layer in layers:
+                    shape = tuple(model.get_submodule(f"{block}.{layer}").weight.shape)
+                    if shape != expected[layer]:
+                        raise AdapterError(
+                            f"layer '{block}.{layer}' has weight shape {shape}; {self.name} shares factors across "
+                            f"the blocks of a stage and needs {expected[layer]} in every block"
+                        )
+            like = model.get_submodule(f"{stage.blocks[0]}.attn.qkv").weight
+            factors = self.make_factors(stage, len(stages) - 1 - index, like)
+            host = model.get_submodule(stage.host)
+            host.efft = factors
+            for b, block in enumerate(stage.blocks):
+                for layer in layers:
+                    name = f"{block}.{layer}"
+                    model.set_submodule(name, DeltaLinear(model.get_submodule(name), factors, layer, b))
+            factors.hooks = [
+                host.register_forward_pre_hook(factors.build),
+                host.register_forward_hook(factors.release),
+            ]
 
 
 class EFFT1(_EFFT):
@@ -299,10 +364,14 @@ class EFFT1(_EFFT):
     name = "efft1"
     options_type = EFFTOptions
 
-    def make_factors(self, model, d, h, depth):
-        if h != 4 * d:
-            raise AdapterError(f"layer 'blocks.0.mlp.fc1' is {h} wide; efft1's 4d×d slabs need an MLP of 4·{d}")
-        return EFFT1Factors(d, depth, self.options, like=model.blocks[0].attn.qkv.weight)
+    def make_factors(self, stage, halvings, like):
+        if stage.hidden != 4 * stage.width:
+            raise AdapterError(
+                f"layer '{stage.blocks[0]}.mlp.fc1' is {stage.hidden} wide; efft1's 4d×d slabs need an MLP of "
+                f"4·{stage.width}"
+            )
+        rank = stage_rank(self.options.rank, halvings, "rank", self.name)
+        return EFFT1Factors(stage.width, len(stage.blocks), rank, self.options, like=like)
 
 
 class EFFT2(_EFFT):
@@ -311,5 +380,10 @@ class EFFT2(_EFFT):
     name = "efft2"
     options_type = EFFT2Options
 
-    def make_factors(self, model, d, h, depth):
-        return EFFT2Factors(d, h, depth, self.options, like=model.blocks[0].attn.qkv.weight)
+    def make_factors(self, stage, halvings, like):
+        o = self.options
+        r1 = o.ffn_rank if o.ffn_rank is not None else o.rank
+        r2 = o.ffn_rank2 if o.ffn_rank2 is not None else r1
+        named = {"rank": o.rank, "ffn_rank": r1, "ffn_rank2": r2}
+        ranks = tuple(stage_rank(value, halvings, option, self.name) for option, value in named.items())
+        return EFFT2Factors(stage.width, stage.hidden, len(stage.blocks), ranks, o, like=like)

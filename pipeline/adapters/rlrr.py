@@ -1,17 +1,23 @@
 """RLRR: residual low-rank rescaling (Dong et al., CVPR 2024), as the official code places it.
 
-Linear layers (q, k, v as the three row blocks of timm's fused `attn.qkv`, `attn.proj`, `mlp.fc1`,
-`mlp.fc2`), in `nn.Linear` orientation W[out, in] (paper Eq. 16/20):
+Linear layers (timm's fused `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2` of every block; on Swin also
+each PatchMerging `reduction`), in `nn.Linear` orientation W[out, in] (paper Eq. 16/20):
 
     W' = W ⊙ (1 + s_out s_inᵀ)        b' = b + f
+
+The official ViT code gives q, k and v (the three row blocks of the fused qkv) an input scale s_in each;
+its Swin code shares one s_in of size C across q, k, v (s_out and f of size 3C). Swin's reduction has no
+bias in timm, so the official shift f becomes its only bias: `reduction_shift=true` keeps it (the folded
+model then carries `reduction.bias`, which plain timm does not load), the default leaves it out (the
+reduction gets the scales alone and the folded model is exactly timm's Swin).
 
 The RLRR paper's Table 6 ablations (`scales`, `residual`): s_in is the paper's s_left (it scales the rows
 of W in x·W orientation, the input features) and s_out its s_right. `scales: left` keeps s_in alone
 (W ⊙ (1 + 1 s_inᵀ)), `right` s_out alone (W ⊙ (1 + s_out 1ᵀ)); `residual: false` drops the 1
 (W ⊙ (s_out s_inᵀ), W ⊙ (1 s_inᵀ), W ⊙ (s_out 1ᵀ)). Every variant folds the same way.
 
-SSF (scale γ, shift β) on the output of `norm1`, `norm2`, the final norm, and of the patch-embedding
-conv (the patch tokens, before the class token and position embedding are added):
+SSF (scale γ, shift β) on the output of `norm1`, `norm2`, the final norm, and (ViT only) of the
+patch-embedding conv (the patch tokens, before the class token and position embedding are added):
 
     y = base(x) ⊙ γ + β    folds to    W' = W ⊙ γ (per output channel),  b' = b ⊙ γ + β
 """
@@ -27,7 +33,7 @@ from torch import nn
 
 from vitfold.errors import AdapterError
 from vitfold.pipeline.adapters.base import AdapterLayer, AdapterMethod
-from vitfold.pipeline.adapters.targets import vit_targets
+from vitfold.pipeline.adapters.targets import find_targets
 
 INITS = ("paper", "identity")
 SCALES = ("both", "left", "right")  # which scale vectors train: s_in (left) and s_out (right), or one of them
@@ -39,11 +45,13 @@ class RLRROptions:
     without the residual term the scales start at N(1, .02) instead (the SSF init the official code keeps
     commented out), since the kaiming product would replace W. `init="identity"`: the adapted model equals
     the base (with the residual: s_out = 0, or the one trained scale 0; without it: scales 1; shifts 0,
-    SSF γ = 1, β = 0). `scales`: both | left | right; `residual`: keep the 1 of 1 + s_out s_inᵀ."""
+    SSF γ = 1, β = 0). `scales`: both | left | right; `residual`: keep the 1 of 1 + s_out s_inᵀ;
+    `reduction_shift`: give Swin's bias-free PatchMerging reductions a shift (the official code)."""
 
     init: str = "paper"
     scales: str = "both"
     residual: bool = True
+    reduction_shift: bool = False
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
@@ -51,13 +59,16 @@ class RLRROptions:
         if self.scales not in SCALES:
             choices = " | ".join(SCALES)
             raise AdapterError(f"option 'scales' must be {choices} for method 'rlrr', got {self.scales!r}")
-        if not isinstance(self.residual, bool):
-            raise AdapterError(f"option 'residual' must be true or false for method 'rlrr', got {self.residual!r}")
+        for name in ("residual", "reduction_shift"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise AdapterError(f"option '{name}' must be true or false for method 'rlrr', got {value!r}")
 
 
 class RLRRLinear(AdapterLayer):
     """W' = W ⊙ (r + s_out s_inᵀ), b' = b + f (r = 1 with the residual term, else 0), with one s_in per
     block of `groups` equal row blocks; a scale that does not train (`scales`) is a vector of ones.
+    Without `shift` there is no f (b' = b); with it on a bias-free layer, b' = f.
 
     The forward builds W' once per call (an O(out·in) elementwise product) and runs one matmul, so a
     training step costs about what full fine-tuning's does, instead of a second activation matmul.
@@ -66,14 +77,14 @@ class RLRRLinear(AdapterLayer):
     s_out: nn.Parameter | None
     s_in: nn.Parameter | None
 
-    def __init__(self, base: nn.Linear, groups: int, opts: RLRROptions) -> None:
+    def __init__(self, base: nn.Linear, groups: int, opts: RLRROptions, shift: bool = True) -> None:
         super().__init__(base)
         out_features, in_features = base.weight.shape
         self.groups, self.residual = groups, opts.residual
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.s_out = nn.Parameter(torch.empty(out_features, **kw)) if opts.scales != "left" else None
         self.s_in = nn.Parameter(torch.empty(groups, in_features, **kw)) if opts.scales != "right" else None
-        self.f = nn.Parameter(torch.zeros(out_features, **kw))
+        self.f = nn.Parameter(torch.zeros(out_features, **kw)) if shift else None
         # official code: kaiming_uniform_ (a=0) on s_in as [1, in] (fan-in = in) and s_out as [out, 1] (fan-in 1)
         bounds = {"s_in": math.sqrt(6 / in_features), "s_out": math.sqrt(6)}
         trained = [(name, p) for name, p in (("s_in", self.s_in), ("s_out", self.s_out)) if p is not None]
@@ -99,13 +110,19 @@ class RLRRLinear(AdapterLayer):
     def _scales(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return tuple(None if s is None else s if dtype is None else s.to(dtype) for s in (self.s_out, self.s_in))
 
+    def _bias(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        bias, f = (None if t is None else t if dtype is None else t.to(dtype) for t in (self.base.bias, self.f))
+        if f is None or bias is None:
+            return bias if f is None else f
+        return bias + f
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight(self.base.weight, *self._scales()), self.base.bias + self.f)
+        return F.linear(x, self._weight(self.base.weight, *self._scales()), self._bias())
 
     def folded_parameters(self) -> dict[str, torch.Tensor]:
         d = torch.float64
-        weight = self._weight(self.base.weight.to(d), *self._scales(d))
-        return {"weight": weight, "bias": self.base.bias.to(d) + self.f.to(d)}
+        folded = {"weight": self._weight(self.base.weight.to(d), *self._scales(d)), "bias": self._bias(d)}
+        return {name: t for name, t in folded.items() if t is not None}
 
 
 class SSF(AdapterLayer):
@@ -139,10 +156,16 @@ class SSF(AdapterLayer):
 
 
 class RLRR(AdapterMethod):
-    """Attach RLRR to every block's linears and SSF to the norms and patch tokens (RLRR paper §3.3)."""
+    """Attach RLRR to every block's linears (and Swin's reductions) and SSF to the norms and, in a ViT, the
+    patch tokens (RLRR paper §3.3)."""
 
     name = "rlrr"
     options_type = RLRROptions
+
+    @classmethod
+    def head_init(cls, family: str) -> str:
+        """The official ViT code zeroes the new head; its Swin code draws it from trunc_normal_(std=0.02)."""
+        return "trunc-normal" if family == "swin" else "zero"
 
     @classmethod
     def no_weight_decay(cls, name: str) -> bool:
@@ -152,11 +175,13 @@ class RLRR(AdapterMethod):
         return "bias" in official or "norm" in official
 
     def attach(self, model: nn.Module) -> None:
-        targets = vit_targets(model, shifts=True)
+        targets = find_targets(model, shifts=True)
         init = self.options.init
-        model.set_submodule(targets.patch_proj, SSF(model.get_submodule(targets.patch_proj), dim=1, init=init))
-        for target in targets.linears:
-            layer = RLRRLinear(model.get_submodule(target.name), groups=target.groups, opts=self.options)
+        if targets.patch_proj is not None:
+            model.set_submodule(targets.patch_proj, SSF(model.get_submodule(targets.patch_proj), dim=1, init=init))
+        for target in targets.linears + targets.reductions:
+            shift = target.shift or self.options.reduction_shift
+            layer = RLRRLinear(model.get_submodule(target.name), target.groups, self.options, shift=shift)
             model.set_submodule(target.name, layer)
         norms = targets.block_norms + ((targets.final_norm,) if targets.final_norm else ())
         for name in norms:

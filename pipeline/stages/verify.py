@@ -128,8 +128,12 @@ def _localise(runner: Runner, reference: Runner, images: torch.Tensor, precision
         return {"block": None, "where": f"not localised: {e}"}
     if blocks is None:
         return {"block": None, "where": f"{runner.runtime} cannot expose block outputs; compare onnxruntime's"}
-    errors = block_errors(blocks, reference.block_outputs(reference.to_device(images)))
-    return first_diverging_block(errors, DEFAULT_TOLERANCES[precision].max_rel or LOCALISE_WITHOUT_MAX_REL)
+    try:
+        errors = block_errors(blocks, reference.block_outputs(reference.to_device(images)))
+    except VitfoldError as e:
+        return {"block": None, "where": f"not localised: {e}"}
+    threshold = DEFAULT_TOLERANCES[precision].max_rel or LOCALISE_WITHOUT_MAX_REL
+    return first_diverging_block(errors, threshold, reference.block_names)
 
 
 def _check_writable(folder: Path) -> None:
