@@ -29,7 +29,10 @@ def hub_weights_cached(name: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
     from timm.models import get_pretrained_cfg
 
-    cfg = get_pretrained_cfg(name)
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag: timm.create_model says so
+        return False
     if cfg is None or not cfg.hf_hub_id:
         return False
     repo, _, revision = cfg.hf_hub_id.partition("@")
@@ -62,8 +65,7 @@ def create_backbone(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn
 
     if not timm.is_model(name.split(".")[0]):
         raise BackboneError(f"unknown backbone '{name}' (see timm.list_models('vit_*'))")
-    offline = pretrained and hub_offline()
-    if pretrained and not offline and not hub_weights_cached(name) and not hub_reachable():
+    if pretrained and not hub_offline() and not hub_weights_cached(name) and not hub_reachable():
         raise BackboneError(
             f"cannot download pretrained weights for '{name}': the model hub is unreachable (offline?) and "
             "they are not in the Hugging Face cache; pass --checkpoint PATH with local weights instead"

@@ -19,8 +19,10 @@ from vitfold.cli import main
 from vitfold.errors import CheckpointError
 from vitfold.pipeline.config import load_config
 from vitfold.pipeline.official import read_official
-from vitfold.pipeline.stages import run_stage
+from vitfold.pipeline.stages import RunDir, run_stage
 from vitfold.pipeline.stages.import_official import import_official
+from vitfold.pipeline.stages.manifest import staleness
+from vitfold.pipeline.stages.train import TRAIN
 
 from helpers import QUIET, TINY_VITS, images, make_vit, rel
 
@@ -294,5 +296,7 @@ def test_efft_import_carries_its_backbone_into_the_run_then_fold_export_verify(t
     cfg = load_config(None, backbone=NAME, backbone_kwargs=KWARGS, data="digits:0-4", **options)
     import_official("efft2", tmp_path / "official.pth", tmp_path / "run", cfg, **QUIET)
     assert (tmp_path / "run" / "import" / "backbone.safetensors").is_file()
+    rd = RunDir(tmp_path / "run")  # recorded as the train stage's output: `vitfold run` would not retrain it
+    assert staleness(rd, "train", TRAIN.inputs(rd, rd.config), TRAIN.params(rd.config)) is None
     x = _inputs()
     _verified(tmp_path / "run", official_efft_forward(state, x, per_layer=False), x)

@@ -275,7 +275,7 @@ def train(  # one parameter per option, as click passes them
 
 @main.command("import-official")
 @click.argument("official", metavar="CHECKPOINT", type=click.Path(dir_okay=False))
-@click.option("--method", required=True, type=click.Choice(["rlrr", "efft2"]), help="The official code that wrote it.")
+@click.option("--method", required=True, help="The official code that wrote it: rlrr | efft2.")
 @config_option
 @base_options
 @click.option("--data", help="Evaluation data for verify: digits[:5-9] | folder:PATH | vtab:PATH | fgvc:PATH")
