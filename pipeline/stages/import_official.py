@@ -27,7 +27,7 @@ from vitfold.pipeline.stages.train import TRAIN, base_identity, run_adapter_meta
 from vitfold.pipeline.tensor_files import safetensors_bytes
 
 
-def _base_config(config: RunConfig, checkpoint: Path, carries_backbone: bool) -> None:
+def _check_base_weights(config: RunConfig, checkpoint: Path, carries_backbone: bool) -> None:
     """The base weights come from the checkpoint or from the config, never both, never neither."""
     chosen = config.checkpoint or config.pretrained
     if carries_backbone and chosen:
@@ -51,7 +51,7 @@ def import_official(
     if rd.config_file.is_file() or rd.manifest_file.is_file():
         raise VitfoldError(f"{rd.path} already holds a run: import into a new directory")
     imported = read_official(method, checkpoint, config.method_options)
-    _base_config(config, checkpoint, bool(imported.backbone))
+    _check_base_weights(config, checkpoint, bool(imported.backbone))
     options = {**imported.options, **config.method_options}
     cfg = replace(config, method=method, method_options=options, num_classes=imported.num_classes)
     check_config(cfg, where="import-official")
