@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from vitfold.errors import BackboneError
 from vitfold.pipeline.backbones import create_backbone, hub_weights_cached
 
-from helpers import make_vit
+from helpers import make_vit, vitfold_cli
 
 NAME, REPO = "test_vit", "timm/test_vit.r160_in1k"  # timm's smallest ViT with hub weights (0.37M)
 
@@ -56,3 +56,10 @@ def test_offline_with_a_cold_cache_is_one_line(offline_hub):
     with pytest.raises(BackboneError, match="HF_HUB_OFFLINE is set and they are not in the Hugging Face cache") as e:
         create_backbone(NAME, pretrained=True)
     assert "\n" not in str(e.value) and "--checkpoint" in str(e.value)
+
+
+def test_cli_with_hf_hub_offline_and_a_cold_cache_exits_2_with_one_line(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    out = vitfold_cli("train", "--backbone", NAME, "--pretrained", "--out", str(tmp_path / "run"), env=env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "HF_HUB_OFFLINE is set" in out.stderr
