@@ -3,19 +3,24 @@
 model = pipeline.adapt(timm.create_model(name), method="rlrr", num_classes=10, init="paper")
 state = pipeline.adapter_state_dict(model)   # adapter + new head tensors, names as in state_dict()
 pipeline.load_adapter(other_adapted_model, state)
+pipeline.save_adapter(model, "rlrr.safetensors")            # PEFT-style: tensors + method, options, backbone
+pipeline.load_adapter(timm.create_model(name), "rlrr.safetensors")   # attaches the file's adapter, then loads
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from vitfold.errors import AdapterError
+from vitfold.pipeline.adapter_files import adapter_file_metadata, file_method, read_adapter_file, write_adapter_file
 from vitfold.pipeline.adapters import AdapterLayer, AdapterModule, AdapterRecord, get_method
 from vitfold.pipeline.adapters.targets import model_family
 
@@ -111,22 +116,81 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in trainable_named_parameters(model)}
 
 
-def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Copy adapter tensors into an adapted model; every key and shape must match, else nothing is copied."""
-    own = dict(trainable_named_parameters(model))
-    missing = sorted(set(own) - set(state))
+def timm_name(model: nn.Module) -> str:
+    """The timm name the model was created under (architecture.tag), from its `pretrained_cfg`."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    architecture, tag = cfg.get("architecture"), cfg.get("tag")
+    if not architecture:
+        return type(model).__name__
+    return f"{architecture}.{tag}" if tag else architecture
+
+
+def save_adapter(model: nn.Module, path: str | Path, *, backbone: str | None = None, **extra: Any) -> Path:
+    """Write the adapter (and new head) tensors of an adapted model to a safetensors file, atomically, with
+    the method, its options, the backbone (default: the model's timm name), the head size and the vitfold
+    version in its metadata (`extra` adds more). `load_adapter(model, path)` reads it back."""
+    record = adapter_record(model)
+    metadata = adapter_file_metadata(
+        record.method,
+        record.options,
+        backbone or timm_name(model),
+        int(getattr(model, "num_classes", 0)),
+        record.new_head,
+        **extra,
+    )
+    return write_adapter_file(path, adapter_state_dict(model), metadata)
+
+
+def _check_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """Every key of `own` in `state` with its shape, and nothing else; else an `AdapterError` naming the
+    first key at fault (in the model's order)."""
+    missing = [name for name in own if name not in state]
     unexpected = sorted(set(state) - set(own))
     if missing:
-        raise AdapterError(f"adapter state is missing '{missing[0]}' ({len(missing)} missing key(s))")
+        raise AdapterError(f"{source} is missing '{missing[0]}' ({len(missing)} missing key(s))")
     if unexpected:
-        raise AdapterError(f"adapter state has unexpected key '{unexpected[0]}' ({len(unexpected)} in all)")
+        raise AdapterError(f"{source} has unexpected key '{unexpected[0]}' ({len(unexpected)} in all)")
     for name, p in own.items():
         if tuple(state[name].shape) != tuple(p.shape):
             raise AdapterError(
-                f"adapter tensor '{name}' has shape {tuple(state[name].shape)}, the model needs {tuple(p.shape)}"
+                f"{source}: adapter tensor '{name}' has shape {tuple(state[name].shape)}, "
+                f"the model needs {tuple(p.shape)} (another backbone?)"
             )
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every tensor on the meta device (no memory): to try an adapter on first."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def load_adapter(model: nn.Module, source: dict[str, torch.Tensor] | str | Path) -> nn.Module:
+    """Copy adapter tensors into a model; every key and shape must match, else nothing is changed.
+
+    `source` is a state dict (`adapter_state_dict`) for an adapted model, or an adapter file
+    (`save_adapter`, a run's train/adapter.safetensors): a plain timm model then gets the file's adapter
+    attached first (its method, options and new head, PEFT-style); an adapted one must carry the file's
+    method. A backbone of another shape is an `AdapterError` naming the first tensor that does not fit."""
+    if isinstance(source, dict):
+        state, where = source, "adapter state"
+        _check_fits(dict(trainable_named_parameters(model)), state, where)
+    else:
+        state, metadata = read_adapter_file(source)
+        method, options, num_classes = file_method(source, metadata)
+        where = str(source)
+        record = getattr(model, RECORD_ATTR, None)
+        if record is not None and record.method != method:
+            raise AdapterError(f"{where} holds a '{method}' adapter, the model has a '{record.method}' one")
+        if record is None:  # try the file's adapter on a tensor-less copy, so a misfit changes nothing
+            trial = adapt(_meta_copy(model), method, num_classes=num_classes, **options)
+            _check_fits(dict(trainable_named_parameters(trial)), state, where)
+            adapt(model, method, num_classes=num_classes, **options)
+        _check_fits(dict(trainable_named_parameters(model)), state, where)
     with torch.no_grad():
-        for name, p in own.items():
+        for name, p in trainable_named_parameters(model):
             p.copy_(state[name])
     return model
 

@@ -14,12 +14,35 @@ from torch import nn
 from vitfold.errors import AdapterError, BackboneError, CheckpointError, first_line
 
 HUB_TIMEOUT_S = 3.0
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub loader asks for, in order
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub itself reads it (the hub is then never contacted)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_weights_cached(name: str) -> bool:
+    """True when the Hugging Face cache already holds the weights timm would load for `name` (so no network
+    is needed): its pretrained config's `hf_hub_id` (and revision) with its weight file."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag: timm.create_model says so
+        return False
+    if cfg is None or not cfg.hf_hub_id:
+        return False
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_WEIGHT_FILES
+    return any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str) for f in files)
 
 
 def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
     """True when the model hub (HF_ENDPOINT, default huggingface.co) answers a TCP connect in time."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -33,24 +56,32 @@ def create_backbone(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn
     """`timm.create_model(name, pretrained=..., **kwargs)` for a model of a supported family (timm
     VisionTransformer, SwinTransformer v1).
 
-    Random weights unless `pretrained`; with `pretrained` and no reachable hub this fails at once
-    (instead of timm's minute of retries) and says to pass a local checkpoint.
+    Random weights unless `pretrained`. Hub weights follow the Hugging Face conventions: a warm cache is
+    used as timm finds it, and with HF_HUB_OFFLINE=1 nothing but the cache is tried. Only when the weights
+    are not cached and the hub may be used is it probed first, so that an unreachable hub fails at once
+    (instead of timm's minute of retries); either failure is one line saying to pass a local checkpoint.
     """
     import timm
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     from vitfold.pipeline.adapters.targets import model_family
 
     if not timm.is_model(name.split(".")[0]):
         raise BackboneError(f"unknown backbone '{name}' (see timm.list_models('vit_*') and ('swin_*'))")
-    if pretrained and not hub_reachable():
+    if pretrained and not hub_offline() and not hub_weights_cached(name) and not hub_reachable():
         raise BackboneError(
-            f"cannot download pretrained weights for '{name}': the model hub is unreachable (offline?); "
-            "pass --checkpoint PATH with local weights instead"
+            f"cannot download pretrained weights for '{name}': the model hub is unreachable (offline?) and "
+            "they are not in the Hugging Face cache; pass --checkpoint PATH with local weights instead"
         )
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise BackboneError(f"backbone '{name}' rejected an option: {e}") from None
+    except LocalEntryNotFoundError:
+        raise BackboneError(
+            f"cannot load pretrained weights for '{name}': HF_HUB_OFFLINE is set and they are not in the "
+            "Hugging Face cache (HF_HOME / HF_HUB_CACHE); pass --checkpoint PATH with local weights instead"
+        ) from None
     try:
         model_family(model)
     except AdapterError as e:
@@ -58,7 +89,9 @@ def create_backbone(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn
     return model
 
 
-def _read_state_dict(path: Path) -> dict[str, Any]:
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """The tensors of a `.safetensors` or `.pth`/`.pt`/`.bin`/`.ckpt` file (weights_only), unwrapped from a
+    training checkpoint's `state_dict` / `model` / `module` / `model_state_dict` entry."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -71,7 +104,7 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - keep the file name and the first line of the reason
             raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e)}") from None
-        for key in ("state_dict", "model", "module"):  # common training-checkpoint wrappers
+        for key in ("state_dict", "model", "module", "model_state_dict"):  # training-checkpoint wrappers
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
         return state
@@ -102,7 +135,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
             raise CheckpointError(f"checkpoint {path} does not fit the backbone: {e}") from None
         return
     try:
-        state = checkpoint_filter_fn(_read_state_dict(path), model)
+        state = checkpoint_filter_fn(read_state_dict(path), model)  # timm's own key/format conversions
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable file is an input error naming the file

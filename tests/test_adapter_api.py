@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import timm
@@ -113,3 +114,39 @@ def test_unsupported_layers_are_named():
         vitfold.adapt(no_bias, "rlrr")
     with pytest.raises(AdapterError, match="not a timm VisionTransformer|VisionTransformer"):
         vitfold.adapt(torch.nn.Sequential(torch.nn.Linear(2, 2)), "rlrr")
+
+
+@pytest.mark.parametrize("method", ["rlrr", "efft2"])
+def test_save_adapter_then_load_adapter_onto_a_plain_backbone(tmp_path, method):
+    """PEFT-style: the file carries method, options and head; loading it onto a fresh timm model of the same
+    shape attaches that adapter and reproduces the saved model's outputs."""
+    from safetensors import safe_open
+
+    name, kwargs = TINY
+    options = {"rank": 3, "scale": 0.5} if method == "efft2" else {"init": "identity"}
+    source = vitfold.adapt(make_vit(name, seed=0, **kwargs), method, num_classes=4, **options)
+    randomize_trainable(source, seed=11)
+    path = vitfold.save_adapter(source.eval(), tmp_path / "adapter.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["method"] == method and meta["vitfold_version"] == vitfold.__version__
+    assert meta["backbone"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k" and meta["num_classes"] == "4"
+    assert options.items() <= json.loads(meta["method_options"]).items()
+    target = make_vit(name, seed=0, **kwargs)  # the same frozen weights, no adapter yet
+    x = images(source, 3)
+    with torch.no_grad():
+        assert vitfold.load_adapter(target, path).eval()(x).equal(source(x))
+
+
+def test_load_adapter_file_onto_another_backbone_names_the_tensor_and_changes_nothing(tmp_path):
+    path = vitfold.save_adapter(_adapted(), tmp_path / "adapter.safetensors")
+    name, kwargs = TINY
+    other = make_vit(name, **{**kwargs, "embed_dim": 96})
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(AdapterError, match=r"'patch_embed\.proj\.scale' has shape \(192,\), the model needs \(96,\)"):
+        vitfold.load_adapter(other, path)
+    assert not hasattr(other, "vitfold_adapter") and other.get_classifier().out_features == 1000
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    efft = vitfold.adapt(make_vit(name, **kwargs), "efft2")
+    with pytest.raises(AdapterError, match="holds a 'rlrr' adapter, the model has a 'efft2' one"):
+        vitfold.load_adapter(efft, path)

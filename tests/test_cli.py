@@ -120,8 +120,8 @@ def test_one_import_name_that_no_local_file_shadows(tmp_path):
         assert out.stdout.strip() == "None None", out.stderr
 
 
-def test_pretrained_offline_fails_at_once_with_checkpoint_hint():
-    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there: offline
+def test_pretrained_offline_fails_at_once_with_checkpoint_hint(tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path)}  # offline, cold cache
     code = (
         "from vitfold.pipeline.backbones import create_backbone\n"
         "from vitfold.errors import BackboneError\n"

@@ -8,6 +8,8 @@ The library API (PEFT-like)::
     ...  # train
     plain = vitfold.fold(model)                  # a plain timm model, same state_dict keys as a fresh one
     state = vitfold.adapter_state_dict(model)    # adapter + head tensors only
+    vitfold.save_adapter(model, "adapter.safetensors")                  # + method, options, backbone, version
+    model = vitfold.load_adapter(timm.create_model(name), "adapter.safetensors")   # PEFT-style
 
 Deployment: `vitfold.export.export`, `vitfold.export.open_runner`, `vitfold.export.compare`.
 Heavy imports (torch, timm) happen on first use, so `vitfold --help` stays instant.
@@ -27,6 +29,7 @@ _API = {
     "adapter_state_dict": "vitfold.pipeline.adapting",
     "load_adapter": "vitfold.pipeline.adapting",
     "parameter_counts": "vitfold.pipeline.adapting",
+    "save_adapter": "vitfold.pipeline.adapting",
     "fold": "vitfold.pipeline.folding",
 }
 

@@ -88,6 +88,40 @@ def batch_sizes_option(default: str) -> Decorator:
     return click.option("--batch-sizes", help=f"Comma-separated batch sizes (default: the run config's, {default}).")
 
 
+config_option: Decorator = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="Run config (YAML); flags override it."
+)
+
+
+def base_options(command: Callable) -> Callable:
+    """--backbone, --checkpoint, --pretrained: the backbone and where its weights come from."""
+    for option in reversed(
+        (
+            click.option("--backbone", help="timm ViT name, e.g. vit_base_patch16_224.orig_in21k."),
+            click.option(
+                "--checkpoint", type=click.Path(dir_okay=False), help="Local backbone weights (.safetensors/.pth/.npz)."
+            ),
+            click.option(
+                "--pretrained",
+                is_flag=True,
+                default=None,
+                help="The backbone's weights from the hub (or a warm Hugging Face cache; HF_HUB_OFFLINE=1 honoured).",
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def _read_config(config_path: str | None, **overrides: Any) -> Any:
+    """The run config: `config_path` (it must exist when given) with the non-None `overrides`."""
+    from vitfold.pipeline.config import load_config
+
+    if config_path is not None and not Path(config_path).is_file():
+        raise VitfoldError(f"config file not found: {config_path}")
+    return load_config(config_path, **overrides)
+
+
 trust_option: Decorator = click.option(
     "--trust", is_flag=True, help="Load .pt2/.plan/.pt artifacts that this machine's vitfold did not export."
 )
@@ -143,10 +177,8 @@ def info(
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run config (YAML); flags override it.")
-@click.option("--backbone", help="timm ViT name, e.g. vit_base_patch16_224.orig_in21k.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local backbone weights (.safetensors/.pth/.npz).")
-@click.option("--pretrained", is_flag=True, default=None, help="Download the backbone's weights from the hub.")
+@config_option
+@base_options
 @click.option("--data", help="digits[:5-9] | folder:PATH | vtab:PATH | fgvc:PATH")
 @click.option("--method", help="rlrr | efft1 | efft2 | lora | linear | full")
 @click.option(
@@ -202,7 +234,6 @@ def train(  # one parameter per option, as click passes them
     print_plan,
 ) -> None:
     """Fine-tune a timm ViT with an adapter into the run directory OUT (its config and train/)."""
-    from vitfold.pipeline.config import load_config
     from vitfold.pipeline.stages import RunDir, run_stage
 
     rd = RunDir(out)
@@ -210,10 +241,8 @@ def train(  # one parameter per option, as click passes them
         if not rd.config_file.is_file():
             raise VitfoldError(f"--resume: {rd.path} holds no run to resume ({rd.config_file.name} not found)")
         config_path = str(rd.config_file)
-    if config_path is not None and not Path(config_path).is_file():
-        raise VitfoldError(f"config file not found: {config_path}")
     method_opts = _parse_options(options) | ({"rank": rank} if rank is not None else {})
-    cfg = load_config(
+    cfg = _read_config(
         config_path,
         backbone=backbone,
         checkpoint=checkpoint,
@@ -249,6 +278,42 @@ def train(  # one parameter per option, as click passes them
         f"epoch {chosen['epoch']} to fold ({cfg.train.select}): eval accuracy {chosen['eval_acc']:.4f} "
         f"(best over epochs {result['best_acc']:.4f}); adapter: {rd.adapter}"
     )
+
+
+@main.command("import-official")
+@click.argument("official", metavar="CHECKPOINT", type=click.Path(dir_okay=False))
+@click.option("--method", required=True, help="The official code that wrote it: rlrr | efft2.")
+@config_option
+@base_options
+@click.option("--data", help="Evaluation data for verify: digits[:5-9] | folder:PATH | vtab:PATH | fgvc:PATH")
+@method_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New run directory.")
+def import_official(
+    official: str,
+    method: str,
+    config_path: str | None,
+    backbone: str | None,
+    checkpoint: str | None,
+    pretrained: bool | None,
+    data: str | None,
+    options: tuple[str, ...],
+    out: str,
+) -> None:
+    """Turn a CHECKPOINT of the official RLRR or EFFT code into the run directory OUT (then fold, export,
+    verify). EFFT2 needs -o scale=S; an RLRR checkpoint holds no backbone: --pretrained or --checkpoint."""
+    from vitfold.pipeline.stages.import_official import import_official as run_import
+
+    method_opts = _parse_options(options)
+    cfg = _read_config(
+        config_path,
+        backbone=backbone,
+        checkpoint=checkpoint,
+        pretrained=pretrained,
+        data=data,
+        method=method,
+        method_options=method_opts or None,
+    )
+    run_import(method, official, out, cfg, log=_echo)
 
 
 @main.command()
@@ -435,15 +500,12 @@ def report(run_dir: str) -> None:
 @trust_option
 def run(config_path: str | None, out: str, force: str | None, trust: bool) -> None:
     """Run every stage that is out of date into the run directory OUT (exit 1 if verify fails)."""
-    from vitfold.pipeline.config import load_config
     from vitfold.pipeline.stages import RunDir
     from vitfold.pipeline.stages.manifest import read_manifest
     from vitfold.pipeline.stages.pipeline import run_pipeline
     from vitfold.pipeline.stages.pretrain import pretrained_path
 
-    if config_path is not None and not Path(config_path).is_file():
-        raise VitfoldError(f"config file not found: {config_path}")
-    cfg = load_config(config_path)
+    cfg = _read_config(config_path)
     if cfg.pretrain:
         if cfg.checkpoint or cfg.pretrained:
             raise VitfoldError("config: 'pretrain' makes the backbone weights; drop 'checkpoint'/'pretrained'")

@@ -1,7 +1,7 @@
 """A run directory: every file of a run named once, its config read once, file hashes cached.
 
 RUN/config.yaml  RUN/manifest.json  RUN/train/  RUN/compare/  RUN/fold/  RUN/export/  RUN/verify/
-RUN/bench/  RUN/REPORT.md
+RUN/bench/  RUN/REPORT.md  (RUN/import/: the backbone an official checkpoint carried)
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class RunDir:
         self.metrics = train / "metrics.csv"
         self.last_ckpt = train / "last.ckpt"
         self.tensorboard = train / "tensorboard"
+        self.imported_backbone = self.path / "import" / "backbone.safetensors"  # vitfold import-official
         self.compare_dir = self.path / "compare"
         self.compare_summary = self.compare_dir / "compare.json"
         self.folded = self.path / "fold" / "model.safetensors"

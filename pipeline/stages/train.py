@@ -19,17 +19,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from vitfold.errors import VitfoldError, first_line
-from vitfold.pipeline.adapting import adapter_record, adapter_state_dict
+from vitfold.pipeline.adapting import save_adapter
 from vitfold.pipeline.atomic import atomic_replace, atomic_write_text
 from vitfold.pipeline.config import RunConfig, training_params
 from vitfold.pipeline.data import build_splits, parse_data_spec
 from vitfold.pipeline.models import build_backbone, build_model, data_transform
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult
-from vitfold.pipeline.tensor_files import safetensors_bytes
 from vitfold.pipeline.training import METRIC_FIELDS, Trainer, init_distributed
 
 
@@ -41,23 +39,10 @@ def base_identity(rd: RunDir, cfg: RunConfig) -> str:
     return "hub" if cfg.pretrained else f"random (seed {cfg.seed})"
 
 
-def adapter_metadata(cfg: RunConfig, model: nn.Module, extra: dict[str, Any]) -> dict[str, str]:
-    """safetensors metadata (strings): method, options and backbone identity, so the file stands alone."""
-    record = adapter_record(model)
-    return {
-        "format": "vitfold-adapter/1",
-        "method": record.method,
-        "method_options": json.dumps(record.options),
-        "backbone": cfg.backbone,
-        "backbone_kwargs": json.dumps(cfg.backbone_kwargs),
-        "num_classes": str(model.num_classes),
-        "checkpoint": cfg.checkpoint or "",
-        **{k: str(v) for k, v in extra.items()},
-    }
-
-
-def save_adapter(path: Path, model: nn.Module, metadata: dict[str, str]) -> None:
-    atomic_replace(path, safetensors_bytes(adapter_state_dict(model), metadata))
+def run_adapter_metadata(cfg: RunConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """What a run adds to an adapter file's metadata (`pipeline.save_adapter` writes the method, options,
+    backbone, head size and version): the backbone's options and local weights, and `extra`."""
+    return {"backbone_kwargs": json.dumps(cfg.backbone_kwargs), "checkpoint": cfg.checkpoint or "", **extra}
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
@@ -120,10 +105,10 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
         if not d.main:
             return
         extra = {"epoch": row["epoch"], "eval_acc": row["eval_acc"], "select_acc": row["select_acc"], "base": base}
-        meta = adapter_metadata(cfg, model, {**extra, "select": cfg.train.select, "splits": json.dumps(described)})
-        save_adapter(rd.adapter_last, model, meta)
+        meta = run_adapter_metadata(cfg, {**extra, "select": cfg.train.select, "splits": json.dumps(described)})
+        save_adapter(model, rd.adapter_last, backbone=cfg.backbone, **meta)
         if chosen:
-            save_adapter(rd.adapter, model, meta)
+            save_adapter(model, rd.adapter, backbone=cfg.backbone, **meta)
         buffer = io.BytesIO()
         torch.save({**trainer.state_dict(), "config": training_params(cfg)}, buffer)
         atomic_replace(rd.last_ckpt, buffer.getvalue())
