@@ -29,6 +29,13 @@ from vitfold.errors import VitfoldError
 from vitfold.export.artifacts import INPUT_NAME, OUTPUT_NAME
 
 RUNTIMES = ("torch", "torchscript", "onnxruntime", "aoti", "tensorrt")
+RUNTIME_OF_SUFFIX = {
+    ".onnx": "onnxruntime",
+    ".pt": "torchscript",
+    ".pt2": "aoti",
+    ".plan": "tensorrt",
+    ".engine": "tensorrt",
+}
 MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}  # optional packages
 
 
@@ -265,6 +272,15 @@ def unavailable(backend: str, device: str = "cpu") -> str | None:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return "this onnxruntime build has no CUDAExecutionProvider (pip install 'vitfold[gpu]')"
     return None
+
+
+def runtime_of(path: Path) -> str:
+    """The runtime that opens an artifact file, by its suffix (`RUNTIME_OF_SUFFIX`)."""
+    runtime = RUNTIME_OF_SUFFIX.get(path.suffix.lower())
+    if runtime is None:
+        known = ", ".join(RUNTIME_OF_SUFFIX)
+        raise VitfoldError(f"{path}: no runtime opens a '{path.suffix}' file (known suffixes: {known})")
+    return runtime
 
 
 def open_runner(backend: str, path: str | Path | nn.Module, device: str = "cpu", threads: int | None = None) -> Runner:

@@ -303,7 +303,7 @@ def export(
 
 
 @main.command()
-@run_dir_argument
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @backends_option(
     "torchscript, onnxruntime, onnxruntime-fp16, onnxruntime-int8, aoti, aoti-fp16, aoti-bf16, tensorrt; "
     "torch-folded (the fold) is always checked"
@@ -322,14 +322,36 @@ def export(
 @click.option(
     "--accuracy-delta-min", type=float, help="Tolerance: least accuracy change on the split, points (int8: -0.5)."
 )
+@click.option("--atol", type=float, help="Tolerance, elementwise: |a − b| ≤ atol + rtol·|b| for every logit (off).")
+@click.option("--rtol", type=float, help="Tolerance, elementwise: the rtol of --atol's bar (0 when only --atol).")
 @click.option("--eval-images", type=click.IntRange(min=1), help="Evaluation-split images for accuracy (default: all).")
 @click.option("--allow-no-export", is_flag=True, default=None, help="Pass with only the fold checked (no artifact).")
 @click.option(
-    "--output", type=click.Path(file_okay=False), help="Write the results here, not into RUN_DIR (read-only)."
+    "--output",
+    type=click.Path(file_okay=False),
+    help="Write the results here, not into RUN_DIR (read-only); with --artifact default ./verify-artifact.",
+)
+@click.option(
+    "--artifact",
+    type=click.Path(dir_okay=False),
+    help="Check this file (.onnx, .pt, .pt2, .plan) instead of a run's own artifacts; needs --reference.",
+)
+@click.option(
+    "--reference",
+    help="With --artifact: a run directory, a folded .safetensors, local-dir:FOLDER, or a timm name (+ --checkpoint).",
+)
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="With a timm name as --reference: its weights.")
+@click.option("--backbone", help="With a .safetensors --reference without vitfold metadata: its timm name.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="With --reference not a run: the head size.")
+@click.option(
+    "--backbone-option", "backbone_options", multiple=True, metavar="KEY=VALUE", help="timm create_model option."
+)
+@click.option(
+    "--precision", type=click.Choice(PRECISIONS), help="With --artifact: its precision (default: from its name, fp32)."
 )
 @trust_option
 def verify(
-    run_dir: str,
+    run_dir: str | None,
     backends: str | None,
     batch_sizes: str | None,
     samples: int | None,
@@ -339,33 +361,91 @@ def verify(
     top1_min: float | None,
     split_top1_min: float | None,
     accuracy_delta_min: float | None,
+    atol: float | None,
+    rtol: float | None,
     eval_images: int | None,
     allow_no_export: bool | None,
     output: str | None,
+    artifact: str | None,
+    reference: str | None,
+    checkpoint: str | None,
+    backbone: str | None,
+    num_classes: int | None,
+    backbone_options: tuple[str, ...],
+    precision: str | None,
     trust: bool,
 ) -> None:
-    """Check that every artifact computes what the unmerged adapted model computes (exit 0 pass, 1 mismatch)."""
+    """Check that every artifact of RUN_DIR computes what the unmerged adapted model computes, or that one
+    --artifact computes what its --reference computes (exit 0 pass, 1 mismatch)."""
     limits = {
         "max_rel": max_rel,
         "cosine_min": cosine_min,
         "top1_min": top1_min,
         "split_top1_min": split_top1_min,
         "accuracy_delta_min": accuracy_delta_min,
+        "atol": atol,
+        "rtol": rtol,
     }
-    result = _stage(
-        "verify",
-        run_dir,
-        backends=_names(backends),
-        batch_sizes=parse_batch_sizes(batch_sizes),
-        samples=samples,
-        device=device,
-        tolerances={k: v for k, v in limits.items() if v is not None} or None,
-        eval_images=eval_images,
-        allow_no_export=allow_no_export,
-        out_dir=output,
-        trust=trust,
-    )
-    _echo(f"wrote {Path(output) if output else Path(run_dir) / 'verify'}: verify.json, verify.md, junit.xml")
+    settings = {
+        "batch_sizes": parse_batch_sizes(batch_sizes),
+        "samples": samples,
+        "device": device,
+        "tolerances": {k: v for k, v in limits.items() if v is not None} or None,
+        "eval_images": eval_images,
+    }
+    reference_options = {
+        "--reference": reference,
+        "--checkpoint": checkpoint,
+        "--backbone": backbone,
+        "--num-classes": num_classes,
+        "--backbone-option": backbone_options or None,
+        "--precision": precision,
+    }
+    if artifact is not None:
+        from vitfold.pipeline.stages.verify_artifact import DEFAULT_OUTPUT, verify_artifact
+
+        misplaced = {"RUN_DIR": run_dir, "--backends": backends, "--allow-no-export": allow_no_export}
+        given = [name for name, value in misplaced.items() if value is not None]
+        if given or reference is None:
+            raise VitfoldError(
+                f"--artifact: {given[0]} does not apply (give the run as --reference RUN_DIR)"
+                if given
+                else "--artifact needs --reference (a run directory, a folded .safetensors, local-dir:FOLDER or a "
+                "timm name with --checkpoint)"
+            )
+        result = verify_artifact(
+            artifact,
+            reference,
+            out_dir=output,
+            checkpoint=checkpoint,
+            backbone=backbone,
+            num_classes=num_classes,
+            backbone_kwargs=_parse_options(backbone_options),
+            precision=precision,
+            trust=trust,
+            log=_echo,
+            **settings,
+        )
+        folder = Path(output) if output else DEFAULT_OUTPUT
+    else:
+        given = [name for name, value in reference_options.items() if value is not None]
+        if run_dir is None or given:
+            raise VitfoldError(
+                f"{given[0]} applies only with --artifact FILE"
+                if given
+                else "verify needs RUN_DIR, or --artifact FILE --reference REF (vitfold verify --help)"
+            )
+        result = _stage(
+            "verify",
+            run_dir,
+            backends=_names(backends),
+            allow_no_export=allow_no_export,
+            out_dir=output,
+            trust=trust,
+            **settings,
+        )
+        folder = Path(output) if output else Path(run_dir) / "verify"
+    _echo(f"wrote {folder}: verify.json, verify.md, junit.xml")
     if not result["passed"]:
         sys.exit(1)
 
