@@ -119,7 +119,10 @@ class AOTIRunner(Runner):
     runtime = "aoti"
 
     def __init__(self, path: Path, device: str) -> None:
+        from vitfold.export.aoti import quiet_cuda_runtime_warning
+
         super().__init__(device)
+        quiet_cuda_runtime_warning()
         self.package = torch._inductor.aoti_load_package(str(path))
 
     @torch.no_grad()

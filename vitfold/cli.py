@@ -16,6 +16,13 @@ import click
 from vitfold.errors import VitfoldError
 from vitfold.export import DEFAULT_FORMATS, FORMATS, PRECISIONS
 
+# Fixed values, spelled here so that `--help` imports no torch (tests/test_cli.py checks them against the
+# adapter registry and the pipeline's stages).
+METHOD_NAMES = ("rlrr", "efft1", "efft2", "lora", "linear", "full")
+STAGE_NAMES = ("pretrain", "train", "compare", "fold", "export", "verify", "bench", "report")
+# `vitfold --help` lists the stage commands in pipeline order, then the whole pipeline and the utilities
+COMMAND_ORDER = ("train", "fold", "export", "verify", "bench", "report", "run", "info")
+
 
 class _UserError(click.ClickException):
     """A `VitfoldError` shown as one line, exiting with its code (2: input error)."""
@@ -28,6 +35,10 @@ class _UserError(click.ClickException):
 
 
 class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """`COMMAND_ORDER`, then any other command in the order it was defined."""
+        return sorted(self.commands, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -110,12 +121,16 @@ def _stage(name: str, run_dir: str, out_dir: str | None = None, trust: bool = Fa
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vitfold")
 def main() -> None:
-    """Fine-tune timm ViTs with foldable adapters, fold them away, export and verify the result."""
+    """Fine-tune timm ViTs with foldable adapters, fold them away, export and verify the result.
+
+    The stage commands below come in pipeline order (train, fold, export, verify, bench, report); `run`
+    runs every out-of-date stage of a config. Start with: vitfold run --config configs/demo.yaml --out runs/demo
+    """
 
 
 @main.command()
 @click.option("--backbone", required=True, help="timm model name, e.g. vit_base_patch16_224.")
-@click.option("--method", default="rlrr", show_default=True, help="Adapter method.")
+@click.option("--method", type=click.Choice(METHOD_NAMES), default="rlrr", show_default=True, help="Adapter method.")
 @click.option("--num-classes", type=click.IntRange(min=1), help="Replace the head with a new one of N classes.")
 @click.option("--rank", type=click.IntRange(min=1), help="Rank of the EFFT factors (efft1, efft2).")
 @method_options
@@ -145,7 +160,7 @@ def info(
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local backbone weights (.safetensors/.pth/.npz).")
 @click.option("--pretrained", is_flag=True, default=None, help="Download the backbone's weights from the hub.")
 @click.option("--data", help="digits[:5-9] | folder:PATH | vtab:PATH | fgvc:PATH")
-@click.option("--method", help="rlrr | efft1 | efft2 | lora | linear | full")
+@click.option("--method", type=click.Choice(METHOD_NAMES), help="Adapter method (default: the config's, rlrr).")
 @click.option("--recipe", help="rlrr-vtab:<task> | efft1-vtab:<task> | efft2-vtab:<task> | rlrr-fgvc:<dataset>")
 @click.option("--rank", type=click.IntRange(min=1), help="Rank (efft1, efft2, lora).")
 @method_options
@@ -231,6 +246,11 @@ def train(  # one parameter per option, as click passes them
             "compile": compile_model,
         },
     )
+    if cfg.pretrain and not resume:
+        _echo(
+            f"WARNING: {config_path}: train alone ignores the 'pretrain:' section (vitfold run pre-trains the "
+            f"backbone first); training on {cfg.checkpoint or ('hub weights' if cfg.pretrained else 'a random init')}"
+        )
     if print_plan:
         from vitfold.pipeline.plan import training_plan
 
@@ -500,28 +520,34 @@ def report(run_dir: str) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run config (YAML).")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option(
-    "--force", "force", help="Rerun from this stage on (pretrain, train, compare, fold, export, verify, bench, report)."
+    "--config", "config_path", type=click.Path(dir_okay=False), help="Run config (YAML), e.g. configs/demo.yaml."
 )
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--force", "force", type=click.Choice(STAGE_NAMES), help="Rerun from this stage on.")
 @trust_option
 def run(config_path: str | None, out: str, force: str | None, trust: bool) -> None:
-    """Run every stage that is out of date into the run directory OUT (exit 1 if verify fails)."""
+    """Run every stage of --config that is out of date into the run directory OUT (exit 1 if verify fails)."""
     from vitfold.pipeline.config import load_config
     from vitfold.pipeline.stages import RunDir
     from vitfold.pipeline.stages.manifest import read_manifest
     from vitfold.pipeline.stages.pipeline import run_pipeline
     from vitfold.pipeline.stages.pretrain import pretrained_path
 
-    if config_path is not None and not Path(config_path).is_file():
+    rd = RunDir(out)
+    if config_path is None:
+        raise VitfoldError(
+            "vitfold run needs --config FILE: start with vitfold run --config configs/demo.yaml --out runs/demo "
+            "(the offline demo), or copy and edit one of configs/*.yaml"
+            + (f"; to rerun this run: --config {rd.config_file}" if rd.config_file.is_file() else "")
+        )
+    if not Path(config_path).is_file():
         raise VitfoldError(f"config file not found: {config_path}")
     cfg = load_config(config_path)
     if cfg.pretrain:
         if cfg.checkpoint or cfg.pretrained:
             raise VitfoldError("config: 'pretrain' makes the backbone weights; drop 'checkpoint'/'pretrained'")
         cfg.checkpoint = str(pretrained_path(cfg))
-    rd = RunDir(out)
     _echo(f"run directory: {rd.path}  (backbone {cfg.backbone}, method {cfg.method}, data {cfg.data})")
     started = time.perf_counter()
     outcome = run_pipeline(rd, cfg, force, log=_echo, trust=trust)

@@ -147,21 +147,15 @@ def verify_artifact(
     tolerances, loosened = loosened_tolerances(v.tolerances, log, precisions=(precision,))
     end_to_end = None
     if rd is not None:
-        folded, name, where = (
-            folded_model(rd),
-            FOLDED,
-            f"the run {rd.path} (its folded model; end-to-end its unmerged one)",
-        )
+        folded, name = folded_model(rd), FOLDED
+        described = f"the run {rd.path}: its folded model, end-to-end its unmerged one"
         unmerged = unmerged_model(rd)
         inputs = run_inputs(rd, unmerged, v)
         with open_runner("torch", unmerged, v.device) as runner:
             end_to_end = inputs.measure(UNMERGED, runner)
     else:
-        folded, name, where = (
-            reference_model(reference, checkpoint, backbone, num_classes, backbone_kwargs),
-            REFERENCE,
-            f"`{reference}`",
-        )
+        folded = reference_model(reference, checkpoint, backbone, num_classes, backbone_kwargs)
+        name, described = REFERENCE, f"`{reference}`"
         images = random_images(model_transform(folded), v.samples, torch.Generator().manual_seed(0))
         inputs = Inputs({"random": images}, tuple(v.batch_sizes))
     with open_runner("torch", folded, v.device) as ref_runner, open_runner(runtime, artifact, v.device) as runner:
@@ -177,7 +171,7 @@ def verify_artifact(
         loosened,
         {},
         artifact={"path": str(artifact), "runtime": runtime, "sha256": sha256(artifact)},
-        reference=where,
+        reference=described,
     )
     write_results(result, out, log)
     return result
