@@ -96,7 +96,7 @@ def _logits(runner: Runner, images: torch.Tensor, batch_size: int) -> torch.Tens
     return torch.cat(outs)  # (n, num_classes)
 
 
-def split_loader(split: Dataset, images: int | None, batch_size: int, seed: int = 0) -> DataLoader:
+def _split_loader(split: Dataset, images: int | None, batch_size: int, seed: int = 0) -> DataLoader:
     """The evaluation split, or a seeded choice of `images` of it, in batches of `batch_size`."""
     if images is not None and images < len(split):
         split = Subset(split, torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:images])
@@ -123,7 +123,7 @@ class Inputs:
     batch_sizes: tuple[int, ...]
     split: DataLoader | None = None
 
-    @property
+    @cached_property
     def sample(self) -> torch.Tensor:
         return torch.cat(list(self.images.values()))  # (n, 3, H, W): real images first
 
@@ -275,7 +275,7 @@ def _run(rd: RunDir, v: VerifyConfig, ctx: Context) -> StageResult:
 def run_inputs(rd: RunDir, model: torch.nn.Module, v: VerifyConfig) -> Inputs:
     """The run's sample (`verify_inputs`) and its evaluation split (`v.eval_images` of it), at `model`'s size."""
     images = verify_inputs(rd, model, v.samples)
-    split = split_loader(evaluation_split(rd, model), v.eval_images, max(v.batch_sizes))
+    split = _split_loader(evaluation_split(rd, model), v.eval_images, max(v.batch_sizes))
     return Inputs(images, tuple(v.batch_sizes), split)
 
 
