@@ -121,7 +121,7 @@ def test_force_reruns_from_the_stage_on(first, tmp_path):
     code, ran, log = vitfold_run(config, run, cache, "--force", "export")
     assert code == 0 and ran == ["export", "verify", "bench", "report"], log
     code, _, log = vitfold_run(config, run, cache, "--force", "nonsense")
-    assert code == 2 and "--force nonsense: not a stage" in log
+    assert code == 2 and "'nonsense' is not one of 'pretrain'" in log
 
 
 def test_flipped_byte_is_refused_by_verify_and_rebuilt_by_run(first, tmp_path):
