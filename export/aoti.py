@@ -9,6 +9,7 @@ output stay float32, so callers do not change with the precision.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import zipfile
 from pathlib import Path
@@ -21,6 +22,18 @@ from vitfold.export.artifacts import batch_dim, example_input, staged_files
 from vitfold.export.precision import at_precision
 
 
+def _not_the_cuda_runtime_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def quiet_cuda_runtime_warning() -> None:
+    """On a machine without a GPU, drop torch's "No CUDA runtime is found, using CUDA_HOME=..." warning, which
+    torch.utils.cpp_extension logs when AOTInductor first imports it (exporting or loading a package):
+    nothing here needs CUDA. Its other messages, and the warning on a GPU machine, stay."""
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").addFilter(_not_the_cuda_runtime_warning)
+
+
 def require_compiler() -> None:
     if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         raise VitfoldError("aoti export needs a C++ compiler (c++, g++ or clang++) on PATH")
@@ -30,6 +43,7 @@ def export_aoti(
     model: nn.Module, path: Path, image_size: tuple[int, int], device: str = "cpu", precision: str = "fp32"
 ) -> list[Path]:
     require_compiler()
+    quiet_cuda_runtime_warning()
     model = at_precision(model.eval(), precision).to(device)
     example = example_input(image_size).to(device)
     with torch.no_grad():

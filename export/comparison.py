@@ -8,9 +8,15 @@ For logits y (a backend) and r (the reference), rows = images:
     top1_agreement = share of images with argmax y_i = argmax r_i
     kl_mean        = mean over images of KL(softmax r_i ‖ softmax y_i)
 
+Polygraphy-style elementwise bar (when a `Tolerance` sets atol or rtol; the unset one is 0), at its rtol:
+
+    atol_needed           = max over elements of |y − r| − rtol·|r|   (the least atol that passes)
+    elementwise_mismatches = number of elements with not |y − r| ≤ atol + rtol·|r|   (NaN included)
+
 All in float64. An output passes when it clears every bar its `Tolerance` sets (max_rel ≤ tol.max_rel,
-cosine_min ≥ tol.cosine_min, top1_agreement ≥ tol.top1_min, and on a labelled evaluation split, see
-`split_stats`, split_top1_agreement ≥ tol.split_top1_min and accuracy_delta ≥ tol.accuracy_delta_min):
+cosine_min ≥ tol.cosine_min, top1_agreement ≥ tol.top1_min, |y − r| ≤ atol + rtol·|r| for every element,
+i.e. atol_needed ≤ tol.atol measured at tol.rtol, and on a labelled evaluation split, see `split_stats`,
+split_top1_agreement ≥ tol.split_top1_min and accuracy_delta ≥ tol.accuracy_delta_min):
 `compare(reference, output, tolerances)` returns a `Comparison` that carries the statistics and is truthy
 only then.
 """
@@ -32,24 +38,44 @@ BARS = {
     "top1_min": ("top1_agreement", True),
     "split_top1_min": ("split_top1_agreement", True),
     "accuracy_delta_min": ("accuracy_delta", True),
+    "atol": ("atol_needed", False),  # measured at the tolerance's rtol (`Tolerance.elementwise`)
 }
+ELEMENTWISE = ("atol", "rtol")  # rtol is no bar of its own: the parameter of atol_needed
+# every field of a Tolerance -> whether it is a lower bound (a larger rtol lets more through, like an atol)
+LIMITS = {bar: at_least for bar, (_, at_least) in BARS.items()} | {"rtol": False}
 
 
 @dataclass(frozen=True)
 class Tolerance:
     """The bars an output must clear; None: not judged on that statistic. The split bars judge the
-    evaluation split (`split_stats`): top-1 agreement with the reference and the accuracy change (points)."""
+    evaluation split (`split_stats`): top-1 agreement with the reference and the accuracy change (points).
+    atol and rtol make one elementwise bar, |y − r| ≤ atol + rtol·|r| (`elementwise`)."""
 
     max_rel: float | None = None
     cosine_min: float | None = None
     top1_min: float | None = None
     split_top1_min: float | None = None
     accuracy_delta_min: float | None = None
+    atol: float | None = None
+    rtol: float | None = None
+
+    @property
+    def elementwise(self) -> tuple[float, float] | None:
+        """(atol, rtol) of the elementwise bar when either is set (the other is 0), else None."""
+        if self.atol is None and self.rtol is None:
+            return None
+        return self.atol or 0.0, self.rtol or 0.0
 
     def check(self, stats: dict[str, float]) -> bool:
-        """Every bar set is cleared; a statistic a bar needs but `stats` lacks fails (closed)."""
+        """Every bar set is cleared; a statistic a bar needs but `stats` lacks fails (closed), and so does
+        an atol_needed measured at another rtol than this tolerance's."""
+        limits = {bar: getattr(self, bar) for bar in BARS}
+        if self.elementwise is not None:
+            limits["atol"], rtol = self.elementwise
+            if stats.get("rtol") != rtol:
+                return False
         for bar, (stat, at_least) in BARS.items():
-            limit = getattr(self, bar)
+            limit = limits[bar]
             if limit is None:
                 continue
             value = stats.get(stat)
@@ -64,7 +90,7 @@ class Tolerance:
         """The bars of this tolerance that let more through than `other`'s (name -> this value; None when
         this one drops a bar `other` has)."""
         looser = {}
-        for bar, (_, at_least) in BARS.items():
+        for bar, at_least in LIMITS.items():
             mine, theirs = getattr(self, bar), getattr(other, bar)
             if theirs is not None and (mine is None or (mine < theirs if at_least else mine > theirs)):
                 looser[bar] = mine
@@ -85,8 +111,8 @@ DEFAULT_TOLERANCES = {
 
 def _checked_overrides(overrides: Mapping[str, Any], where: str) -> dict[str, float]:
     for key, value in overrides.items():
-        if key not in BARS:
-            raise VitfoldError(f"{where}: unknown key '{key}' (known: {', '.join([*BARS, *DEFAULT_TOLERANCES])})")
+        if key not in LIMITS:
+            raise VitfoldError(f"{where}: unknown key '{key}' (known: {', '.join([*LIMITS, *DEFAULT_TOLERANCES])})")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise VitfoldError(f"{where}: '{key}' must be a number, got {value!r}")
     return {k: float(v) for k, v in overrides.items()}
@@ -94,8 +120,9 @@ def _checked_overrides(overrides: Mapping[str, Any], where: str) -> dict[str, fl
 
 def tolerances_for(overrides: Mapping[str, Any] | None = None) -> dict[str, Tolerance]:
     """precision -> its default tolerance with `overrides`: a bar set at the top level changes every
-    precision that has that bar; `{precision: {bar: value}}` changes that precision's. An unknown key or
-    a non-number is a one-line `VitfoldError` naming it."""
+    precision that has that bar (atol and rtol: every precision judged elementwise, i.e. with a max_rel
+    bar, so not int8); `{precision: {bar: value}}` changes that precision's. An unknown key or a
+    non-number is a one-line `VitfoldError` naming it."""
     overrides = dict(overrides or {})
     per_precision = {p: overrides.pop(p) for p in DEFAULT_TOLERANCES if p in overrides}
     common = _checked_overrides(overrides, "tolerances")
@@ -104,7 +131,8 @@ def tolerances_for(overrides: Mapping[str, Any] | None = None) -> dict[str, Tole
         own = per_precision.get(precision, {})
         if not isinstance(own, Mapping):
             raise VitfoldError(f"tolerances: '{precision}' must be a mapping of bars, got {own!r}")
-        shared = {k: v for k, v in common.items() if getattr(default, k) is not None}
+        has = {k for k in common if getattr(default, "max_rel" if k in ELEMENTWISE else k) is not None}
+        shared = {k: v for k, v in common.items() if k in has}
         result[precision] = replace(default, **shared, **_checked_overrides(own, f"tolerances.{precision}"))
     return result
 
@@ -144,7 +172,10 @@ def compare(
     if tuple(reference.shape) != tuple(output.shape) or reference.dim() != 2:
         raise VitfoldError(f"compare: logits of shape {tuple(output.shape)} against {tuple(reference.shape)}")
     tol = tolerances if isinstance(tolerances, Tolerance) else tolerance_for("fp32", tolerances)
-    return Comparison(logit_stats(output, reference), tol)
+    stats = logit_stats(output, reference)
+    if tol.elementwise is not None:
+        stats |= elementwise_stats(output, reference, *tol.elementwise)
+    return Comparison(stats, tol)
 
 
 def logit_stats(y: torch.Tensor, r: torch.Tensor) -> dict[str, float]:
@@ -160,6 +191,17 @@ def logit_stats(y: torch.Tensor, r: torch.Tensor) -> dict[str, float]:
         "cosine_min": float(torch.nn.functional.cosine_similarity(y, r, dim=-1).min()),
         "top1_agreement": float((y.argmax(-1) == r.argmax(-1)).double().mean()),
         "kl_mean": float((log_p.exp() * (log_p - log_q)).sum(-1).mean()),
+    }
+
+
+def elementwise_stats(y: torch.Tensor, r: torch.Tensor, atol: float, rtol: float) -> dict[str, float]:
+    """The elementwise statistics above of `y` against `r` at (atol, rtol), and that rtol."""
+    y, r = y.detach().cpu().double(), r.detach().cpu().double()
+    diff = (y - r).abs()
+    return {
+        "rtol": rtol,
+        "atol_needed": float((diff - rtol * r.abs()).max()),
+        "elementwise_mismatches": int((~(diff <= atol + rtol * r.abs())).sum()),
     }
 
 

@@ -30,6 +30,13 @@ from vitfold.export.artifacts import INPUT_NAME, OUTPUT_NAME
 from vitfold.export.blocks import block_names
 
 RUNTIMES = ("torch", "torchscript", "onnxruntime", "aoti", "tensorrt")
+RUNTIME_OF_SUFFIX = {
+    ".onnx": "onnxruntime",
+    ".pt": "torchscript",
+    ".pt2": "aoti",
+    ".plan": "tensorrt",
+    ".engine": "tensorrt",
+}
 MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}  # optional packages
 
 
@@ -117,7 +124,10 @@ class AOTIRunner(Runner):
     runtime = "aoti"
 
     def __init__(self, path: Path, device: str) -> None:
+        from vitfold.export.aoti import quiet_cuda_runtime_warning
+
         super().__init__(device)
+        quiet_cuda_runtime_warning()
         self.package = torch._inductor.aoti_load_package(str(path))
 
     @torch.no_grad()
@@ -270,6 +280,15 @@ def unavailable(backend: str, device: str = "cpu") -> str | None:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             return "this onnxruntime build has no CUDAExecutionProvider (pip install 'vitfold[gpu]')"
     return None
+
+
+def runtime_of(path: Path) -> str:
+    """The runtime that opens an artifact file, by its suffix (`RUNTIME_OF_SUFFIX`)."""
+    runtime = RUNTIME_OF_SUFFIX.get(path.suffix.lower())
+    if runtime is None:
+        known = ", ".join(RUNTIME_OF_SUFFIX)
+        raise VitfoldError(f"{path}: no runtime opens a '{path.suffix}' file (known suffixes: {known})")
+    return runtime
 
 
 def open_runner(backend: str, path: str | Path | nn.Module, device: str = "cpu", threads: int | None = None) -> Runner:

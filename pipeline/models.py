@@ -41,8 +41,16 @@ def build_model(cfg: RunConfig, num_classes: int, backbone: nn.Module | None = N
 def data_transform(cfg: RunConfig, model: nn.Module) -> ImageTransform:
     """The model's input size with the run's normalisation (the recipe's, else the backbone's own); FGVC data
     crops as the official FGVC transform does."""
+    crop = parse_data_spec(cfg.data).kind == "fgvc"
+    return model_transform(model, cfg.train.mean, cfg.train.std, hflip=bool(cfg.train.hflip), crop=crop)
+
+
+def model_transform(
+    model: nn.Module, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, **options: bool
+) -> ImageTransform:
+    """The model's input size with `mean`/`std`, else the backbone's own normalisation (0.5 when it has none);
+    `options`: ImageTransform's hflip and crop."""
     pretrained = getattr(model, "pretrained_cfg", {}) or {}
-    mean = cfg.train.mean or tuple(pretrained.get("mean", (0.5, 0.5, 0.5)))
-    std = cfg.train.std or tuple(pretrained.get("std", (0.5, 0.5, 0.5)))
-    size, crop = tuple(model.patch_embed.img_size), parse_data_spec(cfg.data).kind == "fgvc"
-    return ImageTransform(size, mean, std, hflip=bool(cfg.train.hflip), crop=crop)
+    mean = mean or tuple(pretrained.get("mean", (0.5, 0.5, 0.5)))
+    std = std or tuple(pretrained.get("std", (0.5, 0.5, 0.5)))
+    return ImageTransform(tuple(model.patch_embed.img_size), mean, std, **options)

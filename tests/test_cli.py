@@ -41,7 +41,7 @@ def test_info_new_head_counts_classes():
     ("args", "message"),
     [
         (["info", "--backbone", "vit_nope"], "unknown backbone 'vit_nope'"),
-        (["info", "--backbone", "vit_tiny_patch16_224", "--method", "foo"], "unknown method 'foo'"),
+        (["info", "--backbone", "vit_tiny_patch16_224", "--method", "foo"], "'foo' is not one of 'rlrr'"),
         (["info", "--backbone", "vit_tiny_patch16_224", "-o", "rank=4"], "unknown option 'rank'"),
         (["run", "--config", "missing.yaml", "--out", "x"], "config file not found: missing.yaml"),
     ],

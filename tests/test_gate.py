@@ -111,7 +111,7 @@ def test_a_failed_train_command_leaves_the_run_config_alone(exported_run, tmp_pa
     run = copy_run(exported_run, tmp_path / "run")
     before = (run / "config.yaml").read_text()
     result = CliRunner().invoke(main, ["train", "--out", str(run), "--resume", "--method", "rlrx"])
-    assert result.exit_code == 2 and "unknown method 'rlrx'" in result.output
+    assert result.exit_code == 2 and "'rlrx' is not one of 'rlrr'" in result.output
     assert (run / "config.yaml").read_text() == before
 
 

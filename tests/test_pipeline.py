@@ -65,7 +65,7 @@ def first(tmp_path_factory) -> tuple[Path, Path, Path, str]:
 
 
 def test_first_run_writes_report_verify_and_bench(first):
-    _, run, cache, _ = first
+    _, run, cache, log = first
     verify = json.loads((run / "verify" / "verify.json").read_text())
     assert verify["passed"] and {r["backend"] for r in verify["results"]} == {
         "torch-folded",
@@ -78,6 +78,9 @@ def test_first_run_writes_report_verify_and_bench(first):
     for heading in ("## Accuracy on the target task", "## Equivalence", "## Latency", "bench/latency.png"):
         assert heading in report
     assert "| rlrr (this run) |" in report and "| linear |" in report
+    assert "Export rows compare each artifact with the folded model" in report and "max rel = max |Δ logit|" in report
+    compared = [line for line in log.splitlines() if re.search(r"epoch 1/1", line)]
+    assert len(compared) == 3 and sum(line.startswith("compare linear seed 0: epoch 1/1") for line in compared) == 1
     manifest = read_manifest(RunDir(run))["stages"]
     assert list(manifest) == ALL and all(e["status"] == "done" for e in manifest.values())
     assert list(cache.rglob("*.safetensors")) == [Path(yaml.safe_load((run / "config.yaml").read_text())["checkpoint"])]
@@ -118,7 +121,7 @@ def test_force_reruns_from_the_stage_on(first, tmp_path):
     code, ran, log = vitfold_run(config, run, cache, "--force", "export")
     assert code == 0 and ran == ["export", "verify", "bench", "report"], log
     code, _, log = vitfold_run(config, run, cache, "--force", "nonsense")
-    assert code == 2 and "--force nonsense: not a stage" in log
+    assert code == 2 and "'nonsense' is not one of 'pretrain'" in log
 
 
 def test_flipped_byte_is_refused_by_verify_and_rebuilt_by_run(first, tmp_path):

@@ -216,7 +216,7 @@ def test_recipes_fill_published_settings_and_flags_win(tmp_path):
         (["--data", "folder:/no/such/dir"], "directory not found: /no/such/dir"),
         (["--data", "imagenet"], "unknown kind 'imagenet'"),
         (["--data", "digits:3-12"], "within 0..9"),
-        (["--method", "prompt"], "unknown method 'prompt'"),
+        (["--method", "prompt"], "'prompt' is not one of 'rlrr'"),
         (["--recipe", "rlrr-vtab:mnist"], "unknown VTAB-1k task 'mnist'"),
         (["--checkpoint", "/no/such.safetensors"], "checkpoint not found: /no/such.safetensors"),
     ],

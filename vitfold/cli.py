@@ -16,6 +16,13 @@ import click
 from vitfold.errors import VitfoldError
 from vitfold.export import DEFAULT_FORMATS, FORMATS, PRECISIONS
 
+# Fixed values, spelled here so that `--help` imports no torch (tests/test_cli.py checks them against the
+# adapter registry and the pipeline's stages).
+METHOD_NAMES = ("rlrr", "efft1", "efft2", "lora", "linear", "full")
+STAGE_NAMES = ("pretrain", "train", "compare", "fold", "export", "verify", "bench", "report")
+# `vitfold --help` lists the stage commands in pipeline order, then the whole pipeline and the utilities
+COMMAND_ORDER = ("train", "import-official", "fold", "export", "verify", "bench", "report", "run", "info")
+
 
 class _UserError(click.ClickException):
     """A `VitfoldError` shown as one line, exiting with its code (2: input error)."""
@@ -28,6 +35,10 @@ class _UserError(click.ClickException):
 
 
 class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """`COMMAND_ORDER`, then any other command in the order it was defined."""
+        return sorted(self.commands, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -144,12 +155,16 @@ def _stage(name: str, run_dir: str, out_dir: str | None = None, trust: bool = Fa
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vitfold")
 def main() -> None:
-    """Fine-tune timm ViTs with foldable adapters, fold them away, export and verify the result."""
+    """Fine-tune timm ViTs with foldable adapters, fold them away, export and verify the result.
+
+    The stage commands below come in pipeline order (train, fold, export, verify, bench, report); `run`
+    runs every out-of-date stage of a config. Start with: vitfold run --config configs/demo.yaml --out runs/demo
+    """
 
 
 @main.command()
 @click.option("--backbone", required=True, help="timm model name, e.g. vit_base_patch16_224.")
-@click.option("--method", default="rlrr", show_default=True, help="Adapter method.")
+@click.option("--method", type=click.Choice(METHOD_NAMES), default="rlrr", show_default=True, help="Adapter method.")
 @click.option("--num-classes", type=click.IntRange(min=1), help="Replace the head with a new one of N classes.")
 @click.option("--rank", type=click.IntRange(min=1), help="Rank of the EFFT factors (efft1, efft2).")
 @method_options
@@ -180,7 +195,7 @@ def info(
 @config_option
 @base_options
 @click.option("--data", help="digits[:5-9] | folder:PATH | vtab:PATH | fgvc:PATH")
-@click.option("--method", help="rlrr | efft1 | efft2 | lora | linear | full")
+@click.option("--method", type=click.Choice(METHOD_NAMES), help="Adapter method (default: the config's, rlrr).")
 @click.option(
     "--recipe",
     help="rlrr-vtab:<task> | efft1-vtab:<task> | efft2-vtab[-vit-l|-vit-h|-swin-s|-swin-b|-swin-l]:<task> | "
@@ -267,6 +282,11 @@ def train(  # one parameter per option, as click passes them
             "compile": compile_model,
         },
     )
+    if cfg.pretrain and not resume:
+        _echo(
+            f"WARNING: {config_path}: train alone ignores the 'pretrain:' section (vitfold run pre-trains the "
+            f"backbone first); training on {cfg.checkpoint or ('hub weights' if cfg.pretrained else 'a random init')}"
+        )
     if print_plan:
         from vitfold.pipeline.plan import training_plan
 
@@ -375,7 +395,7 @@ def export(
 
 
 @main.command()
-@run_dir_argument
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @backends_option(
     "torchscript, onnxruntime, onnxruntime-fp16, onnxruntime-int8, aoti, aoti-fp16, aoti-bf16, tensorrt; "
     "torch-folded (the fold) is always checked"
@@ -394,14 +414,36 @@ def export(
 @click.option(
     "--accuracy-delta-min", type=float, help="Tolerance: least accuracy change on the split, points (int8: -0.5)."
 )
+@click.option("--atol", type=float, help="Tolerance, elementwise: |a − b| ≤ atol + rtol·|b| for every logit (off).")
+@click.option("--rtol", type=float, help="Tolerance, elementwise: the rtol of --atol's bar (0 when only --atol).")
 @click.option("--eval-images", type=click.IntRange(min=1), help="Evaluation-split images for accuracy (default: all).")
 @click.option("--allow-no-export", is_flag=True, default=None, help="Pass with only the fold checked (no artifact).")
 @click.option(
-    "--output", type=click.Path(file_okay=False), help="Write the results here, not into RUN_DIR (read-only)."
+    "--output",
+    type=click.Path(file_okay=False),
+    help="Write the results here, not into RUN_DIR (read-only); with --artifact default ./verify-artifact.",
+)
+@click.option(
+    "--artifact",
+    type=click.Path(dir_okay=False),
+    help="Check this file (.onnx, .pt, .pt2, .plan) instead of a run's own artifacts; needs --reference.",
+)
+@click.option(
+    "--reference",
+    help="With --artifact: a run directory, a folded .safetensors, local-dir:FOLDER, or a timm name (+ --checkpoint).",
+)
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="With a timm name as --reference: its weights.")
+@click.option("--backbone", help="With a .safetensors --reference without vitfold metadata: its timm name.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="With --reference not a run: the head size.")
+@click.option(
+    "--backbone-option", "backbone_options", multiple=True, metavar="KEY=VALUE", help="timm create_model option."
+)
+@click.option(
+    "--precision", type=click.Choice(PRECISIONS), help="With --artifact: its precision (default: from its name, fp32)."
 )
 @trust_option
 def verify(
-    run_dir: str,
+    run_dir: str | None,
     backends: str | None,
     batch_sizes: str | None,
     samples: int | None,
@@ -411,33 +453,91 @@ def verify(
     top1_min: float | None,
     split_top1_min: float | None,
     accuracy_delta_min: float | None,
+    atol: float | None,
+    rtol: float | None,
     eval_images: int | None,
     allow_no_export: bool | None,
     output: str | None,
+    artifact: str | None,
+    reference: str | None,
+    checkpoint: str | None,
+    backbone: str | None,
+    num_classes: int | None,
+    backbone_options: tuple[str, ...],
+    precision: str | None,
     trust: bool,
 ) -> None:
-    """Check that every artifact computes what the unmerged adapted model computes (exit 0 pass, 1 mismatch)."""
+    """Check that every artifact of RUN_DIR computes what the unmerged adapted model computes, or that one
+    --artifact computes what its --reference computes (exit 0 pass, 1 mismatch)."""
     limits = {
         "max_rel": max_rel,
         "cosine_min": cosine_min,
         "top1_min": top1_min,
         "split_top1_min": split_top1_min,
         "accuracy_delta_min": accuracy_delta_min,
+        "atol": atol,
+        "rtol": rtol,
     }
-    result = _stage(
-        "verify",
-        run_dir,
-        backends=_names(backends),
-        batch_sizes=parse_batch_sizes(batch_sizes),
-        samples=samples,
-        device=device,
-        tolerances={k: v for k, v in limits.items() if v is not None} or None,
-        eval_images=eval_images,
-        allow_no_export=allow_no_export,
-        out_dir=output,
-        trust=trust,
-    )
-    _echo(f"wrote {Path(output) if output else Path(run_dir) / 'verify'}: verify.json, verify.md, junit.xml")
+    settings = {
+        "batch_sizes": parse_batch_sizes(batch_sizes),
+        "samples": samples,
+        "device": device,
+        "tolerances": {k: v for k, v in limits.items() if v is not None} or None,
+        "eval_images": eval_images,
+    }
+    reference_options = {
+        "--reference": reference,
+        "--checkpoint": checkpoint,
+        "--backbone": backbone,
+        "--num-classes": num_classes,
+        "--backbone-option": backbone_options or None,
+        "--precision": precision,
+    }
+    if artifact is not None:
+        from vitfold.pipeline.stages.verify_artifact import DEFAULT_OUTPUT, verify_artifact
+
+        misplaced = {"RUN_DIR": run_dir, "--backends": backends, "--allow-no-export": allow_no_export}
+        given = [name for name, value in misplaced.items() if value is not None]
+        if given or reference is None:
+            raise VitfoldError(
+                f"--artifact: {given[0]} does not apply (give the run as --reference RUN_DIR)"
+                if given
+                else "--artifact needs --reference (a run directory, a folded .safetensors, local-dir:FOLDER or a "
+                "timm name with --checkpoint)"
+            )
+        result = verify_artifact(
+            artifact,
+            reference,
+            out_dir=output,
+            checkpoint=checkpoint,
+            backbone=backbone,
+            num_classes=num_classes,
+            backbone_kwargs=_parse_options(backbone_options),
+            precision=precision,
+            trust=trust,
+            log=_echo,
+            **settings,
+        )
+        folder = Path(output) if output else DEFAULT_OUTPUT
+    else:
+        given = [name for name, value in reference_options.items() if value is not None]
+        if run_dir is None or given:
+            raise VitfoldError(
+                f"{given[0]} applies only with --artifact FILE"
+                if given
+                else "verify needs RUN_DIR, or --artifact FILE --reference REF (vitfold verify --help)"
+            )
+        result = _stage(
+            "verify",
+            run_dir,
+            backends=_names(backends),
+            allow_no_export=allow_no_export,
+            out_dir=output,
+            trust=trust,
+            **settings,
+        )
+        folder = Path(output) if output else Path(run_dir) / "verify"
+    _echo(f"wrote {folder}: verify.json, verify.md, junit.xml")
     if not result["passed"]:
         sys.exit(1)
 
@@ -492,25 +592,31 @@ def report(run_dir: str) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Run config (YAML).")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option(
-    "--force", "force", help="Rerun from this stage on (pretrain, train, compare, fold, export, verify, bench, report)."
+    "--config", "config_path", type=click.Path(dir_okay=False), help="Run config (YAML), e.g. configs/demo.yaml."
 )
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--force", "force", type=click.Choice(STAGE_NAMES), help="Rerun from this stage on.")
 @trust_option
 def run(config_path: str | None, out: str, force: str | None, trust: bool) -> None:
-    """Run every stage that is out of date into the run directory OUT (exit 1 if verify fails)."""
+    """Run every stage of --config that is out of date into the run directory OUT (exit 1 if verify fails)."""
     from vitfold.pipeline.stages import RunDir
     from vitfold.pipeline.stages.manifest import read_manifest
     from vitfold.pipeline.stages.pipeline import run_pipeline
     from vitfold.pipeline.stages.pretrain import pretrained_path
 
+    rd = RunDir(out)
+    if config_path is None:
+        raise VitfoldError(
+            "vitfold run needs --config FILE: start with vitfold run --config configs/demo.yaml --out runs/demo "
+            "(the offline demo), or copy and edit one of configs/*.yaml"
+            + (f"; to rerun this run: --config {rd.config_file}" if rd.config_file.is_file() else "")
+        )
     cfg = _read_config(config_path)
     if cfg.pretrain:
         if cfg.checkpoint or cfg.pretrained:
             raise VitfoldError("config: 'pretrain' makes the backbone weights; drop 'checkpoint'/'pretrained'")
         cfg.checkpoint = str(pretrained_path(cfg))
-    rd = RunDir(out)
     _echo(f"run directory: {rd.path}  (backbone {cfg.backbone}, method {cfg.method}, data {cfg.data})")
     started = time.perf_counter()
     outcome = run_pipeline(rd, cfg, force, log=_echo, trust=trust)

@@ -137,10 +137,11 @@ def open_backend(rd: RunDir, name: str, device: str = "cpu", threads: int | None
     return open_runner(ARTIFACT_BACKENDS[name][0], checked_artifact(rd, name, trust), device, threads)
 
 
-def checked_artifact(rd: RunDir, name: str, trust: bool = False) -> Path:
-    """The artifact file of backend `name`, after the integrity and trust checks of `open_backend`."""
+def checked_artifact(rd: RunDir, name: str, trust: bool = False, hint: str = "") -> Path:
+    """The artifact file of backend `name`, after the integrity and trust checks of `open_backend` (`hint`
+    ends the message of an integrity refusal)."""
     fmt = ARTIFACT_BACKENDS[name][1]
-    path = verified_input(rd, rd.artifact(fmt), "export", recorded_only=True)
+    path = verified_input(rd, rd.artifact(fmt), "export", recorded_only=True, hint=hint)
     if fmt in EXECUTABLE_FORMATS:
         require_trusted(path, rd.sha256(path), trust)
     return path

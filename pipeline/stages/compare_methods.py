@@ -103,8 +103,9 @@ def _train(rd: RunDir, sub_cfg: RunConfig, ctx: Context) -> RunDir:
     sub = RunDir(rd.compare_dir / sub_cfg.method / f"seed-{sub_cfg.seed}")
     same = sub.config_file.is_file() and sub.config_file.read_text() == sub_cfg.to_yaml()
     sub.write_config(sub_cfg)
-    ctx.log(f"compare: training {sub_cfg.method}, seed {sub_cfg.seed}")
-    execute(TRAIN, sub, settings=sub_cfg, log=ctx.log, resume=same)
+    label = f"compare {sub_cfg.method} seed {sub_cfg.seed}"
+    ctx.log(f"{label}: training into {sub.path}")
+    execute(TRAIN, sub, settings=sub_cfg, log=lambda line: ctx.log(f"{label}: {line}"), resume=same)
     return sub
 
 

@@ -112,17 +112,23 @@ def recorded_outputs(rd: RunDir, stage: str) -> list[Path]:
     return [rd.path / key for key in sorted(entry.get("outputs", {}))]
 
 
-def verified_input(rd: RunDir, path: Path, producer: str, *, recorded_only: bool = False) -> Path:
+def verified_input(rd: RunDir, path: Path, producer: str, *, recorded_only: bool = False, hint: str = "") -> Path:
     """`path`, after checking it against the sha256 the `producer` stage recorded for it. With
-    `recorded_only`, a file the producer did not record is refused too (an artifact that may run code)."""
+    `recorded_only`, a file the producer did not record is refused too (an artifact that may run code).
+    `hint` ends a refusal's message (what to do instead)."""
     if not path.is_file():
         raise VitfoldError(f"{path} not found: run the {producer} stage first")
     recorded = read_manifest(rd)["stages"].get(producer, {}).get("outputs", {})
     key = rd.key(path)
+    then = f"; {hint}" if hint else ""
     if key not in recorded and recorded_only:
-        raise VitfoldError(f"{path} was not written by this run's {producer} stage (not in its manifest): refusing it")
+        raise VitfoldError(
+            f"{path} was not written by this run's {producer} stage (not in its manifest): refusing it{then}"
+        )
     if key in recorded and recorded[key] != rd.sha256(path):
-        raise VitfoldError(f"{path} does not match the sha256 the {producer} stage recorded: refusing a changed file")
+        raise VitfoldError(
+            f"{path} does not match the sha256 the {producer} stage recorded: refusing a changed file{then}"
+        )
     return path
 
 

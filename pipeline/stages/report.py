@@ -52,6 +52,13 @@ def _selected_by(summary: dict[str, Any]) -> str:
     return "last epoch (no selection)"
 
 
+def _share_of_backbone(method: dict[str, Any]) -> str:
+    """Trainable parameters as a share of the backbone's; "full" for full fine-tuning (all of it, + the head)."""
+    if method["method"] == "full":
+        return "full"
+    return f"{method['trainable_params'] / method['backbone_params']:.2%}"
+
+
 def _accuracy(compare: dict[str, Any]) -> list[str]:
     """One row per method: accuracy of the folded epoch as mean ± std over seeds, the split that selected
     it, and the best evaluation accuracy over epochs as a labelled extra (chosen by looking at that split)."""
@@ -62,7 +69,7 @@ def _accuracy(compare: dict[str, Any]) -> list[str]:
         [
             r["method"] + (" (this run)" if i == 0 else ""),
             f"{r['trainable_params']:,}",
-            f"{r['trainable_params'] / r['backbone_params']:.2%}",
+            _share_of_backbone(r),
             _pm(r["acc_mean"], r["acc_std"]),
             _selected_by(r),
             _pm(r["best_eval_acc_mean"], r["best_eval_acc_std"]),
@@ -104,6 +111,7 @@ def _equivalence(verify: dict[str, Any]) -> list[str]:
             r["compared_to"],
             f"{r['max_abs']:.2e}",
             f"{r['max_rel']:.2e}",
+            f"{r['end_to_end']['max_rel']:.2e}" if "end_to_end" in r else f"{r['max_rel']:.2e}",
             f"{r['cosine_min']:.7f}",
             f"{r['top1_agreement']:.3f}",
             f"{r['split_top1_agreement']:.4f}",
@@ -121,14 +129,24 @@ def _equivalence(verify: dict[str, Any]) -> list[str]:
         "vs",
         "max abs",
         "max rel",
+        "end-to-end max rel",
         "min cosine",
         "top-1 agree",
         f"split top-1 agree ({verify['inputs']['split_images']} images)",
         "split accuracy (Δ pts)",
         "verdict",
     ]
-    align = ["---", "---", "---", "---", "--:", "---", "--:", "--:", "--:", "--:", "--:", "--:", "---"]
-    lines = _table(header, rows, align)
+    align = ["---", "---", "---", "---", "--:", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "---"]
+    lines = [
+        "Fold rows compare the folded model (torch-folded) with the unmerged adapted model (torch-unmerged, base "
+        "+ adapter): did folding change the function? Export rows compare each artifact with the folded model (did "
+        "exporting change it?); their end-to-end column compares them with the unmerged model. max rel = "
+        "max |Δ logit| / max |reference logit| over the sample; min cosine: the least cosine similarity of a "
+        "logit vector with its reference's; split columns: top-1 agreement with the reference and accuracy "
+        "on the evaluation split.",
+        "",
+        *_table(header, rows, align),
+    ]
     lines += [f"- {name}: first divergence at `{where['where']}`" for name, where in verify["localisation"].items()]
     lines += [f"- {name} not verified: {reason}" for name, reason in verify["skipped"].items()]
     return lines
@@ -239,7 +257,7 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
         "",
         *(_accuracy(compare) if compare else ["No comparison ran (`compare:` in the config)."]),
         "",
-        "## Equivalence: every artifact against the unmerged adapted model",
+        "## Equivalence: the fold against the unmerged model, every artifact against the folded model",
         "",
         *(_equivalence(verify) if verify else ["verify has not run."]),
         "",

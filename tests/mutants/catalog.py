@@ -114,4 +114,14 @@ MUTANTS = (
     Mutant("resume forgets the RNG", "pipeline/training.py",
            '        _set_rng_state(state["rng"])\n', "",
            ("tests/test_train.py::test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run",)),
+    # -- verify any artifact (issue 16)
+    Mutant("elementwise bar: atol_needed at another rtol accepted", "export/comparison.py",
+           'if stats.get("rtol") != rtol:', "if False:",
+           ("tests/test_verify_artifact.py::test_elementwise_bar_fails_closed",)),
+    Mutant("elementwise bar: rtol ignored", "export/comparison.py",
+           '"atol_needed": float((diff - rtol * r.abs()).max()),', '"atol_needed": float(diff.max()),',
+           ("tests/test_verify_artifact.py::test_elementwise_bar_against_a_hand_computation",)),
+    Mutant("verify --artifact checks the reference against itself", "pipeline/stages/verify_artifact.py",
+           "checked = inputs.measure(runtime, runner)", "checked = inputs.measure(runtime, ref_runner)",
+           ("tests/test_verify_artifact.py::test_a_perturbed_onnx_copy_exits_1_and_names_its_block",)),
 )  # fmt: skip

@@ -1,0 +1,177 @@
+"""`vitfold verify --artifact FILE --reference REF`: any artifact file (optimized, re-quantized, built by
+trtexec, ...) checked against the model it claims to be, with verify's statistics, tolerances, outputs
+(verify.json, verify.md, junit.xml) and verdict.
+
+REF, the reference:
+
+    a run directory     its folded model (fold/model.safetensors, integrity-checked as every stage input is);
+                        end-to-end its unmerged adapted model; inputs: the run's verify sample (evaluation
+                        and random images) and its labelled evaluation split, with the run's `verify:` settings
+    FILE.safetensors    a folded model, loaded by timm alone (`backbones.load_folded`): backbone, its options
+                        and head size from the file's vitfold metadata, else --backbone and --num-classes
+    local-dir:FOLDER    a timm model folder (config.json + weights), `timm.create_model` reads it
+    a timm name         with --checkpoint FILE (the whole model's weights, head included) and --num-classes
+
+Without a run there are no labelled images: the inputs are `samples` seeded random images at the
+reference's input size and normalisation, and no split statistics are computed (a precision judged on the
+split, int8, then fails closed). The artifact's precision is the one its name carries (model.fp16.onnx), or
+`precision`. Nothing is written into a run directory: RUN/verify/ is the run's record of its own artifacts,
+so an output folder inside the reference run is refused; the default is ./verify-artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitfold.errors import VitfoldError
+from vitfold.export import PRECISIONS
+from vitfold.export.runners import open_runner, runtime_of
+from vitfold.pipeline.backbones import create_backbone, load_checkpoint, load_folded
+from vitfold.pipeline.config import VerifyConfig, load_config
+from vitfold.pipeline.models import model_transform
+from vitfold.pipeline.stages.backends import FOLDED, UNMERGED, folded_model, unmerged_model
+from vitfold.pipeline.stages.rundir import RunDir, sha256
+from vitfold.pipeline.stages.stage import Log
+from vitfold.pipeline.stages.trust import EXECUTABLE_FORMATS, require_trusted
+from vitfold.pipeline.stages.verify import (
+    VERIFY,
+    Inputs,
+    check_writable,
+    judge,
+    loosened_tolerances,
+    random_images,
+    run_inputs,
+    verify_result,
+    write_results,
+)
+
+DEFAULT_OUTPUT = Path("verify-artifact")
+LOCAL_DIR = "local-dir:"
+REFERENCE = "reference"  # the name of a reference that is not a run's folded model
+
+
+def precision_of(artifact: Path) -> str:
+    """The precision an artifact's name carries (model.int8.onnx -> int8), fp32 when it names none."""
+    return next((p for p in PRECISIONS if f".{p}" in artifact.suffixes[:-1]), "fp32")
+
+
+def reference_run(reference: str) -> RunDir | None:
+    """The run directory `reference` names (a folder with a run config), else None."""
+    rd = RunDir(reference)
+    return rd if rd.config_file.is_file() else None
+
+
+def reference_model(
+    reference: str,
+    checkpoint: str | None = None,
+    backbone: str | None = None,
+    num_classes: int | None = None,
+    backbone_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The model a reference that is not a run names (see the module's table), in eval mode."""
+    import timm
+
+    kwargs = dict(backbone_kwargs or {})
+    if reference.startswith(LOCAL_DIR):
+        if not Path(reference.removeprefix(LOCAL_DIR), "config.json").is_file():
+            raise VitfoldError(f"--reference {reference}: no config.json in that folder (a timm model folder)")
+        extra = {"num_classes": num_classes} if num_classes else {}
+        return timm.create_model(reference, pretrained=True, **extra, **kwargs).eval()
+    if reference.endswith(".safetensors"):
+        path = Path(reference)
+        meta = RunDir(path.parent).metadata(path)  # a missing or unreadable file: one line naming it
+        backbone = backbone or meta.get("backbone")
+        num_classes = num_classes or (int(meta["num_classes"]) if "num_classes" in meta else None)
+        kwargs = json.loads(meta.get("backbone_kwargs", "{}")) | kwargs
+        if backbone is None or num_classes is None:
+            raise VitfoldError(f"--reference {path}: no vitfold metadata; say --backbone NAME and --num-classes N")
+        return load_folded(path, backbone, num_classes, kwargs)
+    if checkpoint is None or num_classes is None:
+        raise VitfoldError(
+            f"--reference {reference}: a timm name needs --checkpoint FILE (its weights) and --num-classes N "
+            "(or give a run directory, a folded .safetensors or local-dir:FOLDER)"
+        )
+    model = create_backbone(reference, num_classes=num_classes, **kwargs)
+    load_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+def _settings(rd: RunDir | None, overrides: dict[str, Any]) -> VerifyConfig:
+    """The run's verify settings (defaults without a run) with `overrides`, checked as the stage's are."""
+    cfg = rd.config if rd is not None else load_config(None)
+    return VERIFY.settings(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _output_folder(out_dir: str | Path | None, rd: RunDir | None) -> Path:
+    out = Path(out_dir) if out_dir is not None else DEFAULT_OUTPUT
+    if rd is not None and out.resolve().is_relative_to(rd.path.resolve()):
+        raise VitfoldError(
+            f"--output {out} is inside the reference run {rd.path}, whose verify/ records its own artifacts: "
+            "write the artifact's results elsewhere"
+        )
+    check_writable(out)
+    return out
+
+
+def verify_artifact(
+    artifact: str | Path,
+    reference: str,
+    *,
+    out_dir: str | Path | None = None,
+    checkpoint: str | None = None,
+    backbone: str | None = None,
+    num_classes: int | None = None,
+    backbone_kwargs: dict[str, Any] | None = None,
+    precision: str | None = None,
+    trust: bool = False,
+    log: Log = print,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Check `artifact` against `reference` (see the module); `overrides`: verify settings (batch_sizes,
+    samples, device, tolerances, eval_images). Writes verify.json, verify.md and junit.xml into `out_dir`
+    and returns verify.json's content (`passed`: every row within its tolerance)."""
+    artifact = Path(artifact)
+    if not artifact.is_file():
+        raise VitfoldError(f"--artifact {artifact} not found")
+    runtime, precision = runtime_of(artifact), precision or precision_of(artifact)
+    rd = reference_run(reference)
+    v = _settings(rd, overrides)
+    out = _output_folder(out_dir, rd)
+    if runtime in EXECUTABLE_FORMATS:  # a .pt/.pt2/.plan runs code when loaded
+        require_trusted(artifact, sha256(artifact), trust)
+    tolerances, loosened = loosened_tolerances(v.tolerances, log, precisions=(precision,))
+    end_to_end = None
+    if rd is not None:
+        folded, name = folded_model(rd), FOLDED
+        described = f"the run {rd.path}: its folded model, end-to-end its unmerged one"
+        unmerged = unmerged_model(rd)
+        inputs = run_inputs(rd, unmerged, v)
+        with open_runner("torch", unmerged, v.device) as runner:
+            end_to_end = inputs.measure(UNMERGED, runner)
+    else:
+        folded = reference_model(reference, checkpoint, backbone, num_classes, backbone_kwargs)
+        name, described = REFERENCE, f"`{reference}`"
+        images = random_images(model_transform(folded), v.samples, torch.Generator().manual_seed(0))
+        inputs = Inputs({"random": images}, tuple(v.batch_sizes))
+    with open_runner("torch", folded, v.device) as ref_runner, open_runner(runtime, artifact, v.device) as runner:
+        expected = inputs.measure(name, ref_runner)
+        checked = inputs.measure(runtime, runner)
+        rows, divergence = judge("artifact", precision, tolerances[precision], checked, expected, end_to_end, inputs)
+    result = verify_result(
+        rows,
+        {runtime: divergence} if divergence else {},
+        v.device,
+        inputs,
+        {precision: tolerances[precision]},
+        loosened,
+        {},
+        artifact={"path": str(artifact), "runtime": runtime, "sha256": sha256(artifact)},
+        reference=described,
+    )
+    write_results(result, out, log)
+    return result
