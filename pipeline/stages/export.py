@@ -10,7 +10,7 @@ seconds; the ONNX files carry them as metadata_props, the Triton models as label
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ def calibration_images(rd: RunDir, model: nn.Module, samples: int, seed: int = C
 
 def model_info(rd: RunDir) -> ModelInfo:
     """The preprocessing and class names the fold stage recorded in fold/config.json."""
+    if rd.folded.is_file() and not rd.folded_config.is_file():
+        raise VitfoldError(f"{rd.folded_config} not found (folded by an older vitfold): vitfold run --force fold")
     path = verified_input(rd, rd.folded_config, "fold")
     try:
         config = json.loads(path.read_text())
@@ -57,7 +59,7 @@ def model_info(rd: RunDir) -> ModelInfo:
     return ModelInfo.from_timm_config(config, str(path))
 
 
-def triton_artifacts(formats: list[str], precision: str, device: str) -> dict[str, str]:
+def _triton_artifacts(formats: list[str], precision: str, device: str) -> dict[str, str]:
     """Triton model key (`onnx`, `onnx-fp16`, `onnx-int8`, `torchscript`, `tensorrt[-<precision>]`) ->
     the export artifact it serves, for the requested formats."""
     reduced = variants(formats, precision, device)
@@ -80,7 +82,16 @@ def _triton_written_before(rd: RunDir, repo: Path) -> set[str]:
     return {Path(c).parent.name for c in configs if Path(c).parent.parent.resolve() == repo.resolve()}
 
 
-def _triton_plan(rd: RunDir, settings: ExportConfig, formats: list[str]) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class TritonPlan:
+    repo: Path
+    served: dict[str, str]  # Triton model key -> the export artifact it serves
+    name: str  # the models' name prefix
+    max_batch: int
+    replaceable: set[str]  # model folders this run's last export wrote
+
+
+def _triton_plan(rd: RunDir, settings: ExportConfig, formats: list[str]) -> TritonPlan | None:
     """The Triton repository's settings, checked before any work (None: no repository asked for)."""
     if not settings.triton:
         return None
@@ -88,7 +99,7 @@ def _triton_plan(rd: RunDir, settings: ExportConfig, formats: list[str]) -> dict
     from vitfold.export.triton import check_repository, model_names
 
     repo = Path(settings.triton)
-    served = triton_artifacts(formats, settings.precision, settings.device)
+    served = _triton_artifacts(formats, settings.precision, settings.device)
     name = settings.triton_name or rd.config.backbone.split(".")[0]
     max_batch = settings.triton_max_batch or max(rd.config.verify.batch_sizes)
     if "tensorrt" in formats and max_batch > PROFILE_BATCH[-1]:
@@ -97,7 +108,7 @@ def _triton_plan(rd: RunDir, settings: ExportConfig, formats: list[str]) -> dict
         )
     own = _triton_written_before(rd, repo)
     check_repository(repo, model_names(name, served).values(), own, settings.triton_force)
-    return {"repo": repo, "served": served, "name": name, "max_batch": max_batch, "replaceable": own}
+    return TritonPlan(repo, served, name, max_batch, own)
 
 
 def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
@@ -160,20 +171,20 @@ def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
         from vitfold.export.triton import write_triton_repository
 
         configs = write_triton_repository(
-            triton["repo"],
-            {key: written[artifact] for key, artifact in triton["served"].items()},
-            model_name=triton["name"],
+            triton.repo,
+            {key: written[artifact] for key, artifact in triton.served.items()},
+            model_name=triton.name,
             input_name=INPUT_NAME,
             output_name=OUTPUT_NAME,
             image_shape=(3, *size),
             num_classes=model.num_classes,
-            max_batch_size=triton["max_batch"],
+            max_batch_size=triton.max_batch,
             labels=info.labels_text(),
-            replaceable=triton["replaceable"],
+            replaceable=triton.replaceable,
             force=settings.triton_force,
         )
         summary["triton"] = [str(c) for c in configs]
-        ctx.log(f"triton repository: {triton['repo']} ({', '.join(c.parent.name for c in configs)})")
+        ctx.log(f"triton repository: {triton.repo} ({', '.join(c.parent.name for c in configs)})")
     atomic_write_json(rd.export_summary, summary)
     outputs = [rd.path / f for a in artifacts.values() for f in a["files"]]
     for fmt in EXECUTABLE_FORMATS:
