@@ -13,7 +13,7 @@ import torch
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 EXAMPLE_BATCH = 2  # >= 2, so that export does not specialise the batch dimension to 1
-MAX_BATCH = 1024
+MAX_BATCH = 1024  # the bound torch.export is told; neither ONNX Runtime nor an AOTInductor package enforces it
 
 
 def example_input(image_size: tuple[int, int], batch: int = EXAMPLE_BATCH) -> torch.Tensor:
@@ -21,7 +21,7 @@ def example_input(image_size: tuple[int, int], batch: int = EXAMPLE_BATCH) -> to
 
 
 def batch_dim() -> dict[int, torch.export.Dim]:
-    """dynamic_shapes entry for the image input: batch 1..MAX_BATCH."""
+    """dynamic_shapes entry for the image input: a batch dimension declared as 1..MAX_BATCH."""
     return {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from vitfold.errors import VitfoldError
 from vitfold.export import FILES, FORMATS
+from vitfold.export.model_info import ModelInfo
 from vitfold.export.precision import variants
 
 # (format, the files it wrote, seconds): what `on_artifact` is told after each format
@@ -63,6 +64,7 @@ def export(
     calibration: torch.Tensor | None = None,
     int8_mode: str = "static",
     quantize_head: bool = True,
+    info: ModelInfo | None = None,
     on_artifact: ArtifactCallback | None = None,
 ) -> dict[str, Path]:
     """Export `model` (evaluated as it is: fold adapters first) into `out_dir`; returns artifact -> file.
@@ -71,11 +73,14 @@ def export(
     [trt] extra and a GPU). Each is written in fp32; `precision` adds its variants beside them
     (`vitfold.export.precision.VARIANTS`): onnx-fp16, onnx-int8 (static QDQ calibrated on `calibration`,
     (N, 3, H, W) normalised images, or `int8_mode="dynamic"`), aoti-fp16 (CUDA), aoti-bf16; the TensorRT
-    plan is built at `precision`. File names: `vitfold.export.FILES`.
+    plan is built at `precision`. File names: `vitfold.export.FILES`. `info` (preprocessing and class
+    names) goes into every ONNX file's metadata_props.
     """
     formats = check_formats(formats, precision, device)
     reduced = variants(formats, precision, device)
     image_size = _image_size(input_size)
+    if info is not None:
+        info.check(tuple(input_size), model.num_classes)
     out_dir = Path(out_dir)
     model = model.eval()
     written: dict[str, Path] = {}
@@ -94,7 +99,8 @@ def export(
     if "onnx" in formats or "tensorrt" in formats:
         from vitfold.export.onnx import export_onnx
 
-        produce("onnx", lambda: export_onnx(model, onnx_path, image_size, opset))
+        metadata = info.metadata_props() if info is not None else None
+        produce("onnx", lambda: export_onnx(model, onnx_path, image_size, opset, metadata))
     if "onnx-fp16" in reduced.values():
         from vitfold.export.fp16 import convert_onnx_fp16
 

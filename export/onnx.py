@@ -2,7 +2,8 @@
 
 The exported module is the evaluated one (timm's fused attention stays on; the exporter lowers
 `scaled_dot_product_attention` to MatMul-Softmax-MatMul, and verify measures the result). Opset >= 17
-keeps LayerNorm as one `LayerNormalization` op. Weights go into the `.onnx` file when the model fits
+keeps LayerNorm as one `LayerNormalization` op. `metadata` (the preprocessing and class names,
+`ModelInfo.metadata_props`) becomes the model's `metadata_props`. Weights go into the `.onnx` file when the model fits
 under protobuf's 2 GB limit, else into `<name>.onnx.data` beside it.
 """
 
@@ -21,8 +22,15 @@ MIN_OPSET = 17
 SINGLE_FILE_LIMIT = 1_800_000_000  # bytes of weights; protobuf refuses messages over 2 GB
 
 
-def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], opset: int = 18) -> list[Path]:
-    """Write `path` (and its `.data` file when needed) atomically; returns the files written, `path` first."""
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    image_size: tuple[int, int],
+    opset: int = 18,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write `path` (and its `.data` file when needed) atomically, with `metadata` as the model's
+    `metadata_props`; returns the files written, `path` first."""
     import onnx
 
     if opset < MIN_OPSET:
@@ -45,6 +53,10 @@ def export_onnx(model: nn.Module, path: Path, image_size: tuple[int, int], opset
                 external_data=external,
                 verbose=False,
             )
+        if metadata:
+            proto = onnx.load(str(target), load_external_data=False)  # the graph; weights stay where they are
+            onnx.helper.set_model_props(proto, metadata)
+            onnx.save(proto, str(target))
         onnx.checker.check_model(str(target), full_check=True)
         extra = sorted(path.parent / p.name for p in tmp.iterdir() if p.is_file() and p.name != path.name)
     return [path, *extra]

@@ -27,6 +27,8 @@ from typing import Any
 from vitfold.errors import VitfoldError
 from vitfold.export.artifacts import INPUT_NAME, staged_files
 
+PROFILE_BATCH = (1, 8, 32)  # the optimisation profile's min / opt / max batch
+
 
 class TensorRTUnavailable(VitfoldError):
     """tensorrt is not installed, or there is no CUDA GPU to build on (exit 2)."""
@@ -127,7 +129,7 @@ def build_engine(
     plan_path: Path,
     *,
     precision: str = "fp32",
-    batch: tuple[int, int, int] = (1, 8, 32),
+    batch: tuple[int, int, int] = PROFILE_BATCH,
     tf32: bool = False,
     workspace_gib: float = 4.0,
     timing_cache: Path | None = None,

@@ -1,27 +1,37 @@
 """A Triton Inference Server model repository for the exported artifacts.
 
-    <repo>/<model>_<format>/config.pbtxt
-    <repo>/<model>_<format>/1/model.onnx | model.plan | model.pt   (+ model.onnx.data when external)
+    <repo>/<name>_<artifact>/config.pbtxt
+    <repo>/<name>_<artifact>/labels.txt      line i names output i (the output's `label_filename`)
+    <repo>/<name>_<artifact>/1/model.onnx | model.plan | model.pt   (+ model.onnx.data when external)
 
-One model per format, so a user can serve and compare them side by side. The libtorch backend names
-tensors by position (INPUT__0 / OUTPUT__0); ONNX and TensorRT use the exported names. Batch is the
-first, variable dimension (`max_batch_size`), with dynamic batching on.
+One model per artifact, so a user can serve and compare them side by side: `<name>_onnx`,
+`<name>_onnx_fp16`, `<name>_onnx_int8`, `<name>_torchscript`, `<name>_tensorrt` (`_tensorrt_fp16`, ...
+for a plan built at a reduced precision). The libtorch backend names tensors by position
+(INPUT__0 / OUTPUT__0); ONNX and TensorRT use the exported names. Batch is the first, variable dimension
+(`max_batch_size`), with dynamic batching on. A model folder that exists already is replaced only when
+the caller says it may be (`replaceable`, or `force`); every folder is checked before any is written.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
+from vitfold.errors import VitfoldError
 from vitfold.export import FILES
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torchscript": "pytorch_libtorch"}
+LABELS = "labels.txt"
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")  # a model name that is also a plain folder name
 
 
-def _tensor(name: str, dims: tuple[int, ...]) -> str:
-    return f'  {{\n    name: "{name}"\n    data_type: TYPE_FP32\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
+def _tensor(name: str, dims: tuple[int, ...], labels: bool = False) -> str:
+    label = f'\n    label_filename: "{LABELS}"' if labels else ""
+    return f'  {{\n    name: "{name}"\n    data_type: TYPE_FP32\n    dims: [ {", ".join(map(str, dims))} ]{label}\n  }}'
 
 
 def model_config(
@@ -32,17 +42,36 @@ def model_config(
     image_shape: tuple[int, ...],
     num_classes: int,
     max_batch_size: int,
+    labels: bool = False,
 ) -> str:
-    """config.pbtxt text for one model (inputs and outputs stay FP32 at every precision)."""
+    """config.pbtxt text for one model (inputs and outputs stay FP32 at every precision); with `labels`,
+    the output names its label file."""
     if fmt == "torchscript":
         input_name, output_name = "INPUT__0", "OUTPUT__0"
     return (
         f'name: "{name}"\nplatform: "{PLATFORMS[fmt]}"\nmax_batch_size: {max_batch_size}\n'
         f"input [\n{_tensor(input_name, image_shape)}\n]\n"
-        f"output [\n{_tensor(output_name, (num_classes,))}\n]\n"
+        f"output [\n{_tensor(output_name, (num_classes,), labels)}\n]\n"
         "dynamic_batching { }\n"
         "instance_group [ { count: 1 } ]\n"
     )
+
+
+def model_names(model_name: str, artifacts: Collection[str]) -> dict[str, str]:
+    """artifact (`onnx`, `onnx-fp16`, `tensorrt-int8`, ...) -> its Triton model name `<model_name>_<artifact>`."""
+    if not MODEL_NAME.fullmatch(model_name) or model_name in (".", ".."):
+        raise VitfoldError(f"--triton-name '{model_name}': use letters, digits, '_', '-' and '.'")
+    return {artifact: f"{model_name}_{artifact.replace('-', '_')}" for artifact in artifacts}
+
+
+def check_repository(
+    repo_dir: Path, names: Collection[str], replaceable: Collection[str] = (), force: bool = False
+) -> None:
+    """Refuse (one line) a model folder `names` would replace: one that exists and is not `replaceable`,
+    unless `force`."""
+    taken = [n for n in names if (repo_dir / n).exists() and n not in replaceable]
+    if taken and not force:
+        raise VitfoldError(f"Triton model folder {repo_dir / taken[0]} exists already: pass --force to replace it")
 
 
 def write_triton_repository(
@@ -55,15 +84,21 @@ def write_triton_repository(
     image_shape: tuple[int, ...],
     num_classes: int,
     max_batch_size: int = 32,
-    precision: str = "fp32",
+    labels: str | None = None,
+    replaceable: Collection[str] = (),
+    force: bool = False,
 ) -> list[Path]:
-    """Write one model directory per artifact (format -> file); returns the config.pbtxt paths.
+    """Write one model directory per artifact (artifact -> file; its format is the name before any
+    `-<precision>`); returns the config.pbtxt paths. `labels`: the text of labels.txt (line i names
+    output i). An existing model folder is replaced only if its name is in `replaceable` or with `force`.
 
     Each model directory is assembled in a temp directory and renamed into place whole."""
+    names = model_names(model_name, artifacts)
+    check_repository(repo_dir, names.values(), replaceable, force)
     repo_dir.mkdir(parents=True, exist_ok=True)
     configs = []
-    for fmt, src in sorted(artifacts.items()):
-        name = f"{model_name}_{fmt}"
+    for artifact, src in sorted(artifacts.items()):
+        name, fmt = names[artifact], artifact.split("-")[0]
         tmp = Path(tempfile.mkdtemp(dir=repo_dir, prefix=f".{name}-"))
         try:
             version = tmp / "1"
@@ -72,8 +107,12 @@ def write_triton_repository(
             data = src.with_name(src.name + ".data")
             if fmt == "onnx" and data.is_file():  # external weights keep their recorded relative name
                 shutil.copy2(data, version / data.name)
-            config = model_config(name, fmt, input_name, output_name, image_shape, num_classes, max_batch_size)
-            (tmp / "config.pbtxt").write_text(f"# vitfold export, precision {precision}\n{config}")
+            config = model_config(
+                name, fmt, input_name, output_name, image_shape, num_classes, max_batch_size, labels is not None
+            )
+            (tmp / "config.pbtxt").write_text(f"# vitfold export: {artifact}\n{config}")
+            if labels is not None:
+                (tmp / LABELS).write_text(labels)
             final = repo_dir / name
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)

@@ -63,6 +63,9 @@ class ExportConfig:
     int8_head: bool = True  # quantize the classifier head too
     device: str = "cpu"  # the AOTInductor package's device
     triton: str | None = None  # also write a Triton model repository into this folder
+    triton_name: str | None = None  # its models' name prefix (None: the backbone's architecture)
+    triton_max_batch: int | None = None  # its max_batch_size (None: the largest of verify.batch_sizes)
+    triton_force: bool = False  # replace model folders that this run's export did not write
 
 
 @dataclass
@@ -284,6 +287,14 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
         ("export.calibration_samples", e.calibration_samples, _is_int(e.calibration_samples, 1), "a positive integer"),
         ("export.int8_mode", e.int8_mode, e.int8_mode in INT8_MODES, " or ".join(INT8_MODES)),
         ("export.int8_head", e.int8_head, isinstance(e.int8_head, bool), "true or false"),
+        ("export.triton_name", e.triton_name, e.triton_name is None or isinstance(e.triton_name, str), "a string"),
+        (
+            "export.triton_max_batch",
+            e.triton_max_batch,
+            e.triton_max_batch is None or _is_int(e.triton_max_batch, 1),
+            "a positive integer",
+        ),
+        ("export.triton_force", e.triton_force, isinstance(e.triton_force, bool), "true or false"),
         ("verify.batch_sizes", v.batch_sizes, _batch_sizes(v.batch_sizes), "a list of positive integers"),
         ("verify.samples", v.samples, _is_int(v.samples, 1), "a positive integer"),
         ("verify.device", v.device, _is_device(v.device), "cpu or cuda[:N]"),

@@ -21,6 +21,7 @@ and the centre crop in evaluation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from torch.utils.data import Dataset, TensorDataset
 from vitfold.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+FGVC_CROP_PCT = 224 / 256  # the official FGVC evaluation: resize to 256 (for 224), centre crop 224
 DIGITS_EVAL_FRACTION = 0.25  # fixed, stratified split of the 1,797 digits: same eval set for every seed
 
 
@@ -86,7 +88,7 @@ class Splits:
 class ImageTransform:
     """Resize (bicubic) to `size`, optional horizontal flip in training, normalise with `mean`/`std`.
 
-    `crop` (FGVC): resize (bilinear) to `size` · 256/224 instead, then crop `size`: at random in training,
+    `crop` (FGVC): resize (bilinear) to ⌊`size` · 256/224⌋ instead, then crop `size`: at random in training,
     the centre in evaluation."""
 
     size: tuple[int, int]
@@ -100,13 +102,27 @@ class ImageTransform:
         from torchvision import transforms as T
 
         if self.crop:
-            resized = tuple(round(s * 256 / 224) for s in self.size)
+            resized = tuple(math.floor(s / FGVC_CROP_PCT) for s in self.size)
             steps = [T.Resize(resized), T.RandomCrop(self.size) if train else T.CenterCrop(self.size)]
         else:
             steps = [T.Resize(self.size, interpolation=T.InterpolationMode.BICUBIC)]
         steps += [T.RandomHorizontalFlip()] if self.hflip and train else []
         steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
         return T.Compose(steps)
+
+    def data_config(self) -> dict[str, Any]:
+        """The evaluation transform in timm's data-config keys (`timm.data.create_transform(**config)`
+        rebuilds it): without `crop`, a squash resize to `size` (crop_pct 1, bicubic); with `crop`, a squash
+        resize to ⌊size / FGVC_CROP_PCT⌋ (bilinear), then the centre crop of `size`."""
+        crop_pct = FGVC_CROP_PCT if self.crop else 1.0
+        return {
+            "input_size": (3, *self.size),
+            "interpolation": "bilinear" if self.crop else "bicubic",
+            "mean": tuple(self.mean),
+            "std": tuple(self.std),
+            "crop_pct": crop_pct,
+            "crop_mode": "squash",
+        }
 
 
 def parse_data_spec(spec: str) -> DataSpec:
@@ -149,6 +165,15 @@ def build_splits(spec: DataSpec, transform: ImageTransform, validation: bool = F
     `validation`, a validation split held out of the training data (a `DataError` if the data has none)."""
     builders = {"digits": _digits, "folder": _folder, "vtab": _vtab, "fgvc": _fgvc}
     return builders[spec.kind](spec, transform, validation)
+
+
+def class_names(spec: DataSpec, transform: ImageTransform, validation: bool = False) -> list[str]:
+    """The ordered class names, name i labelling logit i, without decoding an image: the digits themselves
+    (`digits:5-9` -> "5" ... "9"), the class folders of folder:PATH/train, the labels of the VTAB-1k lists
+    or the class ids of the FGVC split files (as `build_splits` numbers them)."""
+    if spec.kind == "digits":
+        return _digit_names(spec)
+    return build_splits(spec, transform, validation).class_names  # file datasets open no image until read
 
 
 def _no_validation(spec: DataSpec, why: str) -> DataError:
@@ -199,7 +224,11 @@ def _digits(spec: DataSpec, transform: ImageTransform, validation: bool) -> Spli
     x = _digits_tensor(images, transform)
     train_x, train_y = x[train_idx], labels[train_idx]
     train = _FlipDataset(train_x, train_y) if transform.hflip else TensorDataset(train_x, train_y)
-    return Splits(train, TensorDataset(x[eval_idx], labels[eval_idx]), "val", [str(c) for c in classes])
+    return Splits(train, TensorDataset(x[eval_idx], labels[eval_idx]), "val", _digit_names(spec))
+
+
+def _digit_names(spec: DataSpec) -> list[str]:
+    return [str(c) for c in spec.classes or range(10)]
 
 
 # -- image files --------------------------------------------------------------------------------------

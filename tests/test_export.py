@@ -27,6 +27,7 @@ from vitfold.pipeline.stages import run_stage
 from helpers import QUIET, TINY_RUN, randomize_trainable, vitfold_cli
 
 TINY = TINY_RUN["backbone_kwargs"]
+FOLD_FILES = ("model.safetensors", "config.json")  # the weights, and timm's config.json beside them
 
 
 def _close(actual: np.ndarray, expected: torch.Tensor) -> None:
@@ -64,8 +65,8 @@ def test_fold_stage_output_is_plain_timm_equal_to_unmerged(run):
         y, ref = folded(x), adapted(x)
     assert float((y - ref).norm() / ref.norm()) <= 1e-5
     manifest = json.loads((run / "manifest.json").read_text())
-    digest = hashlib.sha256((run / "fold" / "model.safetensors").read_bytes()).hexdigest()
-    assert manifest["stages"]["fold"]["outputs"] == {"fold/model.safetensors": digest}
+    digests = {f"fold/{n}": hashlib.sha256((run / "fold" / n).read_bytes()).hexdigest() for n in FOLD_FILES}
+    assert manifest["stages"]["fold"]["outputs"] == digests
     assert set(manifest["stages"]) >= {"train", "fold", "export"}
 
 
@@ -117,7 +118,7 @@ def test_fold_stage_refuses_nan_adapter_and_writes_nothing(run, tmp_path):
     save_file(state, bad / "train" / "adapter.safetensors", metadata=meta)
     with pytest.raises(FoldError, match=r"blocks\.1\.mlp\.fc1\.s_in"):
         run_stage("fold", bad, **QUIET)
-    assert not (bad / "fold" / "model.safetensors").exists()
+    assert not [n for n in FOLD_FILES if (bad / "fold" / n).exists()]
 
 
 def test_interrupted_onnx_export_leaves_no_finished_looking_file(tmp_path, monkeypatch):

@@ -365,6 +365,11 @@ def fold(run_dir: str, base_mismatch_ok: bool | None) -> None:
     "--int8-mode", type=click.Choice(["static", "dynamic"]), help="int8: static QDQ (calibrated; default) or dynamic."
 )
 @click.option("--triton", type=click.Path(file_okay=False), help="Also write a Triton model repository.")
+@click.option("--triton-name", help="Triton: the models' name prefix (default: the backbone's architecture).")
+@click.option(
+    "--max-batch", type=click.IntRange(min=1), help="Triton: max_batch_size (default: the largest verify batch size)."
+)
+@click.option("--force", is_flag=True, default=None, help="Triton: replace model folders this run did not write.")
 @device_option("Device for the AOTInductor package: cpu | cuda")
 def export(
     run_dir: str,
@@ -374,6 +379,9 @@ def export(
     calibration_samples: int | None,
     int8_mode: str | None,
     triton: str | None,
+    triton_name: str | None,
+    max_batch: int | None,
+    force: bool | None,
     device: str | None,
 ) -> None:
     """Export RUN_DIR's folded model: RUN_DIR/export/ (model.onnx, model.pt, model.pt2, model.plan)."""
@@ -390,6 +398,9 @@ def export(
         calibration_samples=calibration_samples,
         int8_mode=int8_mode,
         triton=triton,
+        triton_name=triton_name,
+        triton_max_batch=max_batch,
+        triton_force=force,
         device=device,
     )
 

@@ -137,6 +137,15 @@ def open_backend(rd: RunDir, name: str, device: str = "cpu", threads: int | None
     return open_runner(ARTIFACT_BACKENDS[name][0], checked_artifact(rd, name, trust), device, threads)
 
 
+def check_backend(rd: RunDir, name: str, trust: bool = False) -> None:
+    """Refuse backend `name` (exit 2) when a file it reads differs from the sha256 its stage recorded (an
+    artifact also when that stage did not record it, or it runs code and is not trusted), as verify does."""
+    if name in ARTIFACT_BACKENDS:
+        checked_artifact(rd, name, trust)
+    else:
+        verified_input(rd, *((rd.adapter, "train") if name == UNMERGED else (rd.folded, "fold")))
+
+
 def checked_artifact(rd: RunDir, name: str, trust: bool = False, hint: str = "") -> Path:
     """The artifact file of backend `name`, after the integrity and trust checks of `open_backend` (`hint`
     ends the message of an integrity refusal)."""

@@ -41,7 +41,7 @@ from vitfold.pipeline.stages.backends import (
     backend_files,
     backend_precision,
     backend_unavailable,
-    checked_artifact,
+    check_backend,
     default_backends,
     open_backend,
 )
@@ -89,9 +89,8 @@ def _run(rd: RunDir, b: BenchConfig, ctx: Context) -> StageResult:
     torch.set_num_threads(threads)
     timing, found = Timing(b.min_iters, b.min_seconds, b.warmup_seconds, b.rounds), machine(b.device)
     runnable = [name for name in names if name not in skipped]
-    for name in runnable:  # a changed, unrecorded or untrusted artifact stops the bench, as it stops verify
-        if name in ARTIFACT_BACKENDS:
-            checked_artifact(rd, name, ctx.trust)
+    for name in runnable:  # a changed, unrecorded or untrusted file stops the bench, as it stops verify
+        check_backend(rd, name, ctx.trust)
     ctx.log(
         f"timing {', '.join(runnable)} at batch sizes {', '.join(map(str, batch_sizes))} on {b.device} "
         f"({found.get('gpu') or found['cpu']}, {' '.join(found['cpu_isa']) or 'ISA unknown'}, {threads} threads), "

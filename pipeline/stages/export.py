@@ -1,34 +1,37 @@
 """The export stage: RUN/fold/model.safetensors -> RUN/export/ artifacts (+ a Triton repository).
 
 The folded model is loaded with timm alone (the call the fold stage records), so every artifact is the
-plain base architecture; `vitfold.export.export` writes the files. RUN/export/export.json records the
-precision, input size, tensor names and, per artifact, its files, bytes and seconds.
+plain base architecture; `vitfold.export.export` writes the files. The preprocessing and class names
+that the fold stage wrote into fold/config.json travel with every artifact: RUN/export/export.json
+records them with the precision, input size, tensor names and, per artifact, its files, bytes and
+seconds; the ONNX files carry them as metadata_props, the Triton models as labels.txt.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from vitfold.errors import VitfoldError
 from vitfold.export import FILES
 from vitfold.export.artifacts import INPUT_NAME, OUTPUT_NAME
 from vitfold.export.exporting import check_formats, export
+from vitfold.export.model_info import ModelInfo
+from vitfold.export.precision import variants
 from vitfold.pipeline.atomic import atomic_write_json
 from vitfold.pipeline.config import ExportConfig
 from vitfold.pipeline.data import build_splits, parse_data_spec
 from vitfold.pipeline.models import data_transform
 from vitfold.pipeline.stages.backends import folded_model
-from vitfold.pipeline.stages.manifest import recorded_outputs
+from vitfold.pipeline.stages.manifest import recorded_outputs, verified_input
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult
 from vitfold.pipeline.stages.trust import EXECUTABLE_FORMATS, remember
-
-TRITON_FORMATS = ("onnx", "torchscript", "tensorrt")
-
 
 CALIBRATION_SEED = 0
 
@@ -44,8 +47,74 @@ def calibration_images(rd: RunDir, model: nn.Module, samples: int, seed: int = C
         return torch.stack([train[i][0] for i in picks])
 
 
+def model_info(rd: RunDir) -> ModelInfo:
+    """The preprocessing and class names the fold stage recorded in fold/config.json."""
+    if rd.folded.is_file() and not rd.folded_config.is_file():
+        raise VitfoldError(f"{rd.folded_config} not found (folded by an older vitfold): vitfold run --force fold")
+    path = verified_input(rd, rd.folded_config, "fold")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise VitfoldError(f"cannot read {path}: {e}") from None
+    return ModelInfo.from_timm_config(config, str(path))
+
+
+def _triton_artifacts(formats: list[str], precision: str, device: str) -> dict[str, str]:
+    """Triton model key (`onnx`, `onnx-fp16`, `onnx-int8`, `torchscript`, `tensorrt[-<precision>]`) ->
+    the export artifact it serves, for the requested formats."""
+    reduced = variants(formats, precision, device)
+    served = {fmt: fmt for fmt in ("onnx", "torchscript") if fmt in formats}
+    if "onnx" in reduced:
+        served[reduced["onnx"]] = reduced["onnx"]
+    if "tensorrt" in formats:
+        served["tensorrt" if precision == "fp32" else f"tensorrt-{precision}"] = "tensorrt"
+    return served
+
+
+def _triton_written_before(rd: RunDir, repo: Path) -> set[str]:
+    """The model folders in `repo` that this run's last recorded export wrote (replaced without --force)."""
+    if not rd.export_summary.is_file():
+        return set()
+    try:
+        configs = json.loads(rd.export_summary.read_text()).get("triton") or []
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {Path(c).parent.name for c in configs if Path(c).parent.parent.resolve() == repo.resolve()}
+
+
+@dataclass(frozen=True)
+class TritonPlan:
+    repo: Path
+    served: dict[str, str]  # Triton model key -> the export artifact it serves
+    name: str  # the models' name prefix
+    max_batch: int
+    replaceable: set[str]  # model folders this run's last export wrote
+
+
+def _triton_plan(rd: RunDir, settings: ExportConfig, formats: list[str]) -> TritonPlan | None:
+    """The Triton repository's settings, checked before any work (None: no repository asked for)."""
+    if not settings.triton:
+        return None
+    from vitfold.export.tensorrt import PROFILE_BATCH
+    from vitfold.export.triton import check_repository, model_names
+
+    repo = Path(settings.triton)
+    served = _triton_artifacts(formats, settings.precision, settings.device)
+    name = settings.triton_name or rd.config.backbone.split(".")[0]
+    max_batch = settings.triton_max_batch or max(rd.config.verify.batch_sizes)
+    if "tensorrt" in formats and max_batch > PROFILE_BATCH[-1]:
+        raise VitfoldError(
+            f"--max-batch {max_batch}: the TensorRT plan's profile ends at batch {PROFILE_BATCH[-1]}; use at most that"
+        )
+    own = _triton_written_before(rd, repo)
+    check_repository(repo, model_names(name, served).values(), own, settings.triton_force)
+    return TritonPlan(repo, served, name, max_batch, own)
+
+
 def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
     formats = check_formats(settings.formats, settings.precision, settings.device)  # before any work
+    triton = _triton_plan(rd, settings, formats)
+    info = model_info(rd)
     model = folded_model(rd)
     size = tuple(int(s) for s in model.patch_embed.img_size)
     artifacts: dict[str, dict[str, Any]] = {}
@@ -76,6 +145,7 @@ def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
         calibration=calibration,
         int8_mode=settings.int8_mode,
         quantize_head=settings.int8_head,
+        info=info,
         on_artifact=done,
     )
     summary = {
@@ -85,6 +155,7 @@ def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
         "num_classes": model.num_classes,
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
+        **info.to_dict(),
         "artifacts": artifacts,
     }
     if int8:
@@ -96,24 +167,24 @@ def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
             if calibration is None
             else {"split": "train", "images": len(calibration), "seed": CALIBRATION_SEED},
         }
-    if settings.triton:
+    if triton is not None:
         from vitfold.export.triton import write_triton_repository
 
-        served = {fmt: written[fmt] for fmt in TRITON_FORMATS if fmt in written}
-        if "onnx-fp16" in written:
-            served["onnx"] = written["onnx-fp16"]
         configs = write_triton_repository(
-            Path(settings.triton),
-            served,
-            model_name=rd.config.backbone.split(".")[0],
+            triton.repo,
+            {key: written[artifact] for key, artifact in triton.served.items()},
+            model_name=triton.name,
             input_name=INPUT_NAME,
             output_name=OUTPUT_NAME,
             image_shape=(3, *size),
             num_classes=model.num_classes,
-            precision=settings.precision,
+            max_batch_size=triton.max_batch,
+            labels=info.labels_text(),
+            replaceable=triton.replaceable,
+            force=settings.triton_force,
         )
         summary["triton"] = [str(c) for c in configs]
-        ctx.log(f"triton repository: {settings.triton}")
+        ctx.log(f"triton repository: {triton.repo} ({', '.join(c.parent.name for c in configs)})")
     atomic_write_json(rd.export_summary, summary)
     outputs = [rd.path / f for a in artifacts.values() for f in a["files"]]
     for fmt in EXECUTABLE_FORMATS:
@@ -132,4 +203,9 @@ def _artifact_files(rd: RunDir) -> set[Path]:
     return {p for p in [*main, *companions, *recorded_outputs(rd, "export")] if p.is_file()}
 
 
-EXPORT = Stage("export", section="export", inputs=lambda rd, s: [rd.folded], run=_run)
+def _params(settings: ExportConfig) -> dict[str, Any]:
+    """The settings as recorded: `triton_force` allows a replacement, it changes no artifact."""
+    return {k: v for k, v in asdict(settings).items() if k != "triton_force"}
+
+
+EXPORT = Stage("export", section="export", inputs=lambda rd, s: [rd.folded, rd.folded_config], run=_run, params=_params)

@@ -63,6 +63,7 @@ class RunDir:
         self.compare_dir = self.path / "compare"
         self.compare_summary = self.compare_dir / "compare.json"
         self.folded = self.path / "fold" / "model.safetensors"
+        self.folded_config = self.path / "fold" / "config.json"  # timm's: local-dir:RUN/fold
         self.export_dir = self.path / "export"
         self.export_summary = self.export_dir / "export.json"
         self.verify_dir = self.path / "verify"

@@ -124,4 +124,17 @@ MUTANTS = (
     Mutant("verify --artifact checks the reference against itself", "pipeline/stages/verify_artifact.py",
            "checked = inputs.measure(runtime, runner)", "checked = inputs.measure(runtime, ref_runner)",
            ("tests/test_verify_artifact.py::test_a_perturbed_onnx_copy_exits_1_and_names_its_block",)),
+    # -- preprocessing and class names travel with the artifacts; bench and Triton refuse (issue 16)
+    Mutant("bench checks only the exported artifacts, skipping a changed fold", "pipeline/stages/bench.py",
+           "        check_backend(rd, name, ctx.trust)\n",
+           "        name in ARTIFACT_BACKENDS and check_backend(rd, name, ctx.trust)\n",
+           ("tests/test_deployment_metadata.py::test_bench_refuses_a_changed_folded_model_instead_of_skipping_it",)),
+    Mutant("a Triton model folder replaced without --force", "export/triton.py",
+           "if taken and not force:", "if False:",
+           ("tests/test_deployment_metadata.py::"
+            "test_triton_precisions_get_their_own_models_and_a_foreign_folder_needs_force",)),
+    Mutant("the ONNX file loses its preprocessing and class names", "export/onnx.py",
+           "onnx.helper.set_model_props(proto, metadata)", "pass",
+           ("tests/test_deployment_metadata.py::"
+            "test_onnx_metadata_and_export_json_carry_preprocessing_and_class_names",)),
 )  # fmt: skip
