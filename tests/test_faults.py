@@ -78,8 +78,9 @@ def test_ten_kills_at_random_moments_then_a_clean_finish(tmp_path):
     cfg = load_config(config)
     stages = read_manifest(RunDir(run))["stages"]
     assert stages["train"]["params"] == training_params(load_config(run / "config.yaml")) == training_params(cfg)
-    for section in ("export", "verify", "bench"):
-        assert stages[section]["params"] == asdict(getattr(cfg, section))
+    for section in ("export", "verify", "bench"):  # export.triton_force permits a replacement, it is no setting
+        expected = {k: v for k, v in asdict(getattr(cfg, section)).items() if k != "triton_force"}
+        assert stages[section]["params"] == expected
     assert all(entry["status"] == "done" for entry in stages.values())
     assert len(set(killed_in) - {"between stages"}) >= 3, killed_in  # the kills landed inside several stages
     _consistent(run)

@@ -110,6 +110,7 @@ CASES = {
         TINY_KW + (("depth", 3),),
         100,
     ),
+    "rlrr-deit_distilled": ("rlrr", (), "deit_tiny_distilled_patch16_224", TINY_KW + (("depth", 2),), 100),
     "rlrr-swin": ("rlrr", (), SWIN, SWIN_KW, 100),
     "rlrr-swin-reduction_shift": ("rlrr", (("reduction_shift", True),), SWIN, SWIN_KW, 100),
     "efft1-swin": ("efft1", EFFT_OPTS, SWIN, SWIN_KW, 100),
@@ -144,7 +145,8 @@ def built(method: str, options: tuple, name: str, kwargs: tuple, num_classes: in
     add_missing_biases(reference.double(), expected)  # RLRR's Swin reduction shifts: biases timm lacks
     reference.load_state_dict(expected, strict=True)
     base.reset_classifier(num_classes)  # the base with a head of the right size, for the "differs" check
-    base.get_classifier().load_state_dict(adapted.get_classifier().state_dict())
+    heads = {k: v for k, v in adapted.state_dict().items() if k.startswith(("head.", "head_dist."))}
+    assert not base.load_state_dict(heads, strict=False).unexpected_keys
     return base, adapted, folded, reference
 
 

@@ -36,15 +36,29 @@ def _readme_count(pattern: str) -> int:
     return int(re.search(pattern, README, flags=re.S).group(1).replace(",", ""))
 
 
-# the adapter parameter counts the README states for ViT-B/16, per (method, rank) of an info command
+def _key(args: list[str]) -> tuple[str, str, str | None, tuple[str, ...]]:
+    """(backbone, method, rank, -o options) of an info command's arguments."""
+    flags = ("--backbone", "--method", "--rank")
+    value = {flag: args[args.index(flag) + 1] if flag in args else None for flag in flags}
+    options = tuple(args[i + 1] for i, a in enumerate(args) if a == "-o")
+    return value["--backbone"], value["--method"] or "rlrr", value["--rank"], options
+
+
+# the adapter parameter counts the README states, per (backbone, method, rank, options) of an info command
 STATED_COUNTS = {
-    ("rlrr", None): _readme_count(r"ViT-B/16: ([\d,]+) adapter parameters"),
-    ("efft2", "32"): _readme_count(r"EFFT2:.*?ViT-B/16 at r = 32: ([\d,]+) parameters"),
+    ("vit_base_patch16_224", "rlrr", None, ()): _readme_count(r"ViT-B/16: ([\d,]+) adapter parameters"),
+    ("vit_base_patch16_224", "efft2", "32", ("init=vu",)): _readme_count(
+        r"EFFT2:.*?ViT-B/16 at r = 32: ([\d,]+) parameters"
+    ),
+    ("swin_base_patch4_window7_224", "rlrr", None, ("reduction_shift=true",)): _readme_count(
+        r"\*\*([\d,]+)\*\* with `-o reduction_shift=true`"
+    ),
 }
 
 
 def test_the_readme_has_the_commands_this_file_runs():
-    assert len(INFO_COMMANDS) == 3 and len([b for b in _blocks("python") if "local-dir:" in b]) == 1
+    assert set(STATED_COUNTS) <= {_key(shlex.split(c)[1:]) for c in INFO_COMMANDS}
+    assert len([b for b in _blocks("python") if "local-dir:" in b]) == 1
 
 
 @pytest.mark.parametrize("command", INFO_COMMANDS)
@@ -52,10 +66,8 @@ def test_readme_info_command_runs_and_prints_the_counts_the_readme_states(comman
     args = shlex.split(command)[1:]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    method = args[args.index("--method") + 1] if "--method" in args else "rlrr"
-    rank = args[args.index("--rank") + 1] if "--rank" in args else None
-    if "--json" in args and (method, rank) in STATED_COUNTS:
-        assert json.loads(result.output)["adapter_params"] == STATED_COUNTS[method, rank]
+    if "--json" in args and _key(args) in STATED_COUNTS:
+        assert json.loads(result.output)["adapter_params"] == STATED_COUNTS[_key(args)]
 
 
 def test_readme_timm_recipe_loads_a_finished_run_folder(exported_run):
