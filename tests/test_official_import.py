@@ -238,6 +238,8 @@ def test_official_efft_checkpoint_folds_to_the_official_function(tmp_path, per_l
         got = _imported_folded("efft2", tmp_path / "official.pth", {"scale": SCALE})(x)
         assert rel(official_efft_forward({**state, "EFFTc1": 0 * state["EFFTc1"]}, x, per_layer), expected) > 1e-2
     assert rel(got, expected) < 1e-5
+    imported = read_official("efft2", tmp_path / "official.pth", {"scale": SCALE})
+    assert imported.options["core"] == ("layer" if per_layer else "shared")  # trains on as the checkpoint did
 
 
 def test_official_checkpoint_errors_are_one_line(tmp_path):

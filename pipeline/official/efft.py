@@ -12,10 +12,11 @@
 and each block's Attention and Mlp register the same tensors again as `blocks.{i}.attn.EFFT{u,v,c}` and
 `blocks.{i}.mlp.EFFT{u,v,c}` (aliases: dropped here). The released code shares one core for all L blocks;
 the per-layer version (its compiled `Set_PoFT`, factors named `PoFT...`) has EFFTc1 [r, r, 4L] indexed
-4l+j and EFFTc2 [r, r, 2L] indexed 2l, 2l+1 -- vitfold's EFFT2 layout. A shared core becomes L copies:
+4l+j and EFFTc2 [r, r, 2L] indexed 2l, 2l+1 -- vitfold's EFFT2 layout. A shared core stays shared
+(vitfold's `core=shared`: every block reads slices 0..3 and 0..1), so the import trains on as released:
 
-    EFFTu1, EFFTv1 -> efft.U1, efft.V1       EFFTc1 -> efft.C1 (a shared [r, r, 4] tiled L times)
-    EFFTu2, EFFTv2 -> efft.U2, efft.V2       EFFTc2 -> efft.C2 (a shared [r, r, 2] tiled L times)
+    EFFTu1, EFFTv1 -> efft.U1, efft.V1       EFFTc1 -> efft.C1 ([r, r, 4] shared, or [r, r, 4L] per layer)
+    EFFTu2, EFFTv2 -> efft.U2, efft.V2       EFFTc2 -> efft.C2 ([r, r, 2] shared, or [r, r, 2L] per layer)
     head.{weight,bias} -> head.{weight,bias}; every other tensor is the backbone, under its timm name.
 
 The scale s is a plain attribute of the official layers, in no checkpoint: it must be given (the
@@ -35,7 +36,8 @@ SLICES = {"C1": 4, "C2": 2}  # core slices per block
 
 
 def convert_efft2(state: OfficialState, options: dict[str, Any]) -> OfficialImport:
-    """The official EFFT checkpoint as vitfold's `efft2` with per-layer cores; `options` must give `scale`."""
+    """The official EFFT checkpoint as vitfold's `efft2` (shared or per-layer cores, as the checkpoint has
+    them); `options` must give `scale`."""
     if "scale" not in options:
         raise CheckpointError(
             f"{state.path}: the official EFFT code keeps the scale s out of its checkpoints; pass it as "
@@ -47,16 +49,15 @@ def convert_efft2(state: OfficialState, options: dict[str, Any]) -> OfficialImpo
     head = {"head.weight": state.take("head.weight"), "head.bias": state.take("head.bias")}
     backbone = state.take_matching(r".*")
     depth = sum(1 for key in backbone if key.endswith(".attn.qkv.weight"))
+    slices = {core: factors[core].shape[-1] for core in SLICES}
+    shared = all(slices[core] == per_block for core, per_block in SLICES.items())  # the released code
     for core, per_block in SLICES.items():
-        slices = factors[core].shape[-1]
-        if slices == per_block and depth:  # the released code: one core shared by every block
-            factors[core] = factors[core].repeat(1, 1, depth)  # [r, r, k] -> [r, r, k·L], slice k·l + j = slice j
-        elif slices % per_block or (depth and slices != per_block * depth):
+        if not shared and (slices[core] % per_block or (depth and slices[core] != per_block * depth)):
             raise CheckpointError(
-                f"{state.path}: '{prefix}{core.lower()}' has {slices} core slices; "
-                f"{per_block} (shared) or {per_block}·{depth or 'L'} (per layer) expected"
+                f"{state.path}: '{prefix}{core.lower()}' has {slices[core]} core slices; "
+                f"{per_block} in both cores (shared) or {per_block}·{depth or 'L'} (per layer) expected"
             )
-    depth = depth or factors["C1"].shape[-1] // SLICES["C1"]
+    depth = depth or slices["C1"] // SLICES["C1"]
     adapter = {f"efft.{name}": t for name, t in factors.items()} | head
-    options = {"rank": int(factors["U1"].shape[1]), **options}
+    options = {"rank": int(factors["U1"].shape[1]), "core": "shared" if shared else "layer", **options}
     return OfficialImport("efft2", adapter, backbone, options, int(head["head.weight"].shape[0]), depth)
