@@ -179,10 +179,11 @@ def add_missing_biases(model: nn.Module, keys: Iterable[str]) -> list[str]:
     its PatchMerging reductions carry a bias that timm's do not have.)"""
     import torch
 
+    modules = dict(model.named_modules())
     changed = []
     for key in keys:
         layer, _, name = key.rpartition(".")
-        module = model.get_submodule(layer) if layer and name == "bias" else None
+        module = modules.get(layer) if name == "bias" else None  # an unknown key is left to the strict load
         if isinstance(module, nn.Linear) and module.bias is None:
             module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype))
             changed.append(layer)

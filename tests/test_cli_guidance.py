@@ -11,7 +11,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from vitfold.cli import METHOD_NAMES, STAGE_NAMES, main
+from vitfold.cli import METHOD_NAMES, OFFICIAL_NAMES, STAGE_NAMES, main
 
 from helpers import TINY_RUN
 
@@ -24,11 +24,14 @@ def test_help_lists_the_commands_in_pipeline_order():
 
 def test_fixed_values_are_choices_that_match_the_code():
     from vitfold.pipeline.adapters import METHODS
+    from vitfold.pipeline.official import OFFICIAL_METHODS
     from vitfold.pipeline.stages.pipeline import STAGES
 
     assert sorted(METHOD_NAMES) == sorted(METHODS) and list(STAGE_NAMES) == list(STAGES)
+    assert OFFICIAL_NAMES == OFFICIAL_METHODS
     for args in (
         ["train", "--method", "loha", "--out", "x"],
+        ["import-official", "ckpt.pth", "--method", "efft1", "--out", "x"],
         ["run", "--config", "c.yaml", "--out", "x", "--force", "x"],
     ):
         result = CliRunner().invoke(main, args)

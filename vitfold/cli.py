@@ -20,6 +20,7 @@ from vitfold.export import DEFAULT_FORMATS, FORMATS, PRECISIONS
 # adapter registry and the pipeline's stages).
 METHOD_NAMES = ("rlrr", "efft1", "efft2", "lora", "linear", "full")
 STAGE_NAMES = ("pretrain", "train", "compare", "fold", "export", "verify", "bench", "report")
+OFFICIAL_NAMES = ("rlrr", "efft2")  # the official codes import-official reads
 # `vitfold --help` lists the stage commands in pipeline order, then the whole pipeline and the utilities
 COMMAND_ORDER = ("train", "import-official", "fold", "export", "verify", "bench", "report", "run", "info")
 
@@ -302,7 +303,7 @@ def train(  # one parameter per option, as click passes them
 
 @main.command("import-official")
 @click.argument("official", metavar="CHECKPOINT", type=click.Path(dir_okay=False))
-@click.option("--method", required=True, help="The official code that wrote it: rlrr | efft2.")
+@click.option("--method", required=True, type=click.Choice(OFFICIAL_NAMES), help="The official code that wrote it.")
 @config_option
 @base_options
 @click.option("--data", help="Evaluation data for verify: digits[:5-9] | folder:PATH | vtab:PATH | fgvc:PATH")
