@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
-CONFIG ?= configs/demo.yaml
+CONFIG ?= demo
 
 .PHONY: .venv test train-export lint bench mutants clean
 

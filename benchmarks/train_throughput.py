@@ -1,6 +1,6 @@
 """Training throughput (img/s) per method on the demo configuration, one epoch each.
 
-    python benchmarks/train_throughput.py [--config configs/demo.yaml] [--epochs 1] [--out results.json]
+    python benchmarks/train_throughput.py [--config demo] [--epochs 1] [--out results.json]
 
 Reads img/s from each run's metrics (forward + backward + optimizer over the epoch, data in memory).
 """
@@ -33,7 +33,7 @@ METHODS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--config", default="demo")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--out")
     args = ap.parse_args()

@@ -10,12 +10,19 @@ import numpy as np
 LOG_SCALE_SPREAD = 20  # log latency axis when the slowest p50 is more than this times the fastest
 
 
-def latency_chart(rows: list[dict[str, Any]], title: str) -> bytes:
-    """PNG: horizontal bars of p50 latency per backend, one colour per batch size, whiskers to p90.
+CHART_EXTRA = "pip install 'vitfold[plots]'"  # what draws the chart when matplotlib is missing
+
+
+def latency_chart(rows: list[dict[str, Any]], title: str) -> bytes | None:
+    """PNG: horizontal bars of p50 latency per backend, one colour per batch size, whiskers to p90;
+    None when matplotlib (the `plots` extra) is not installed.
 
     `rows`: dicts with backend, provider, batch_size, p50_ms and p90_ms (and `unstable`, marked on its bar);
     every backend at every batch size."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

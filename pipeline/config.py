@@ -159,6 +159,28 @@ def _check_keys(data: dict[str, Any], cls: type, where: str) -> None:
         raise VitfoldError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
 
 
+SHIPPED_CONFIGS = Path(__file__).with_name("configs")  # packaged with the wheel: `--config demo`
+
+
+def shipped_configs() -> list[str]:
+    """The names of the configs that ship inside the package (`vitfold run --config NAME`)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def config_file(name_or_path: str | Path) -> Path:
+    """A config path as given, or a shipped config's path for its bare name ("demo", "demo.yaml")."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_CONFIGS / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise VitfoldError(
+        f"config file not found: {name_or_path} (a YAML path, or one of the shipped configs: "
+        f"{', '.join(shipped_configs())})"
+    )
+
+
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}

@@ -1,5 +1,6 @@
 """Datasets for `vitfold train`: an ImageFolder tree, the VTAB-1k list layout, the FGVC layout of the
-official RLRR loaders, and the UCI digits that ship inside scikit-learn (the offline default).
+official RLRR loaders, and the UCI handwritten digits that ship inside vitfold (the offline default;
+`demo_data/digits.csv.gz`, the 1,797 8x8 images of Alpaydin & Kaynak, UCI ML Repository, CC BY 4.0).
 
     --data digits            all ten classes        --data digits:5-9    classes 5..9, relabelled 0..4
     --data folder:PATH       PATH/train/<class>/*, PATH/val/ (or PATH/test/)
@@ -35,6 +36,7 @@ from vitfold.errors import DataError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 FGVC_CROP_PCT = 224 / 256  # the official FGVC evaluation: resize to 256 (for 224), centre crop 224
 DIGITS_EVAL_FRACTION = 0.25  # fixed, stratified split of the 1,797 digits: same eval set for every seed
+DIGITS_FILE = Path(__file__).with_name("demo_data") / "digits.csv.gz"  # rows: 64 grey levels 0..16, label
 
 
 FGVC_IMAGE_DIRS = {  # the official loaders' dataset folders, and where their images are under them
@@ -206,21 +208,39 @@ class _FlipDataset(Dataset):
         return (x.flip(-1) if torch.rand(()) < 0.5 else x), self.labels[i]
 
 
+def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The shipped UCI digits: images [1797, 64] (grey levels 0..16, float32) and labels [1797] (int64)."""
+    import gzip
+
+    with gzip.open(DIGITS_FILE, "rt") as f:
+        rows = torch.tensor([[int(v) for v in line.split(",")] for line in f if line.strip()])  # [1797, 65]
+    return rows[:, :64].float(), rows[:, 64].long()
+
+
+def stratified_split(labels: torch.Tensor, eval_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices (train, eval): each class gives round(eval_fraction * its count) of its examples to eval,
+    drawn by a generator seeded with `seed`, so every call (and every training seed) gets the same split."""
+    g = torch.Generator().manual_seed(seed)
+    train, held_out = [], []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=g)].tolist()
+        n_eval = round(eval_fraction * len(members))
+        held_out += members[:n_eval]
+        train += members[n_eval:]
+    return sorted(train), sorted(held_out)
+
+
 def _digits(spec: DataSpec, transform: ImageTransform, validation: bool) -> Splits:
     if validation:
         raise _no_validation(spec, "has no validation split apart from its evaluation split")
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
+    all_images, all_labels = load_digits()
     classes = spec.classes or tuple(range(10))
-    keep = [i for i, y in enumerate(digits.target) if y in classes]
+    keep = [i for i, y in enumerate(all_labels.tolist()) if y in classes]
     relabel = {c: i for i, c in enumerate(classes)}
-    images = torch.tensor(digits.data[keep], dtype=torch.float32)
-    labels = torch.tensor([relabel[int(y)] for y in digits.target[keep]])
-    train_idx, eval_idx = train_test_split(
-        range(len(labels)), test_size=DIGITS_EVAL_FRACTION, stratify=labels.numpy(), random_state=0
-    )
+    images = all_images[keep]  # [N, 64]
+    labels = torch.tensor([relabel[int(y)] for y in all_labels[keep]])
+    train_idx, eval_idx = stratified_split(labels, DIGITS_EVAL_FRACTION)
     x = _digits_tensor(images, transform)
     train_x, train_y = x[train_idx], labels[train_idx]
     train = _FlipDataset(train_x, train_y) if transform.hflip else TensorDataset(train_x, train_y)

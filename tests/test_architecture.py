@@ -4,22 +4,22 @@ nothing of `pipeline/`, and only the stage layer names a run directory's files."
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"vitfold": ROOT / "vitfold", "vitfold.pipeline": ROOT / "pipeline", "vitfold.export": ROOT / "export"}
+PACKAGE = ROOT / "vitfold"  # vitfold/pipeline and vitfold/export link to the top-level folders
 
 
 def _modules() -> dict[str, Path]:
+    """Every module of the package by import name: the name is the path under the repository root."""
     found = {}
-    for package, folder in PACKAGES.items():
-        for path in folder.rglob("*.py"):
-            if package == "vitfold" and path.parent != folder:
-                continue
-            parts = path.relative_to(folder).with_suffix("").parts
-            found[".".join((package, *parts)).removesuffix(".__init__")] = path
+    for folder, _, files in os.walk(PACKAGE, followlinks=True):
+        for path in (Path(folder) / f for f in files if f.endswith(".py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts).removesuffix(".__init__")] = path
     return found
 
 

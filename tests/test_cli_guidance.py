@@ -19,7 +19,7 @@ from helpers import TINY_RUN
 def test_help_lists_the_commands_in_pipeline_order():
     result = CliRunner().invoke(main, ["--help"])
     listed = re.findall(r"^  ([\w-]+)\s", result.output.split("Commands:")[1], re.M)
-    assert listed == ["train", "import-official", "fold", "export", "verify", "bench", "report", "run", "info"]
+    assert listed == ["train", "import-official", "fold", "export", "verify", "bench", "report", "run", "info", "configs"]
 
 
 def test_fixed_values_are_choices_that_match_the_code():
@@ -42,7 +42,7 @@ def test_fixed_values_are_choices_that_match_the_code():
 def test_run_without_config_runs_nothing_and_says_how_to_start(tmp_path):
     result = CliRunner().invoke(main, ["run", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
-    assert "vitfold run --config configs/demo.yaml --out runs/demo" in result.output
+    assert "vitfold run --config demo --out runs/demo" in result.output
     assert not (tmp_path / "run").exists()
 
 

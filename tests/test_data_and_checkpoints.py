@@ -119,10 +119,25 @@ def test_digits_subset_is_relabelled_and_stratified():
     assert splits.class_names == ["5", "6", "7", "8", "9"]
     labels = torch.stack([y for _, y in splits.eval])
     assert set(labels.tolist()) == set(range(5))
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits as sklearn_digits
 
-    assert len(splits.train) + len(splits.eval) == int((load_digits().target >= 5).sum())
+    reference = sklearn_digits()
+    assert len(splits.train) + len(splits.eval) == int((reference.target >= 5).sum())
     assert abs(len(splits.eval) / (len(splits.train) + len(splits.eval)) - 0.25) < 0.01
+    counts = torch.bincount(labels, minlength=5).tolist()  # stratified: each class gives about a quarter
+    totals = [int((reference.target == c).sum()) for c in range(5, 10)]
+    assert all(abs(n - 0.25 * t) <= 1 for n, t in zip(counts, totals, strict=True))
+
+
+def test_shipped_digits_equal_scikit_learns():
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from vitfold.pipeline.data import load_digits
+
+    images, labels = load_digits()
+    reference = sklearn_digits()
+    assert torch.equal(images, torch.tensor(reference.data, dtype=torch.float32))
+    assert labels.tolist() == reference.target.tolist()
 
 
 def _tiny(**kw):

@@ -102,7 +102,7 @@ def test_rlrr_new_head_on_swin_is_trunc_normal_not_zero():
 
 
 def test_swin_b_efft2_config_trains_the_released_setting():
-    """configs/swinb_in22k_efft2_vtab_dtd.yaml resolves to the released Swin-B setting (289,680 trained tensors'
+    """The shipped config swinb_in22k_efft2_vtab_dtd resolves to the released Swin-B setting (289,680 trained tensors'
     elements, counted above from the released shapes); the ViT-L/H recipes are the released rank 24 / 32."""
     from vitfold.pipeline.config import load_config
     from vitfold.pipeline.recipes import resolve_recipe

@@ -22,7 +22,7 @@ METHOD_NAMES = ("rlrr", "efft1", "efft2", "lora", "linear", "full")
 STAGE_NAMES = ("pretrain", "train", "compare", "fold", "export", "verify", "bench", "report")
 OFFICIAL_NAMES = ("rlrr", "efft2")  # the official codes import-official reads
 # `vitfold --help` lists the stage commands in pipeline order, then the whole pipeline and the utilities
-COMMAND_ORDER = ("train", "import-official", "fold", "export", "verify", "bench", "report", "run", "info")
+COMMAND_ORDER = ("train", "import-official", "fold", "export", "verify", "bench", "report", "run", "info", "configs")
 
 
 class _UserError(click.ClickException):
@@ -101,7 +101,10 @@ def batch_sizes_option(default: str) -> Decorator:
 
 
 config_option: Decorator = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), help="Run config (YAML); flags override it."
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Run config (a YAML file or a shipped config's name); flags override it.",
 )
 
 
@@ -126,12 +129,10 @@ def base_options(command: Callable) -> Callable:
 
 
 def _read_config(config_path: str | None, **overrides: Any) -> Any:
-    """The run config: `config_path` (it must exist when given) with the non-None `overrides`."""
-    from vitfold.pipeline.config import load_config
+    """The run config: `config_path` (a file, or a shipped config's name) with the non-None `overrides`."""
+    from vitfold.pipeline.config import config_file, load_config
 
-    if config_path is not None and not Path(config_path).is_file():
-        raise VitfoldError(f"config file not found: {config_path}")
-    return load_config(config_path, **overrides)
+    return load_config(None if config_path is None else config_file(config_path), **overrides)
 
 
 trust_option: Decorator = click.option(
@@ -159,7 +160,8 @@ def main() -> None:
     """Fine-tune timm ViTs with foldable adapters, fold them away, export and verify the result.
 
     The stage commands below come in pipeline order (train, fold, export, verify, bench, report); `run`
-    runs every out-of-date stage of a config. Start with: vitfold run --config configs/demo.yaml --out runs/demo
+    runs every out-of-date stage of a config. Start with: vitfold run --config demo --out runs/demo (the offline demo
+    config that ships with vitfold)
     """
 
 
@@ -605,7 +607,10 @@ def report(run_dir: str) -> None:
 
 @main.command()
 @click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), help="Run config (YAML), e.g. configs/demo.yaml."
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Run config: a YAML file, or a shipped config's name (vitfold configs lists them).",
 )
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--force", "force", type=click.Choice(STAGE_NAMES), help="Rerun from this stage on.")
@@ -620,8 +625,8 @@ def run(config_path: str | None, out: str, force: str | None, trust: bool) -> No
     rd = RunDir(out)
     if config_path is None:
         raise VitfoldError(
-            "vitfold run needs --config FILE: start with vitfold run --config configs/demo.yaml --out runs/demo "
-            "(the offline demo), or copy and edit one of configs/*.yaml"
+            "vitfold run needs --config FILE: start with vitfold run --config demo --out runs/demo "
+            "(the offline demo), or copy and edit a shipped config (vitfold configs)"
             + (f"; to rerun this run: --config {rd.config_file}" if rd.config_file.is_file() else "")
         )
     cfg = _read_config(config_path)
@@ -640,3 +645,19 @@ def run(config_path: str | None, out: str, force: str | None, trust: bool) -> No
     if not read_manifest(rd)["stages"].get("verify", {}).get("passed", True):
         _echo(f"verify FAILED: see {rd.verify_dir / 'verify.md'}")
         sys.exit(1)
+
+
+@main.command()
+@click.argument("name", required=False)
+def configs(name: str | None) -> None:
+    """List the run configs that ship with vitfold, or print config NAME (to copy and edit it).
+
+    Run one by name: vitfold run --config demo --out runs/demo
+    """
+    from vitfold.pipeline.config import config_file, shipped_configs
+
+    if name is not None:
+        click.echo(config_file(name).read_text(), nl=False)
+        return
+    for shipped in shipped_configs():
+        click.echo(shipped)

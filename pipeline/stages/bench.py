@@ -301,14 +301,18 @@ def _aoti_isa(rd: RunDir, backends: list[str]) -> dict[str, Any]:
 
 def _write_outputs(out_dir: Path, summary: dict[str, Any]) -> list[Path]:
     paths = [out_dir / "bench.json", out_dir / "bench.csv", out_dir / "latency.png"]
-    atomic_write_json(paths[0], summary)
-    atomic_write_text(paths[1], _csv(summary["rows"]))
     where = summary["machine"].get("gpu") or summary["machine"]["cpu"]
     size = summary["image_size"]
     title = (
         f"{summary['model']} {size[0]}x{size[1]}: latency on {summary['device']}, {summary['threads']} threads\n{where}"
     )
-    atomic_replace(paths[2], latency_chart(summary["rows"], title))
+    chart = latency_chart(summary["rows"], title)  # None without matplotlib (the `plots` extra)
+    summary["chart"] = paths[2].name if chart is not None else None
+    atomic_write_json(paths[0], summary)
+    atomic_write_text(paths[1], _csv(summary["rows"]))
+    if chart is None:
+        return paths[:2]
+    atomic_replace(paths[2], chart)
     return paths
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vitfold.export.charts import CHART_EXTRA
 from vitfold.export.isa import cpu_name
 from vitfold.pipeline.atomic import atomic_write_text
 from vitfold.pipeline.config import RunConfig
@@ -190,6 +191,8 @@ def _latency(bench: dict[str, Any]) -> list[str]:
     ]
     lines += [f"- {ratio_line(key, ratio)}" for key, ratio in bench.get("ratios", {}).items()]
     lines += [f"- {name} not measured: {reason}" for name, reason in bench.get("skipped", {}).items()]
+    if bench.get("chart", "latency.png") is None:
+        return lines + ["", f"(No latency chart: matplotlib is not installed; {CHART_EXTRA}.)"]
     return lines + ["", "![latency per backend](bench/latency.png)"]
 
 

@@ -1,9 +1,9 @@
 """`make mutants`: plant each mutant of catalog.py in a copy of the repository, run the tests meant to
 kill it, and print a table (mutant, killed by, seconds). Exit 1 if any mutant survives.
 
-The copy is the tracked and untracked-but-not-ignored files; `vitfold/pipeline` and `vitfold/export` are
-linked inside it so that `import vitfold` resolves to the copy (it is first on PYTHONPATH), not to the
-editable install of the working tree.
+The copy is the tracked and untracked-but-not-ignored files (the links `vitfold/pipeline` and `vitfold/export`
+among them), so `import vitfold` resolves to the copy: it is first on PYTHONPATH, before the editable install
+of the working tree.
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ def make_copy(dst: Path) -> Path:
     ).stdout.splitlines()
     for name in files:
         source = ROOT / name
-        if source.is_file():
+        if source.is_symlink() or source.is_file():
             (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dst / name)
-    for half in ("pipeline", "export"):
-        (dst / "vitfold" / half).symlink_to(Path("..") / half)
+            shutil.copy2(source, dst / name, follow_symlinks=False)
     return dst
 
 
