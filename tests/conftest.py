@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from torch import nn
 
 from helpers import QUIET, TINY, TINY_RUN, make_vit
+
+# The checkout under test is `vitfold` for this process (pytest runs from its root) and for every process
+# a test starts (`python -m vitfold` in a temporary folder), whatever another editable install points at.
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 @pytest.fixture

@@ -115,8 +115,11 @@ def test_one_import_name_that_no_local_file_shadows(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     probe = "import importlib.util as u; print(u.find_spec('export'), u.find_spec('pipeline'))"
+    installed = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the install alone, not the checkout
     for cwd, flags in ((empty, []), (shadow, ["-P"])):  # -P: the current folder is not on sys.path
-        out = subprocess.run([sys.executable, *flags, "-c", probe], cwd=cwd, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, *flags, "-c", probe], cwd=cwd, env=installed, capture_output=True, text=True
+        )
         assert out.stdout.strip() == "None None", out.stderr
 
 
