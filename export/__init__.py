@@ -10,6 +10,7 @@ inside the modules that need them, so `import vitfold.export` works without them
 package imports neither torch nor onnx.
 """
 
+from collections.abc import Iterable
 from importlib import import_module
 from typing import Any
 
@@ -29,6 +30,19 @@ FILES = {
     "tensorrt": "model.plan",
 }
 
+def format_names(formats: Iterable[str]) -> list[str]:
+    """The requested formats, in order, once each; a `VitfoldError` naming the first unknown one (or none)."""
+    from vitfold.errors import VitfoldError
+
+    names = list(dict.fromkeys(formats))
+    unknown = [f for f in names if f not in FORMATS]
+    if unknown or not names:
+        raise VitfoldError(
+            f"unknown format (choose from {', '.join(FORMATS)})", argument="formats", value=(unknown or [""])[0]
+        )
+    return names
+
+
 _API = {
     "export": "vitfold.export.exporting",
     "open_runner": "vitfold.export.runners",
@@ -37,10 +51,14 @@ _API = {
     "Tolerance": "vitfold.export.comparison",
 }
 
-__all__ = ["DEFAULT_FORMATS", "FILES", "FORMATS", "PRECISIONS", *sorted(_API)]
+__all__ = ["DEFAULT_FORMATS", "FILES", "FORMATS", "PRECISIONS", "format_names", *sorted(_API)]
 
 
 def __getattr__(name: str) -> Any:
     if name in _API:
         return getattr(import_module(_API[name]), name)
     raise AttributeError(f"module 'vitfold.export' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitfold.errors import VitfoldError
-from vitfold.export import FILES, FORMATS
+from vitfold.errors import VitfoldError, first_line
+from vitfold.export import FILES, format_names
 from vitfold.export.model_info import ModelInfo
 from vitfold.export.precision import variants
 
@@ -25,10 +25,7 @@ ArtifactCallback = Callable[[str, list[Path], float], None]
 
 def check_formats(formats: Iterable[str], precision: str = "fp32", device: str = "cpu") -> list[str]:
     """The formats as a list, after checking names, precision, device and each one's dependencies (exit 2)."""
-    formats = list(dict.fromkeys(formats))
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise VitfoldError(f"--format: unknown format '{(unknown or [''])[0]}' (choose from {', '.join(FORMATS)})")
+    formats = format_names(formats)
     variants(formats, precision, device)
     if "tensorrt" in formats:
         from vitfold.export.tensorrt import require_tensorrt
@@ -42,14 +39,36 @@ def check_formats(formats: Iterable[str], precision: str = "fp32", device: str =
             import torch
 
             if not torch.cuda.is_available():
-                raise VitfoldError(f"--device {device}: the AOTInductor package for CUDA needs a GPU; none is visible")
+                raise VitfoldError(
+                    "the AOTInductor package for CUDA needs a GPU; none is visible", argument="device", value=device
+                )
     return formats
 
 
 def _image_size(input_size: tuple[int, ...]) -> tuple[int, int]:
     if len(input_size) != 3 or input_size[0] != 3 or min(input_size) < 1:
-        raise VitfoldError(f"input_size must be (3, H, W), got {tuple(input_size)}")
+        raise VitfoldError("must be (3, H, W)", argument="input_size", value=tuple(input_size))
     return int(input_size[1]), int(input_size[2])
+
+
+def check_model(model: nn.Module, input_size: tuple[int, int, int]) -> None:
+    """One forward pass of a zero image of `input_size` before any exporter runs: a model that is not an
+    `nn.Module`, or that refuses the size, is one `VitfoldError` instead of an exporter's traceback."""
+    if not isinstance(model, nn.Module):
+        raise VitfoldError(f"must be a torch.nn.Module, got {type(model).__name__}", argument="model")
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(1, *input_size, device=next(model.parameters()).device))  # [1, classes]
+    except (RuntimeError, AssertionError, ValueError, TypeError) as e:
+        raise VitfoldError(
+            f"the model does not run on (1, {', '.join(map(str, input_size))}) images: {first_line(e)}",
+            argument="input_size",
+            value=tuple(input_size),
+        ) from None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise VitfoldError(f"must return logits [batch, classes], returned {shape}", argument="model")
 
 
 def export(
@@ -79,10 +98,11 @@ def export(
     formats = check_formats(formats, precision, device)
     reduced = variants(formats, precision, device)
     image_size = _image_size(input_size)
+    check_model(model, tuple(input_size))
+    model = model.eval()
     if info is not None:
         info.check(tuple(input_size), model.num_classes)
     out_dir = Path(out_dir)
-    model = model.eval()
     written: dict[str, Path] = {}
 
     def produce(name: str, make: Callable[[], list[Path]]) -> None:

@@ -34,7 +34,7 @@ def export_onnx(
     import onnx
 
     if opset < MIN_OPSET:
-        raise VitfoldError(f"--opset {opset}: use {MIN_OPSET} or newer (LayerNormalization as one op)")
+        raise VitfoldError(f"use {MIN_OPSET} or newer (LayerNormalization as one op)", argument="opset", value=opset)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = weight_bytes > SINGLE_FILE_LIMIT
     with staged_files(path.parent) as tmp:

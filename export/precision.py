@@ -32,7 +32,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def variants(formats: list[str], precision: str, device: str = "cpu") -> dict[str, str]:
     """format -> reduced-precision artifact for the requested `formats` (one-line error when none applies)."""
     if precision not in PRECISIONS:
-        raise VitfoldError(f"--precision {precision}: use {', '.join(PRECISIONS)}")
+        raise VitfoldError(f"use {', '.join(PRECISIONS)}", argument="precision", value=precision)
     kind = torch.device(device).type
     found = {
         fmt: artifact
@@ -44,7 +44,9 @@ def variants(formats: list[str], precision: str, device: str = "cpu") -> dict[st
             f"{f} (device {DEVICE_ONLY[precision, f]})" if (precision, f) in DEVICE_ONLY else f
             for f in VARIANTS[precision]
         )
-        raise VitfoldError(f"--precision {precision} applies to {where}; not to {', '.join(formats)} on {device}")
+        raise VitfoldError(
+            f"applies to {where}; not to {', '.join(formats)} on {device}", argument="precision", value=precision
+        )
     if precision == "bf16" and kind == "cpu":
         require_cpu_bf16()
     return found
@@ -54,7 +56,9 @@ def require_cpu_bf16() -> None:
     """One-line refusal of BF16 on a CPU that would only emulate it."""
     if not cpu_has_bf16():
         raise VitfoldError(
-            f"--precision bf16 on CPU needs AVX512_BF16 or AMX; this CPU has {', '.join(cpu_isa()) or 'neither'}"
+            f"on CPU needs AVX512_BF16 or AMX; this CPU has {', '.join(cpu_isa()) or 'neither'}",
+            argument="precision",
+            value="bf16",
         )
 
 

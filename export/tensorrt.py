@@ -40,12 +40,14 @@ def require_tensorrt() -> Any:
         import tensorrt
     except ImportError:
         raise TensorRTUnavailable(
-            "--format tensorrt needs the tensorrt package and an NVIDIA GPU: pip install 'vitfold[trt]'"
+            "needs the tensorrt package and an NVIDIA GPU: pip install 'vitfold[trt]'",
+            argument="formats",
+            value="tensorrt",
         ) from None
     import torch
 
     if not torch.cuda.is_available():
-        raise TensorRTUnavailable("--format tensorrt needs an NVIDIA GPU; none is visible to CUDA")
+        raise TensorRTUnavailable("needs an NVIDIA GPU; none is visible to CUDA", argument="formats", value="tensorrt")
     return tensorrt
 
 

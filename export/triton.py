@@ -60,7 +60,7 @@ def model_config(
 def model_names(model_name: str, artifacts: Collection[str]) -> dict[str, str]:
     """artifact (`onnx`, `onnx-fp16`, `tensorrt-int8`, ...) -> its Triton model name `<model_name>_<artifact>`."""
     if not MODEL_NAME.fullmatch(model_name) or model_name in (".", ".."):
-        raise VitfoldError(f"--triton-name '{model_name}': use letters, digits, '_', '-' and '.'")
+        raise VitfoldError("use letters, digits, '_', '-' and '.'", argument="model_name", value=model_name)
     return {artifact: f"{model_name}_{artifact.replace('-', '_')}" for artifact in artifacts}
 
 

@@ -2,7 +2,8 @@
 
 Metadata (strings): `format` (vitfold-adapter/1), `method`, `method_options` (JSON), `backbone` (the timm
 name), `num_classes`, `new_head` (whether the file holds a new head), `vitfold_version`, and whatever the
-writer adds (the run stage: the epoch, the base weights' identity, ...).
+writer adds (`save_adapter`: `backbone_kwargs` (JSON) and `base`, the base weights' identity or "unknown";
+the run stage: the epoch, the checkpoint, ...).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 
 from vitfold.errors import AdapterError
 from vitfold.pipeline.adapter_files import adapter_file_metadata, file_method, read_adapter_file, write_adapter_file
-from vitfold.pipeline.adapters import AdapterLayer, AdapterModule, AdapterRecord, get_method
+from vitfold.pipeline.adapters import METHODS, AdapterLayer, AdapterModule, AdapterRecord, get_method
 from vitfold.pipeline.adapters.targets import model_family
 
 RECORD_ATTR = "vitfold_adapter"
@@ -87,18 +88,37 @@ def _new_head(model: nn.Module, num_classes: int, init: str) -> None:
             trunc_normal_(p.data, std=0.02)
 
 
-def adapt(model: nn.Module, method: str = "rlrr", *, num_classes: int | None = None, **options: Any) -> nn.Module:
+def _method_and_options(method: str | Any, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(method name, options) from a name plus keyword options, or from a typed config
+    (`vitfold.RLRRConfig(...)`, one method's options dataclass, already validated when it was built)."""
+    if isinstance(method, str):
+        return method, options
+    found = [cls.name for cls in METHODS.values() if type(method) is cls.options_type]
+    if not found:
+        known = ", ".join(cls.options_type.__name__ for cls in METHODS.values())
+        raise AdapterError(
+            f"must be a method name or a method config ({known}), got {type(method).__name__}", argument="method"
+        )
+    if options:
+        raise AdapterError(f"give the options in the config or as keywords, not both (got {', '.join(options)})")
+    return found[0], asdict(method)
+
+
+def adapt(model: nn.Module, method: str | Any = "rlrr", *, num_classes: int | None = None, **options: Any) -> nn.Module:
     """Attach adapter `method` to a timm ViT in place and return it.
 
+    `method` is a name ("rlrr", "efft2", ...) with the method's `options` as keywords (e.g.
+    `init="paper" | "identity"` for RLRR), or a typed config (`vitfold.RLRRConfig(init="paper")`,
+    `vitfold.EFFT2Config(rank=8)`, ...); an unknown or invalid option is an `AdapterError`.
     All base parameters are frozen; the adapter tensors train, and so does a new head when `num_classes`
     is given: zero-initialised, or with timm's random init for a method whose official code keeps it
-    (EFFT). Otherwise the model's own head is kept, frozen. `options` are the method's (e.g.
-    `init="paper" | "identity"` for RLRR); an unknown option is an `AdapterError`.
+    (EFFT). Otherwise the model's own head is kept, frozen.
     """
+    method, options = _method_and_options(method, options)
     if getattr(model, RECORD_ATTR, None) is not None:
         raise AdapterError(f"model already has a '{getattr(model, RECORD_ATTR).method}' adapter")
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-        raise AdapterError(f"num_classes must be a positive integer, got {num_classes!r}")
+        raise AdapterError(f"must be a positive integer, got {num_classes!r}", argument="num_classes")
     adapter = get_method(method)(**options)  # validates options before the model is touched
     model.requires_grad_(False)
     adapter.attach(model)
@@ -116,26 +136,38 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in trainable_named_parameters(model)}
 
 
-def timm_name(model: nn.Module) -> str:
-    """The timm name the model was created under (architecture.tag), from its `pretrained_cfg`."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    architecture, tag = cfg.get("architecture"), cfg.get("tag")
-    if not architecture:
-        return type(model).__name__
-    return f"{architecture}.{tag}" if tag else architecture
+def timm_architecture(model: nn.Module) -> str:
+    """The timm architecture the model was created as (without a pretrained tag: which weights it holds
+    cannot be read off the model), or its class name."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
 
 
-def save_adapter(model: nn.Module, path: str | Path, *, backbone: str | None = None, **extra: Any) -> Path:
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    backbone: str | None = None,
+    backbone_kwargs: dict[str, Any] | None = None,
+    base: str | None = None,
+    **extra: Any,
+) -> Path:
     """Write the adapter (and new head) tensors of an adapted model to a safetensors file, atomically, with
-    the method, its options, the backbone (default: the model's timm name), the head size and the vitfold
-    version in its metadata (`extra` adds more). `load_adapter(model, path)` reads it back."""
+    the method, its options, the head size and the vitfold version in its metadata, and what is known of
+    the backbone, nothing guessed: `backbone` (default: the model's timm architecture, untagged),
+    `backbone_kwargs` (default: the size arguments in which the model differs from that architecture's
+    defaults), `base` (the base weights' identity, e.g. a checkpoint's sha256; default "unknown").
+    `extra` adds more. `load_adapter(model, path)` reads it back."""
+    from vitfold.pipeline.backbones import backbone_size_kwargs
+
     record = adapter_record(model)
     metadata = adapter_file_metadata(
         record.method,
         record.options,
-        backbone or timm_name(model),
+        backbone or timm_architecture(model),
         int(getattr(model, "num_classes", 0)),
         record.new_head,
+        backbone_kwargs=json.dumps(backbone_size_kwargs(model) if backbone_kwargs is None else backbone_kwargs),
+        base=base or "unknown",
         **extra,
     )
     return write_adapter_file(path, adapter_state_dict(model), metadata)

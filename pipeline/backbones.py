@@ -89,6 +89,53 @@ def create_backbone(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn
     return model
 
 
+def _linear(module: nn.Module) -> nn.Module:
+    return getattr(module, "base", module)  # the frozen layer inside an adapter layer
+
+
+def _pair(value: Any) -> Any:
+    return value[0] if isinstance(value, tuple | list) and len(set(value)) == 1 else value
+
+
+def _size_of(model: nn.Module) -> dict[str, Any]:
+    """The size arguments of `timm.create_model` as a ViT or a Swin (v1) model holds them."""
+    from vitfold.pipeline.adapters.targets import model_family
+
+    embed = model.patch_embed
+    size = {
+        "img_size": _pair(tuple(embed.img_size)),
+        "patch_size": _pair(tuple(embed.patch_size)),
+        "in_chans": _linear(embed.proj).in_channels,
+        "embed_dim": model.embed_dim,
+    }
+    if model_family(model) == "vit":
+        fc1 = _linear(model.blocks[0].mlp.fc1)
+        return size | {
+            "depth": len(model.blocks),
+            "num_heads": model.blocks[0].attn.num_heads,
+            "mlp_ratio": fc1.out_features / fc1.in_features,
+        }
+    return size | {  # swin
+        "depths": tuple(len(layer.blocks) for layer in model.layers),
+        "num_heads": tuple(layer.blocks[0].attn.num_heads for layer in model.layers),
+        "window_size": _pair(tuple(model.layers[0].blocks[0].window_size)),
+    }
+
+
+def backbone_size_kwargs(model: nn.Module) -> dict[str, Any]:
+    """The size arguments in which `model` differs from its timm architecture's defaults (img_size, depth,
+    ...): with them `timm.create_model(architecture, **kwargs)` builds a model of the same shapes."""
+    import timm
+    import torch
+
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not architecture:
+        return {}
+    with torch.device("meta"):  # shapes only, no memory
+        default = _size_of(timm.create_model(architecture))
+    return {k: v for k, v in _size_of(model).items() if v != default[k]}
+
+
 def read_state_dict(path: Path) -> dict[str, Any]:
     """The tensors of a `.safetensors` or `.pth`/`.pt`/`.bin`/`.ckpt` file (weights_only), unwrapped from a
     training checkpoint's `state_dict` / `model` / `module` / `model_state_dict` entry."""

@@ -135,17 +135,21 @@ def parse_data_spec(spec: str) -> DataSpec:
         return DataSpec("digits", classes=_parse_classes(rest, spec) if rest else None)
     if kind in ("folder", "vtab", "fgvc"):
         if not rest:
-            raise DataError(f"--data {spec}: give a path, e.g. {kind}:/data/my_dataset")
+            raise DataError(f"give a path, e.g. {kind}:/data/my_dataset", argument="data", value=spec)
         path = Path(rest).expanduser()
         if not path.is_dir():
-            raise DataError(f"--data {spec}: directory not found: {path}")
+            raise DataError(f"directory not found: {path}", argument="data", value=spec)
         if kind == "fgvc" and path.resolve().name not in FGVC_IMAGE_DIRS:
             raise DataError(
-                f"--data {spec}: the FGVC folder must be named as the official loaders name it "
-                f"({', '.join(FGVC_IMAGE_DIRS)}), got '{path.resolve().name}'"
+                f"the FGVC folder must be named as the official loaders name it "
+                f"({', '.join(FGVC_IMAGE_DIRS)}), got '{path.resolve().name}'",
+                argument="data",
+                value=spec,
             )
         return DataSpec(kind, path=path)
-    raise DataError(f"--data {spec}: unknown kind '{kind}' (use digits, folder:PATH, vtab:PATH or fgvc:PATH)")
+    raise DataError(
+        f"unknown kind '{kind}' (use digits, folder:PATH, vtab:PATH or fgvc:PATH)", argument="data", value=spec
+    )
 
 
 def _parse_classes(text: str, spec: str) -> tuple[int, ...]:
@@ -156,9 +160,9 @@ def _parse_classes(text: str, spec: str) -> tuple[int, ...]:
         else:
             classes = tuple(int(t) for t in text.split(","))
     except ValueError:
-        raise DataError(f"--data {spec}: classes must look like 5-9 or 0,2,4") from None
+        raise DataError("classes must look like 5-9 or 0,2,4", argument="data", value=spec) from None
     if not classes or not set(classes) <= set(range(10)) or len(set(classes)) != len(classes):
-        raise DataError(f"--data {spec}: digit classes must be distinct, within 0..9")
+        raise DataError("digit classes must be distinct, within 0..9", argument="data", value=spec)
     return classes
 
 

@@ -60,7 +60,7 @@ def init_distributed(device: str) -> Dist:
     """One process, or DDP under torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise VitfoldError("--device cuda: no CUDA GPU is available")
+        raise VitfoldError("no CUDA GPU is available", argument="device", value="cuda")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(device=torch.device("cuda" if use_cuda else "cpu"))

@@ -130,7 +130,10 @@ def test_save_adapter_then_load_adapter_onto_a_plain_backbone(tmp_path, method):
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     assert meta["method"] == method and meta["vitfold_version"] == vitfold.__version__
-    assert meta["backbone"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k" and meta["num_classes"] == "4"
+    # what is known, nothing guessed: the architecture without a pretrained tag (these weights are random),
+    # the size arguments the model was built with, and base weights of unknown identity
+    assert meta["backbone"] == name and meta["num_classes"] == "4" and meta["base"] == "unknown"
+    assert json.loads(meta["backbone_kwargs"]) == kwargs
     assert options.items() <= json.loads(meta["method_options"]).items()
     target = make_vit(name, seed=0, **kwargs)  # the same frozen weights, no adapter yet
     x = images(source, 3)
@@ -150,3 +153,49 @@ def test_load_adapter_file_onto_another_backbone_names_the_tensor_and_changes_no
     efft = vitfold.adapt(make_vit(name, **kwargs), "efft2")
     with pytest.raises(AdapterError, match="holds a 'rlrr' adapter, the model has a 'efft2' one"):
         vitfold.load_adapter(efft, path)
+
+
+@pytest.mark.parametrize(
+    ("config", "method", "options"),
+    [
+        (lambda: vitfold.RLRRConfig(init="identity", scales="left"), "rlrr", {"init": "identity", "scales": "left"}),
+        (lambda: vitfold.EFFT1Config(rank=3, scale=0.5), "efft1", {"rank": 3, "scale": 0.5}),
+        (lambda: vitfold.EFFT2Config(rank=3, ffn_rank=5), "efft2", {"rank": 3, "ffn_rank": 5}),
+        (lambda: vitfold.LoRAConfig(rank=2, alpha=4.0), "lora", {"rank": 2, "alpha": 4.0}),
+        (lambda: vitfold.LinearConfig(), "linear", {}),
+    ],
+)
+def test_a_typed_config_adapts_as_its_method_with_keyword_options(config, method, options):
+    """`adapt(model, vitfold.EFFT2Config(...))` is `adapt(model, "efft2", **options)`: the same record and
+    the same adapter tensors (EFFT2Config derives from EFFT1Config, and still means efft2)."""
+    name, kwargs = TINY
+    typed = vitfold.adapt(make_vit(name, seed=0, **kwargs), config(), num_classes=3)
+    torch.manual_seed(0)
+    keyword = vitfold.adapt(make_vit(name, seed=0, **kwargs), method, num_classes=3, **options)
+    assert typed.vitfold_adapter.method == method
+    assert typed.vitfold_adapter.options == keyword.vitfold_adapter.options
+    assert options.items() <= typed.vitfold_adapter.options.items()
+    mine, theirs = vitfold.adapter_state_dict(typed), vitfold.adapter_state_dict(keyword)
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+def test_a_typed_config_is_validated_where_it_is_built_and_not_mixed_with_keywords(tiny_vit):
+    with pytest.raises(AdapterError, match="option 'rank' must be a positive integer for method 'efft2'"):
+        vitfold.EFFT2Config(rank=0)
+    with pytest.raises(AdapterError, match="not both"):
+        vitfold.adapt(tiny_vit, vitfold.RLRRConfig(), init="paper")
+    with pytest.raises(AdapterError, match=r"^method: must be a method name or a method config .*got dict"):
+        vitfold.adapt(tiny_vit, {"method": "rlrr"})
+    assert not hasattr(tiny_vit, "vitfold_adapter")
+
+
+def test_the_package_lists_its_public_names():
+    import subprocess
+    import sys
+
+    code = "import vitfold, vitfold.export as e; print('adapt' in dir(vitfold), 'fold' in dir(vitfold), dir(e))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("True True ")
+    for name in ("export", "open_runner", "compare", "FORMATS"):
+        assert repr(name) in out
+    assert {"adapt", "fold", "save_adapter", "RLRRConfig", "EFFT2Config", "VitfoldError"} <= set(dir(vitfold))

@@ -80,5 +80,21 @@ def test_bad_tolerance_key_and_missing_file_are_one_line_errors(deployed, tmp_pa
         open_runner("onnxruntime", tmp_path / "nothing.onnx")
     with pytest.raises(VitfoldError, match="unknown backend 'openvino'"):
         open_runner("openvino", files["onnx"])
-    with pytest.raises(VitfoldError, match="input_size must be"):
+    with pytest.raises(VitfoldError, match=r"^input_size=\(32, 32\): must be \(3, H, W\)"):
         export(vitfold.fold(adapted), tmp_path / "x", formats=("onnx",), input_size=(32, 32))
+
+
+def test_library_errors_name_the_argument_and_a_wrong_input_size_is_one_error(deployed, tmp_path):
+    """From Python an error names the argument (the CLI shows the flag instead); a size the model refuses
+    is one `VitfoldError` before any exporter runs, and nothing is written."""
+    adapted, _, _ = deployed
+    folded = vitfold.fold(adapted)
+    with pytest.raises(VitfoldError, match=r"^formats='onnxx': unknown format \(choose from onnx,"):
+        export(folded, tmp_path / "a", formats=("onnxx",), input_size=(3, 32, 32))
+    with pytest.raises(VitfoldError, match=r"^precision='fp8': use fp32"):
+        export(folded, tmp_path / "b", formats=("onnx",), input_size=(3, 32, 32), precision="fp8")
+    with pytest.raises(VitfoldError, match=r"^input_size=\(3, 48, 48\): the model does not run on \(1, 3, 48, 48\)"):
+        export(folded, tmp_path / "c", formats=("onnx",), input_size=(3, 48, 48))
+    with pytest.raises(VitfoldError, match=r"^model: must be a torch.nn.Module, got str"):
+        export("model.safetensors", tmp_path / "d", formats=("onnx",), input_size=(3, 32, 32))
+    assert not any(tmp_path.iterdir())

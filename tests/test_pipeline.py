@@ -165,7 +165,9 @@ def test_killed_run_finishes_when_run_again(first, tmp_path):
     assert vitfold_run(config, run, cache)[1] == []
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("pipeline/configs/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parent.parent.glob("pipeline/configs/*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_configs_resolve(path):
     from vitfold.pipeline.config import load_config
     from vitfold.pipeline.stages.pipeline import stages_for

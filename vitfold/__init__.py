@@ -4,7 +4,7 @@ The library API (PEFT-like)::
 
     import timm, vitfold
     model = timm.create_model("vit_base_patch16_224")
-    model = vitfold.adapt(model, method="rlrr", num_classes=10)
+    model = vitfold.adapt(model, method="rlrr", num_classes=10)     # or vitfold.adapt(model, vitfold.RLRRConfig())
     ...  # train
     plain = vitfold.fold(model)                  # a plain timm model, same state_dict keys as a fresh one
     state = vitfold.adapter_state_dict(model)    # adapter + head tensors only
@@ -24,13 +24,22 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
+# public name -> (module, attribute): imported on first use, listed by dir() and help()
 _API = {
-    "adapt": "vitfold.pipeline.adapting",
-    "adapter_state_dict": "vitfold.pipeline.adapting",
-    "load_adapter": "vitfold.pipeline.adapting",
-    "parameter_counts": "vitfold.pipeline.adapting",
-    "save_adapter": "vitfold.pipeline.adapting",
-    "fold": "vitfold.pipeline.folding",
+    "adapt": ("vitfold.pipeline.adapting", "adapt"),
+    "adapter_state_dict": ("vitfold.pipeline.adapting", "adapter_state_dict"),
+    "load_adapter": ("vitfold.pipeline.adapting", "load_adapter"),
+    "parameter_counts": ("vitfold.pipeline.adapting", "parameter_counts"),
+    "save_adapter": ("vitfold.pipeline.adapting", "save_adapter"),
+    "fold": ("vitfold.pipeline.folding", "fold"),
+    # typed options per method (PEFT's LoraConfig): `vitfold.adapt(model, vitfold.RLRRConfig(init="paper"))`
+    "RLRRConfig": ("vitfold.pipeline.adapters.rlrr", "RLRROptions"),
+    "EFFT1Config": ("vitfold.pipeline.adapters.efft", "EFFTOptions"),
+    "EFFT2Config": ("vitfold.pipeline.adapters.efft", "EFFT2Options"),
+    "LoRAConfig": ("vitfold.pipeline.adapters.baselines", "LoRAOptions"),
+    "LinearConfig": ("vitfold.pipeline.adapters.baselines", "LinearOptions"),
+    "FullConfig": ("vitfold.pipeline.adapters.baselines", "FullOptions"),
+    "VitfoldError": ("vitfold.errors", "VitfoldError"),
 }
 
 __all__ = ["__version__", *sorted(_API)]
@@ -38,5 +47,10 @@ __all__ = ["__version__", *sorted(_API)]
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        return getattr(import_module(_API[name]), name)
+        module, attribute = _API[name]
+        return getattr(import_module(module), attribute)
     raise AttributeError(f"module 'vitfold' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from vitfold.errors import VitfoldError
-from vitfold.export import DEFAULT_FORMATS, FORMATS, PRECISIONS
+from vitfold.export import DEFAULT_FORMATS, FORMATS, PRECISIONS, format_names
 
 # Fixed values, spelled here so that `--help` imports no torch (tests/test_cli.py checks them against the
 # adapter registry and the pipeline's stages).
@@ -25,12 +25,18 @@ OFFICIAL_NAMES = ("rlrr", "efft2")  # the official codes import-official reads
 COMMAND_ORDER = ("train", "import-official", "fold", "export", "verify", "bench", "report", "run", "info", "configs")
 
 
+# library argument -> the flag that sets it, where the names differ (others: --argument-with-dashes)
+ARGUMENT_FLAGS = {"formats": "--format", "model_name": "--triton-name"}
+
+
 class _UserError(click.ClickException):
-    """A `VitfoldError` shown as one line, exiting with its code (2: input error)."""
+    """A `VitfoldError` shown as one line, exiting with its code (2: input error); an error about a library
+    argument names the flag that set it."""
 
     def __init__(self, error: VitfoldError) -> None:
+        text = error.as_flag(ARGUMENT_FLAGS).strip()
         # an error re-raised from a DataLoader worker carries the worker's traceback: keep its last line
-        last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        last = text.splitlines()[-1] if text else type(error).__name__
         super().__init__(last.removeprefix(f"{type(error).__module__}.{type(error).__name__}: "))
         self.exit_code = error.exit_code
 
@@ -388,10 +394,7 @@ def export(
     device: str | None,
 ) -> None:
     """Export RUN_DIR's folded model: RUN_DIR/export/ (model.onnx, model.pt, model.pt2, model.plan)."""
-    names = _names(formats)
-    unknown = [f for f in names or [] if f not in FORMATS]
-    if formats is not None and (unknown or not names):
-        raise VitfoldError(f"--format: unknown format '{(unknown or [formats])[0]}' (choose from {', '.join(FORMATS)})")
+    names = None if formats is None else format_names(_names(formats) or [])
     _stage(
         "export",
         run_dir,

@@ -20,15 +20,20 @@ from vitfold.pipeline.adapters.targets import find_targets
 
 
 @dataclass(frozen=True)
-class NoOptions:
-    """The method takes no options."""
+class LinearOptions:
+    """The linear probe takes no options."""
+
+
+@dataclass(frozen=True)
+class FullOptions:
+    """Full fine-tuning takes no options."""
 
 
 class LinearProbe(AdapterMethod):
     """Only the (new) head trains."""
 
     name = "linear"
-    options_type = NoOptions
+    options_type = LinearOptions
 
     def attach(self, model: nn.Module) -> None:
         find_targets(model, shifts=False)
@@ -38,7 +43,7 @@ class FullFineTune(AdapterMethod):
     """Every parameter trains; the adapter state is the whole model (there is nothing to fold)."""
 
     name = "full"
-    options_type = NoOptions
+    options_type = FullOptions
 
     def attach(self, model: nn.Module) -> None:
         find_targets(model, shifts=False)

@@ -22,7 +22,9 @@ def read_official(method: str, path: str | Path, options: dict[str, Any] | None 
     """The official `method` checkpoint at `path` in vitfold's terms; `options` are vitfold method options
     the checkpoint does not hold (EFFT2: `scale`). Every tensor of the file must be mapped."""
     if method not in OFFICIAL_METHODS:
-        raise VitfoldError(f"--method {method}: official checkpoints are read for {', '.join(OFFICIAL_METHODS)}")
+        raise VitfoldError(
+            f"official checkpoints are read for {', '.join(OFFICIAL_METHODS)}", argument="method", value=method
+        )
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"official checkpoint not found: {path}")

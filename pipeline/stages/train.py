@@ -42,7 +42,7 @@ def base_identity(rd: RunDir, cfg: RunConfig) -> str:
 def run_adapter_metadata(cfg: RunConfig, extra: dict[str, Any]) -> dict[str, Any]:
     """What a run adds to an adapter file's metadata (`pipeline.save_adapter` writes the method, options,
     backbone, head size and version): the backbone's options and local weights, and `extra`."""
-    return {"backbone_kwargs": json.dumps(cfg.backbone_kwargs), "checkpoint": cfg.checkpoint or "", **extra}
+    return {"backbone_kwargs": cfg.backbone_kwargs, "checkpoint": cfg.checkpoint or "", **extra}
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:

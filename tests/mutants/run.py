@@ -45,7 +45,8 @@ def run(mutant: Mutant, copy: Path, cache: Path) -> tuple[str, float]:
         )
     mutated = original.replace(mutant.find, mutant.replace)
     try:  # a mutant that does not compile would be "killed" by an import error, which proves nothing
-        compile(mutated, str(target), "exec")
+        if target.suffix == ".py":
+            compile(mutated, str(target), "exec")
     except SyntaxError as e:
         raise SystemExit(f"mutant '{mutant.name}' does not compile: {e}") from None
     target.write_text(mutated)
