@@ -8,12 +8,23 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from helpers import QUIET, TINY, TINY_RUN, make_vit
+from helpers import QUIET, ROOT, TINY, TINY_RUN, make_vit
 
 # The checkout under test is `vitfold` for this process (pytest runs from its root) and for every process
 # a test starts (`python -m vitfold` in a temporary folder), whatever another editable install points at.
-ROOT = Path(__file__).resolve().parent.parent
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+FOLDER_MARKERS = {"e2e": "e2e", "faults": "faults"}  # tests/<folder>/ -> the marker its tests carry
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end and fault tests live apart (tests/e2e/, tests/faults/) and carry their folder's marker,
+    so `pytest -m "not e2e and not faults"` runs the unit tests alone."""
+    for item in items:
+        folder = Path(item.path).relative_to(ROOT / "tests").parts[0]
+        if folder in FOLDER_MARKERS:
+            item.add_marker(FOLDER_MARKERS[folder])
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ import timm
 import torch
 from torch import nn
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository root
+
 # Tiny timm ViTs: (timm name, create kwargs). "vit" serves adapter tests (32x32 input, patch 8), "run" the
 # tiny training runs (16x16 input, patch 4).
 TINY_VITS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -16,7 +16,7 @@ import click
 from vitfold.errors import VitfoldError
 from vitfold.export import DEFAULT_FORMATS, FORMATS, PRECISIONS, format_names
 
-# Fixed values, spelled here so that `--help` imports no torch (tests/test_cli.py checks them against the
+# Fixed values, spelled here so that `--help` imports no torch (tests/cli/test_cli.py checks them against the
 # adapter registry and the pipeline's stages).
 METHOD_NAMES = ("rlrr", "efft1", "efft2", "lora", "linear", "full")
 STAGE_NAMES = ("pretrain", "train", "compare", "fold", "export", "verify", "bench", "report")

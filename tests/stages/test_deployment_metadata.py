@@ -1,4 +1,4 @@
-"""Preprocessing and class names travel with every artifact (issue 16): RUN/fold as a timm model folder,
+"""Preprocessing and class names travel with every artifact: RUN/fold as a timm model folder,
 the ONNX metadata, export.json and the Triton repository (every config.pbtxt parsed with Triton's own
 ModelConfig schema), Triton model names and replacement rules, and bench refusing a changed input."""
 

@@ -1,4 +1,4 @@
-"""Training as the official code trains (issue 12, items 2 and 4): the optimizer's weight-decay groups
+"""Training as the official code trains: the optimizer's weight-decay groups
 and the new head's initialisation per method, each against the official rule written out here."""
 
 from __future__ import annotations

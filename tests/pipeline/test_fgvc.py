@@ -1,4 +1,4 @@
-"""The FGVC protocol (issue 12, item 7): `fgvc:PATH` in the layouts the official RLRR loaders read, the
+"""The FGVC protocol of the official RLRR code: `fgvc:PATH` in the layouts the official RLRR loaders read, the
 official transform (resize 256/224 of the input, random crop + flip in training, centre crop in
 evaluation) against one written out here with PIL, the `rlrr-fgvc:<dataset>` recipes against RLRR's
 Table 2 settings, and a run on a generated CUB folder that trains, folds, exports and verifies."""

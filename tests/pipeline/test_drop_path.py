@@ -1,4 +1,4 @@
-"""RLRR's drop path is the official operator (issue 12, item 3): `nn.Dropout(p_i)` on each residual branch
+"""RLRR's drop path is the official operator: `nn.Dropout(p_i)` on each residual branch
 of block i, p_i rising linearly to the recipe's rate, against the official block written out here; the
 identity in eval mode; timm's per-sample DropPath kept as `sample`."""
 

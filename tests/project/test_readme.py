@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -15,7 +14,8 @@ from click.testing import CliRunner
 from vitfold.cli import main
 from vitfold.pipeline.data import ImageTransform, build_splits, parse_data_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 README = (ROOT / "README.md").read_text()
 
 

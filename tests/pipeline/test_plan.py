@@ -1,7 +1,7 @@
-"""The plan `vitfold train --print-plan` prints (issue 12, items 5 and 9), against independent references
-written here: the learning rate of every optimizer step against the official loops run with timm's and
-torch's own schedulers (`create_scheduler` as train_vtab.py/train_fgvc.py call it, `CosineLRScheduler` as
-EFFT's execute.py builds it), and the weight-decay groups against the official rules."""
+"""The plan `vitfold train --print-plan` prints (the official protocols' schedules and splits), against
+independent references written here: the learning rate of every optimizer step against the official loops
+run with timm's and torch's own schedulers (`create_scheduler` as train_vtab.py/train_fgvc.py call it,
+`CosineLRScheduler` as EFFT's execute.py builds it), and the weight-decay groups against the official rules."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from vitfold.pipeline.stages import RunDir
 from vitfold.pipeline.stages.manifest import read_manifest
 from vitfold.pipeline.stages.rundir import sha256
 
-from helpers import copy_run, vitfold_cli
+from helpers import ROOT, copy_run, vitfold_cli
 
 CONFIG = {
     "backbone": "vit_tiny_patch16_224",
@@ -165,9 +165,7 @@ def test_killed_run_finishes_when_run_again(first, tmp_path):
     assert vitfold_run(config, run, cache)[1] == []
 
 
-@pytest.mark.parametrize(
-    "path", sorted(Path(__file__).parent.parent.glob("pipeline/configs/*.yaml")), ids=lambda p: p.name
-)
+@pytest.mark.parametrize("path", sorted(ROOT.glob("pipeline/configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_resolve(path):
     from vitfold.pipeline.config import load_config
     from vitfold.pipeline.stages.pipeline import stages_for

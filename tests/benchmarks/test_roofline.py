@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import torch
 
-from helpers import TINY, make_vit
+from helpers import ROOT, TINY, make_vit
 
-ROOFLINE = Path(__file__).resolve().parent.parent / "benchmarks" / "roofline.py"
+ROOFLINE = ROOT / "benchmarks" / "roofline.py"
 
 
 def _roofline():

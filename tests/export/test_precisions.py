@@ -1,4 +1,4 @@
-"""Artifacts at the precisions people ship, each behind the gate of its precision (issue 14): INT8 ONNX
+"""Artifacts at the precisions people ship, each behind the gate of its precision: INT8 ONNX
 (QDQ, calibrated), BF16 AOTInductor on CPUs with native BF16, FP16/BF16 on CUDA; tolerances per precision."""
 
 from __future__ import annotations

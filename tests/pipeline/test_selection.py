@@ -1,4 +1,4 @@
-"""Honest model selection and seeds (issue 12, items 6 and 10): VTAB-1k folds the last epoch trained on
+"""Honest model selection and seeds: VTAB-1k folds the last epoch trained on
 train800val200 by default; `train.select: best-val` trains on train800 and folds the best epoch on val200;
 the report names the split that selected and its size, and shows mean ± std over seeds, each checked
 against the run's own files read here."""
