@@ -151,9 +151,7 @@ class OnnxRuntimeRunner(Runner):
         self.session = self._session(str(path))
         self.provider = self.session.get_providers()[0]
         if self.device.type == "cuda" and self.provider != "CUDAExecutionProvider":
-            raise VitfoldError(
-                f"onnxruntime has no CUDA execution provider here ({self.provider}): pip install 'vitfold[gpu]'"
-            )
+            raise VitfoldError(f"onnxruntime has no CUDA execution provider here ({self.provider}): {ort_gpu_fix()}")
         self._debug_session = None
 
     def _session(self, model: str | bytes) -> Any:
@@ -278,8 +276,21 @@ def unavailable(backend: str, device: str = "cpu") -> str | None:
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            return "this onnxruntime build has no CUDAExecutionProvider (pip install 'vitfold[gpu]')"
+            return f"this onnxruntime build has no CUDAExecutionProvider ({ort_gpu_fix()})"
     return None
+
+
+def ort_gpu_fix() -> str:
+    """How to get ONNX Runtime's CUDA provider here: the two distributions that own the import name
+    `onnxruntime` (the CPU build, a base dependency, and onnxruntime-gpu) must not both be installed."""
+    from importlib.metadata import distributions
+
+    names = {"onnxruntime", "onnxruntime-gpu"}
+    installed = sorted(f"{d.name} {d.version}" for d in distributions() if d.name.lower() in names)
+    fix = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+    if len(installed) == 2:
+        return f"both {' and '.join(installed)} are installed and one overwrote the other: {fix}"
+    return f"pip install 'vitfold[gpu]', then {fix} (the README's GPU install)"
 
 
 def runtime_of(path: Path) -> str:

@@ -98,3 +98,20 @@ def test_library_errors_name_the_argument_and_a_wrong_input_size_is_one_error(de
     with pytest.raises(VitfoldError, match=r"^model: must be a torch.nn.Module, got str"):
         export("model.safetensors", tmp_path / "d", formats=("onnx",), input_size=(3, 32, 32))
     assert not any(tmp_path.iterdir())
+
+
+def test_the_cuda_provider_fix_names_two_onnxruntime_distributions_when_both_are_installed(monkeypatch):
+    """onnxruntime and onnxruntime-gpu own one import name: with both installed the fix says so."""
+    import importlib.metadata
+    from types import SimpleNamespace
+
+    from vitfold.export.runners import ort_gpu_fix
+
+    both = [
+        SimpleNamespace(name="onnxruntime", version="1.20.1"),
+        SimpleNamespace(name="onnxruntime-gpu", version="1.21.0"),
+    ]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(both))
+    assert ort_gpu_fix().startswith("both onnxruntime 1.20.1 and onnxruntime-gpu 1.21.0 are installed")
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(both[:1]))
+    assert ort_gpu_fix().startswith("pip install 'vitfold[gpu]', then pip uninstall -y onnxruntime onnxruntime-gpu")
