@@ -1,0 +1,87 @@
+"""import-peft: a Hugging Face PEFT LoRA adapter folder (trained on a timm ViT or Swin) -> a run directory that
+`fold`, `export` and `verify` take as if vitfold had trained it with method `lora`.
+
+The base weights are the run's `--pretrained` or `--checkpoint` ones (a PEFT adapter holds none); the head is the
+adapter's (`modules_to_save=["head"]`) or else the base model's own. The key mapping and what is refused:
+`vitfold.pipeline.peft_import`. A refused adapter leaves nothing behind (the run directory is not even made).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitfold.errors import CheckpointError, VitfoldError
+from vitfold.pipeline.backbones import read_state_dict
+from vitfold.pipeline.config import RunConfig, check_config
+from vitfold.pipeline.models import build_backbone
+from vitfold.pipeline.peft_import import HEAD, default_backbone, lora_places, peft_to_lora, read_peft
+from vitfold.pipeline.stages.imported_run import new_run, write_imported_run
+from vitfold.pipeline.stages.rundir import sha256
+from vitfold.pipeline.stages.stage import Log
+
+
+def peft_backbone(adapter_dir: str | Path) -> str:
+    """The timm backbone the PEFT adapter at `adapter_dir` names (`base_model_name_or_path`: "timm/NAME"); a
+    `VitfoldError` asking for --backbone when it names none."""
+    adapter = read_peft(adapter_dir)
+    name = default_backbone(adapter.config)
+    if name is None:
+        named = adapter.config.get("base_model_name_or_path")
+        raise VitfoldError(
+            f"{adapter.path}: base_model_name_or_path = {named!r} is no timm hub name (timm/...): pass --backbone"
+        )
+    return name
+
+
+def _base_head(config: RunConfig, base: nn.Module) -> dict[str, torch.Tensor]:
+    """The classifier the base weights come with: the --checkpoint file's head tensors (build_backbone keeps
+    a head of the checkpoint's size out: it makes the model at the default size), else the hub model's."""
+    if not config.checkpoint:
+        return {name: t for name, t in base.state_dict().items() if name.startswith(HEAD + ".")}
+    checkpoint = Path(config.checkpoint)
+    if checkpoint.suffix.lower() == ".npz":
+        raise CheckpointError(
+            f"{checkpoint}: the head of a Google .npz checkpoint is not read: save the head with the adapter "
+            "(modules_to_save=['head']) or pass the base weights as .safetensors"
+        )
+    return {name: t for name, t in read_state_dict(checkpoint).items() if name.startswith(HEAD + ".")}
+
+
+def import_peft(adapter_dir: str | Path, run_dir: str | Path, config: RunConfig, log: Log = print) -> Path:
+    """Import the PEFT LoRA adapter folder `adapter_dir` into a new run directory with `config` (its backbone,
+    base weights, data and stage settings; its method becomes `lora`). Returns the adapter file."""
+    started = time.perf_counter()
+    rd = new_run(run_dir)
+    adapter = read_peft(adapter_dir)
+    if not (config.checkpoint or config.pretrained):
+        raise CheckpointError(
+            f"{adapter.path} holds no backbone weights (a PEFT adapter never does): pass --pretrained (the hub "
+            f"weights of {config.backbone} it was trained on) or --checkpoint PATH"
+        )
+    base = build_backbone(config)
+    imported = peft_to_lora(adapter, lora_places(base))
+    tensors, num_classes = imported.adapter, imported.num_classes
+    if num_classes is None:  # no saved head: the base model's own, frozen in PEFT, is the adapted model's head
+        head = _base_head(config, base)
+        if not head:
+            raise CheckpointError(
+                f"{adapter.path}: the base weights of {config.backbone} have no classifier and the adapter saved "
+                "none (modules_to_save=['head'])"
+            )
+        tensors |= head
+        num_classes = int(next(t for name, t in head.items() if name.endswith(".weight")).shape[0])
+    cfg = replace(config, method="lora", method_options=imported.options, num_classes=num_classes)
+    check_config(cfg, where="import-peft")
+    origin = {"path": str(adapter.path.resolve()), "sha256": sha256(adapter.weights), "method": "peft-lora"}
+    write_imported_run(rd, cfg, tensors, origin, started)
+    layers, rank = len(imported.layers), imported.options["rank"]
+    log(
+        f"imported the PEFT LoRA adapter {adapter.path} ({layers} layers, rank {rank}, {num_classes} classes) "
+        f"into {rd.adapter}; next: vitfold fold {rd.path}"
+    )
+    return rd.adapter

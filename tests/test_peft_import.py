@@ -1,0 +1,164 @@
+"""`vitfold import-peft`: LoRA adapters trained and saved by Hugging Face PEFT itself on a tiny timm ViT (A and B
+drawn away from PEFT's zero-B init), imported, folded, exported and verified, and compared with PEFT's own forward
+and with its `merge_and_unload()`: the reference here is PEFT, not vitfold's reading of it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from vitfold.cli import main
+from vitfold.pipeline.peft_import import default_backbone
+from vitfold.pipeline.stages import RunDir
+from vitfold.pipeline.stages.manifest import staleness
+from vitfold.pipeline.stages.train import TRAIN
+
+from helpers import TINY_VITS, images, make_vit, randomize_trainable
+
+NAME, KWARGS = TINY_VITS["run"]  # 16x16 input, patch 4, depth 2, width 192
+CLASSES = 5
+
+# one row per PEFT setup: LoraConfig keyword arguments, the spellings PEFT users write for timm ViTs
+CASES: dict[str, dict[str, Any]] = {
+    # short names, the head trained (modules_to_save), per-module rank and alpha: a scale per layer
+    "short-names-head-patterns": {
+        "target_modules": ["qkv", "fc2"],
+        "r": 4,
+        "lora_alpha": 8,
+        "modules_to_save": ["head"],
+        "rank_pattern": {"blocks.1.attn.qkv": 2},
+        "alpha_pattern": {"fc2": 3},
+    },
+    # a regex over all four linears, rsLoRA (s = α/√r), the base model's own head
+    "regex-all-four-rslora": {
+        "target_modules": r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc\d)",
+        "r": 4,
+        "lora_alpha": 6,
+        "use_rslora": True,
+    },
+    # full module names, one layer each of two blocks; the rest stay the base
+    "full-names-two-layers": {"target_modules": ["blocks.0.mlp.fc1", "blocks.1.attn.proj"], "r": 2, "lora_alpha": 16},
+}
+
+
+def saved_peft(tmp_path: Path, safe: bool = True, **lora: Any) -> tuple[torch.nn.Module, Path]:
+    """A PEFT LoRA model on the tiny ViT (its base weights saved as tmp_path/base.safetensors), every trainable
+    tensor (A, B and a saved head) drawn at random, written with save_pretrained to tmp_path/peft
+    (adapter_model.safetensors, or with `safe=False` the pickled adapter_model.bin)."""
+    base = make_vit(NAME, num_classes=CLASSES, **KWARGS)
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    model = get_peft_model(base, LoraConfig(**lora))
+    randomize_trainable(model, seed=5, std=0.05)  # B leaves PEFT's zero init: the adapter changes the function
+    model.save_pretrained(tmp_path / "peft", safe_serialization=safe)
+    return model.eval(), tmp_path / "peft"
+
+
+def cli(*args: str) -> Any:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def import_args(tmp_path: Path, adapter: Path) -> list[str]:
+    """import-peft with a config for the tiny backbone (its size arguments) and the base weights file."""
+    config = {"backbone": NAME, "backbone_kwargs": KWARGS, "data": "digits:0-4"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    args = [adapter, "--config", tmp_path / "run.yaml", "--checkpoint", tmp_path / "base.safetensors"]
+    return [str(a) for a in ("import-peft", *args, "--out", tmp_path / "run")]
+
+
+def folded(run: Path) -> torch.nn.Module:
+    """The run's folded weights in a plain timm ViT (no vitfold code)."""
+    model = make_vit(NAME, num_classes=CLASSES, **KWARGS)
+    model.load_state_dict(load_file(run / "fold" / "model.safetensors"))
+    return model
+
+
+def max_rel(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |y − r| / max |r|, in float64."""
+    value, reference = value.double(), reference.double()
+    return float((value - reference).abs().max() / reference.abs().max())
+
+
+@pytest.mark.parametrize(("case", "safe"), [(case, True) for case in CASES] + [("short-names-head-patterns", False)])
+def test_import_peft_folds_to_peft_forward_and_merge_and_unload(tmp_path, case, safe):
+    peft_model, adapter = saved_peft(tmp_path, safe, **CASES[case])
+    assert (adapter / ("adapter_model.safetensors" if safe else "adapter_model.bin")).is_file()
+    result = cli(*import_args(tmp_path, adapter))
+    assert result.exit_code == 0, result.output
+    assert cli("fold", tmp_path / "run").exit_code == 0
+    model = folded(tmp_path / "run")
+    base = make_vit(NAME, num_classes=CLASSES, **KWARGS)
+    base.load_state_dict(load_file(tmp_path / "base.safetensors"))
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    for batch in (1, 3):
+        x = images(model, batch)
+        with torch.no_grad():
+            ours, theirs, their_merge, before = model(x), peft_model(x), merged(x), base(x)
+        assert max_rel(theirs, before) > 1e-2  # the adapter (or the head) is far from the identity
+        assert max_rel(ours, theirs) <= 1e-5
+        assert max_rel(ours, their_merge) <= 1e-5
+
+
+def test_imported_run_exports_and_verifies(tmp_path):
+    """The acceptance path: import-peft, fold, export, verify exit 0; the run reads as trained (not stale)."""
+    _, adapter = saved_peft(tmp_path, **CASES["short-names-head-patterns"])
+    assert cli(*import_args(tmp_path, adapter)).exit_code == 0
+    run = tmp_path / "run"
+    rd = RunDir(run)
+    assert rd.config.method == "lora" and rd.config.num_classes == CLASSES
+    assert staleness(rd, "train", TRAIN.inputs(rd, rd.config), TRAIN.params(rd.config)) is None
+    for args in (["fold", run], ["export", run, "--format", "torchscript"]):
+        result = cli(*args)
+        assert result.exit_code == 0, result.output
+    result = cli("verify", run, "--batch-sizes", "2")
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "verify" / "verify.json").read_text())["passed"] is True
+
+
+REFUSED = {  # LoraConfig arguments -> the key the one-line error names
+    "dora": ({"target_modules": ["qkv"], "use_dora": True}, "'use_dora'"),
+    "lora-bias": ({"target_modules": ["qkv"], "lora_bias": True}, "'lora_bias'"),
+    "trained-biases": ({"target_modules": ["qkv"], "bias": "all"}, "'bias'"),
+    "patch-embedding": ({"target_modules": ["patch_embed.proj"]}, "'patch_embed.proj'"),
+    "the-head-as-target": ({"target_modules": ["qkv", "head"]}, "'head'"),
+    "a-norm-saved": ({"target_modules": ["qkv"], "modules_to_save": ["norm"]}, "'norm'"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_what_cannot_fold_exactly_is_one_line_exit_2_and_no_run(tmp_path, case):
+    lora, named = REFUSED[case]
+    _, adapter = saved_peft(tmp_path, r=2, lora_alpha=4, **lora)
+    result = cli(*import_args(tmp_path, adapter))
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert named in message
+    assert not (tmp_path / "run").exists()  # nothing written, not even the directory
+
+
+def test_base_weights_and_backbone_are_asked_for(tmp_path):
+    _, adapter = saved_peft(tmp_path, target_modules=["qkv"], r=2, lora_alpha=4)
+    without_weights = [a for a in import_args(tmp_path, adapter) if a != str(tmp_path / "base.safetensors")]
+    without_weights.remove("--checkpoint")
+    result = cli(*without_weights)
+    assert result.exit_code == 2 and "--pretrained" in result.output and "--checkpoint" in result.output
+    result = cli("import-peft", adapter, "--checkpoint", tmp_path / "base.safetensors", "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "base_model_name_or_path" in result.output and "--backbone" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_default_backbone_is_the_timm_hub_name():
+    hub = "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"
+    assert default_backbone({"base_model_name_or_path": hub}) == "vit_base_patch16_224.augreg2_in21k_ft_in1k"
+    assert default_backbone({"base_model_name_or_path": "hf-hub:timm/vit_small_patch16_224"}) == "vit_small_patch16_224"
+    for other in (None, "google/vit-base-patch16-224", "/home/me/model", "timm/"):
+        assert default_backbone({"base_model_name_or_path": other}) is None
