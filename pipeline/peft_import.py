@@ -1,8 +1,9 @@
 """Hugging Face PEFT LoRA adapters on timm models, in the terms of vitfold's `lora` method.
 
-peft_dir = read_peft("my-lora/")                       # adapter_config.json + adapter_model.safetensors (or .bin)
-imported = peft_to_lora(peft_dir, lora_places(model))  # model: the timm backbone PEFT wrapped
-load_adapter(adapt(model, "lora", num_classes=..., **imported.options), imported.adapter | head)
+peft_dir = read_peft("my-lora/")  # adapter_config.json + adapter_model.safetensors (or .bin)
+imported = peft_to_lora(peft_dir, model, base_head)  # model: the timm model PEFT wrapped, base_head: its head's
+model.load_state_dict(imported.backbone, strict=False)  # when LoRA was merged into the base (patch_embed.proj)
+load_adapter(adapt(model, "lora", num_classes=imported.num_classes, **imported.options), imported.adapter)
 
 PEFT's LoRA on an nn.Linear (`peft/tuners/lora/layer.py`), W [out, in]:
 
@@ -15,13 +16,18 @@ R = the largest r, A padded with zero rows and B with zero columns (they add exa
 every module has the same (B then copied bit for bit), else 1 with B' = s B; a layer PEFT left alone gets A = B = 0.
 `fan_in_fan_out` does not apply to nn.Linear (PEFT itself resets it), dropout only acts in training, and the
 selection keys (`target_modules`, `layers_to_transform`, ...) only choose where LoRA goes: the saved tensors say
-where it went. Any other setting that changes the function (DoRA, a LoRA bias, trained base biases, ...) is refused,
-naming its key.
+where it went. LoRA on a layer vitfold's lora does not adapt is merged at import into the weight it adds to, in
+float64 as the fold does: the head's (new in a vitfold run, saved with the adapter; target_modules="all-linear"
+takes the head of a timm model) or the base's (an nn.Linear, or an nn.Conv2d as timm's patch_embed.proj, which
+"proj" and "all-linear" take; the run's base weights are then RUN/import/backbone.safetensors). Any other
+setting that changes the function (DoRA, a LoRA bias, trained base biases, ...) is refused, naming its key.
 
 PEFT name (prefix `base_model.model.`)                        vitfold name
     {layer}.lora_A.weight, {layer}.lora_B.weight              {layer}.A, {layer}.B   (layer: a `lora` place,
                                                                                       e.g. blocks.3.attn.qkv)
-    head.* (modules_to_save=["head"])                         head.*
+    head.* (modules_to_save=["head"])                         head.*  (else the base model's head)
+    head.lora_{A,B}.weight                                    merged: head.weight + s B A
+    {other}.lora_{A,B}.weight (patch_embed.proj, ...)         merged: {other}.weight + s B A (the imported base)
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import torch
 from torch import nn
 
 from vitfold.errors import CheckpointError
-from vitfold.pipeline.adapters.targets import BLOCK_LINEARS, find_targets
+from vitfold.pipeline.adapters.targets import find_targets
 from vitfold.pipeline.backbones import read_state_dict
 
 CONFIG_FILE = "adapter_config.json"
@@ -90,12 +96,14 @@ class PeftAdapter:
 
 @dataclass(frozen=True)
 class PeftImport:
-    """A PEFT LoRA adapter as vitfold `lora`: the tensors under vitfold's names (the head's when PEFT saved it),
-    the method options (rank, alpha), the head size (None: the backbone's own head) and the layers adapted."""
+    """A PEFT LoRA adapter as vitfold `lora`: the tensors under vitfold's names (the head's too), the base
+    weights with LoRA merged into layers vitfold's lora does not adapt ({} when there are none), the method
+    options (rank, alpha), the head size and the layers PEFT adapted."""
 
     adapter: dict[str, torch.Tensor]
+    backbone: dict[str, torch.Tensor]
     options: dict[str, Any]
-    num_classes: int | None
+    num_classes: int
     layers: tuple[str, ...]
 
 
@@ -163,7 +171,7 @@ def _check_config(adapter: PeftAdapter) -> None:
             raise _setting(adapter, key, config[key], why)
     saved = config.get("modules_to_save") or []
     for name in saved:
-        if name != HEAD:
+        if name != HEAD and not name.startswith(HEAD + "."):
             raise _setting(adapter, "modules_to_save", saved, f"'{name}': vitfold imports the classifier 'head' only")
 
 
@@ -189,10 +197,15 @@ def _per_module(adapter: PeftAdapter, pattern_key: str, default_key: str, layer:
     return _number(adapter, default_key, adapter.config.get(default_key), integer)
 
 
+def saves_head(config: dict[str, Any]) -> bool:
+    """Whether PEFT saved a trained classifier beside LoRA (modules_to_save = ["head"] or ["head.fc"])."""
+    return any(name == HEAD or name.startswith(HEAD + ".") for name in config.get("modules_to_save") or [])
+
+
 def _split(adapter: PeftAdapter) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """PEFT's tensors -> ({layer: {"A": lora_A, "B": lora_B}}, head tensors under vitfold's names); a tensor of
-    anything else is refused, named."""
-    saved_head = HEAD in (adapter.config.get("modules_to_save") or [])
+    """PEFT's tensors -> ({layer: {"A": lora_A, "B": lora_B}}, the saved head's tensors under timm's names); a
+    tensor of anything else is refused, named."""
+    saved_head = saves_head(adapter.config)
     lora: dict[str, dict[str, torch.Tensor]] = {}
     head: dict[str, torch.Tensor] = {}
     for key, tensor in adapter.tensors.items():
@@ -210,37 +223,84 @@ def _split(adapter: PeftAdapter) -> tuple[dict[str, dict[str, torch.Tensor]], di
     for layer, parts in lora.items():
         if set(parts) != {"A", "B"}:
             raise CheckpointError(f"{adapter.weights}: layer '{layer}' has lora_{''.join(parts)} without its pair")
+    if not lora:
+        raise CheckpointError(f"{adapter.weights} holds no lora_A/lora_B tensors")
     if saved_head and not head:
-        raise CheckpointError(f"{adapter.weights}: modules_to_save names 'head' but no head tensor was saved")
+        raise CheckpointError(f"{adapter.weights}: modules_to_save names the head but no head tensor was saved")
     return lora, head
 
 
-def peft_to_lora(adapter: PeftAdapter, places: dict[str, tuple[int, int]]) -> PeftImport:
-    """The PEFT LoRA `adapter` as vitfold `lora` tensors and options for a model whose `lora` places are `places`
-    (`lora_places`). Refuses, naming the key, what the map in the module docstring does not cover."""
+def _scale(adapter: PeftAdapter, layer: str, a: torch.Tensor, b: torch.Tensor, weight: torch.Size) -> float:
+    """s of `layer` (α / r, rsLoRA α / √r), its lora_A and lora_B checked against its r and the shape of the
+    `weight` they add to: Linear [out, in]: A [r, in], B [out, r]; Conv2d [out, in, kh, kw]: A [r, in, kh, kw],
+    B [out, r, 1, 1]."""
+    r = int(_per_module(adapter, "rank_pattern", "r", layer, integer=True))
+    alpha = _per_module(adapter, "alpha_pattern", "lora_alpha", layer, integer=False)
+    need_a, need_b = (r, *weight[1:]), (weight[0], r, *(1,) * (len(weight) - 2))
+    if tuple(a.shape) != need_a or tuple(b.shape) != need_b:
+        raise CheckpointError(
+            f"{adapter.weights}: '{layer}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; with "
+            f"r = {r} (adapter_config.json) the backbone needs {need_a} and {need_b}"
+        )
+    return alpha / math.sqrt(r) if adapter.config.get("use_rslora") else alpha / r
+
+
+def merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + s B A in float64, cast back to W's dtype; a Conv2d's A [r, in, kh, kw] and 1x1 B [out, r, 1, 1] as
+    matrices (a 1x1 convolution after a k x k one is one k x k convolution)."""
+    delta = b.double().flatten(1) @ a.double().flatten(1)  # [out, r] @ [r, in·kh·kw] -> [out, in·kh·kw]
+    return (weight.double() + scale * delta.reshape(weight.shape)).to(weight.dtype)
+
+
+def _check_mergeable(adapter: PeftAdapter, base: nn.Module, layer: str) -> None:
+    """`layer`, a module of `base` that vitfold's `lora` does not adapt, takes its LoRA merged into its weight:
+    an nn.Linear or an ungrouped nn.Conv2d (timm's patch embedding); anything else is refused, named."""
+    try:
+        module = base.get_submodule(layer)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear | nn.Conv2d) or getattr(module, "groups", 1) != 1:
+        kind = "not in the backbone" if module is None else f"a {type(module).__name__}"
+        raise CheckpointError(
+            f"{adapter.weights}: LoRA on '{layer}' ({kind}): vitfold folds LoRA on nn.Linear and nn.Conv2d layers"
+        )
+
+
+def peft_to_lora(adapter: PeftAdapter, base: nn.Module, base_head: dict[str, torch.Tensor]) -> PeftImport:
+    """The PEFT LoRA `adapter` as vitfold `lora` tensors and options for `base`, the timm model PEFT wrapped.
+
+    The head is the one PEFT saved (modules_to_save), else `base_head` (the base model's classifier, timm
+    names). LoRA on a vitfold `lora` place stays an adapter; LoRA on the head (the run's to write) or on another
+    layer of the base (target_modules "proj" or "all-linear" also take timm's patch_embed.proj) is merged into
+    its weight, W + s B A: the base's into `PeftImport.backbone`. Refuses, naming the key, anything else."""
     _check_config(adapter)
     lora, head = _split(adapter)
-    if not lora:
-        raise CheckpointError(f"{adapter.weights} holds no lora_A/lora_B tensors")
+    head = dict(head or base_head)
+    head_weights = [name for name in head if name.endswith(".weight")]  # [classes, features]
+    if not head_weights:
+        raise CheckpointError(
+            f"{adapter.path}: the base weights have no classifier and the adapter saved none (modules_to_save)"
+        )
+    places = lora_places(base)
+    state = {name: t for name, t in base.state_dict().items() if not name.startswith(HEAD + ".")}
     scales: dict[str, float] = {}
+    into: dict[str, dict[str, torch.Tensor]] = {}  # a merged layer's weight name -> the tensors holding it
     for layer, parts in sorted(lora.items()):
-        if layer not in places:
-            raise CheckpointError(
-                f"{adapter.weights}: LoRA on '{layer}', which vitfold's lora does not adapt (it adapts "
-                f"{', '.join(BLOCK_LINEARS)} of every block of the backbone)"
-            )
-        r = int(_per_module(adapter, "rank_pattern", "r", layer, integer=True))
-        alpha = _per_module(adapter, "alpha_pattern", "lora_alpha", layer, integer=False)
-        out_features, in_features = places[layer]
-        a, b = parts["A"], parts["B"]
-        if tuple(a.shape) != (r, in_features) or tuple(b.shape) != (out_features, r):
-            raise CheckpointError(
-                f"{adapter.weights}: '{layer}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; with "
-                f"r = {r} (adapter_config.json) the backbone needs {(r, in_features)} and {(out_features, r)}"
-            )
-        scales[layer] = alpha / math.sqrt(r) if adapter.config.get("use_rslora") else alpha / r
-    rank = max(parts["A"].shape[0] for parts in lora.values())
-    common = set(scales.values())
+        weight = f"{layer}.weight"
+        if layer in places:
+            shape = torch.Size(places[layer])
+        else:
+            if weight not in head:
+                _check_mergeable(adapter, base, layer)
+            into[weight] = head if weight in head else state
+            shape = into[weight][weight].shape
+        scales[layer] = _scale(adapter, layer, parts["A"], parts["B"], shape)
+    for weight, tensors in into.items():
+        layer = weight.removesuffix(".weight")
+        tensors[weight] = merged(tensors[weight], lora[layer]["A"], lora[layer]["B"], scales[layer])
+    adapted = sorted(set(lora) & set(places))
+    rank = max((lora[layer]["A"].shape[0] for layer in adapted), default=1)
+    common = {scales[layer] for layer in adapted}
     scale = common.pop() if len(common) == 1 else 1.0  # s*: B keeps PEFT's values bit for bit when s is shared
     tensors: dict[str, torch.Tensor] = {}
     for layer, (out_features, in_features) in places.items():
@@ -252,7 +312,7 @@ def peft_to_lora(adapter: PeftAdapter, places: dict[str, tuple[int, int]]) -> Pe
             a_full[: a.shape[0]] = a  # [r, in] into [R, in]: the extra rows stay 0
             b_full[:, : b.shape[1]] = b if factor == 1.0 else b.double() * factor  # [out, r] into [out, R]
         tensors |= {f"{layer}.A": a_full, f"{layer}.B": b_full}
-    head_weights = [t for name, t in head.items() if name.endswith(".weight")]  # [classes, features]
-    num_classes = int(head_weights[0].shape[0]) if head_weights else None
+    backbone = state if any(tensors is state for tensors in into.values()) else {}
+    num_classes = int(head[head_weights[0]].shape[0])
     options = {"rank": rank, "alpha": scale * rank}
-    return PeftImport(tensors | head, options, num_classes, tuple(sorted(lora)))
+    return PeftImport(tensors | head, backbone, options, num_classes, tuple(sorted(lora)))

@@ -47,6 +47,11 @@ CASES: dict[str, dict[str, Any]] = {
     },
     # full module names, one layer each of two blocks; the rest stay the base
     "full-names-two-layers": {"target_modules": ["blocks.0.mlp.fc1", "blocks.1.attn.proj"], "r": 2, "lora_alpha": 16},
+    # the four linears by their short names: "proj" also takes timm's patch_embed.proj (an nn.Conv2d), whose LoRA
+    # merges into the run's base weights
+    "short-names-with-patch-embedding": {"target_modules": ["qkv", "proj", "fc1", "fc2"], "r": 3, "lora_alpha": 3},
+    # PEFT's shorthand: every nn.Linear of a timm ViT, the head too (LoRA on the head folds into vitfold's head)
+    "all-linear": {"target_modules": "all-linear", "r": 3, "lora_alpha": 5, "rank_pattern": {"head": 2}},
 }
 
 
@@ -127,8 +132,6 @@ REFUSED = {  # LoraConfig arguments -> the key the one-line error names
     "dora": ({"target_modules": ["qkv"], "use_dora": True}, "'use_dora'"),
     "lora-bias": ({"target_modules": ["qkv"], "lora_bias": True}, "'lora_bias'"),
     "trained-biases": ({"target_modules": ["qkv"], "bias": "all"}, "'bias'"),
-    "patch-embedding": ({"target_modules": ["patch_embed.proj"]}, "'patch_embed.proj'"),
-    "the-head-as-target": ({"target_modules": ["qkv", "head"]}, "'head'"),
     "a-norm-saved": ({"target_modules": ["qkv"], "modules_to_save": ["norm"]}, "'norm'"),
 }
 
@@ -143,6 +146,19 @@ def test_what_cannot_fold_exactly_is_one_line_exit_2_and_no_run(tmp_path, case):
     assert "\n" not in message and "Traceback" not in message
     assert named in message
     assert not (tmp_path / "run").exists()  # nothing written, not even the directory
+
+
+def test_lora_on_a_layer_the_backbone_lacks_is_refused_by_name(tmp_path):
+    """A target module vitfold does not know: the adapter names blocks.7 of a two-block backbone."""
+    _, adapter = saved_peft(tmp_path, target_modules=["blocks.1.attn.qkv"], r=2, lora_alpha=4)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file(
+        {k.replace("blocks.1.", "blocks.7."): v for k, v in tensors.items()}, adapter / "adapter_model.safetensors"
+    )
+    result = cli(*import_args(tmp_path, adapter))
+    assert result.exit_code == 2 and "'blocks.7.attn.qkv'" in result.output and "not in the backbone" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
 
 
 def test_base_weights_and_backbone_are_asked_for(tmp_path):

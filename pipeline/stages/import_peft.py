@@ -2,8 +2,9 @@
 `fold`, `export` and `verify` take as if vitfold had trained it with method `lora`.
 
 The base weights are the run's `--pretrained` or `--checkpoint` ones (a PEFT adapter holds none); the head is the
-adapter's (`modules_to_save=["head"]`) or else the base model's own. The key mapping and what is refused:
-`vitfold.pipeline.peft_import`. A refused adapter leaves nothing behind (the run directory is not even made).
+adapter's (`modules_to_save=["head"]`) or else the base model's own (the checkpoint's head, or the hub model's).
+The key mapping and what is refused: `vitfold.pipeline.peft_import`. A refused adapter leaves nothing behind
+(the run directory is not even made).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from vitfold.errors import CheckpointError, VitfoldError
 from vitfold.pipeline.backbones import read_state_dict
 from vitfold.pipeline.config import RunConfig, check_config
 from vitfold.pipeline.models import build_backbone
-from vitfold.pipeline.peft_import import HEAD, default_backbone, lora_places, peft_to_lora, read_peft
+from vitfold.pipeline.peft_import import HEAD, default_backbone, peft_to_lora, read_peft, saves_head
 from vitfold.pipeline.stages.imported_run import new_run, write_imported_run
 from vitfold.pipeline.stages.rundir import sha256
 from vitfold.pipeline.stages.stage import Log
@@ -64,24 +65,17 @@ def import_peft(adapter_dir: str | Path, run_dir: str | Path, config: RunConfig,
             f"weights of {config.backbone} it was trained on) or --checkpoint PATH"
         )
     base = build_backbone(config)
-    imported = peft_to_lora(adapter, lora_places(base))
-    tensors, num_classes = imported.adapter, imported.num_classes
-    if num_classes is None:  # no saved head: the base model's own, frozen in PEFT, is the adapted model's head
-        head = _base_head(config, base)
-        if not head:
-            raise CheckpointError(
-                f"{adapter.path}: the base weights of {config.backbone} have no classifier and the adapter saved "
-                "none (modules_to_save=['head'])"
-            )
-        tensors |= head
-        num_classes = int(next(t for name, t in head.items() if name.endswith(".weight")).shape[0])
+    base_head = {} if saves_head(adapter.config) else _base_head(config, base)
+    imported = peft_to_lora(adapter, base, base_head)
+    num_classes = imported.num_classes
     cfg = replace(config, method="lora", method_options=imported.options, num_classes=num_classes)
     check_config(cfg, where="import-peft")
     origin = {"path": str(adapter.path.resolve()), "sha256": sha256(adapter.weights), "method": "peft-lora"}
-    write_imported_run(rd, cfg, tensors, origin, started)
+    write_imported_run(rd, cfg, imported.adapter, origin, started, backbone=imported.backbone)
     layers, rank = len(imported.layers), imported.options["rank"]
+    base_note = f" (LoRA outside the blocks merged into {rd.imported_backbone})" if imported.backbone else ""
     log(
         f"imported the PEFT LoRA adapter {adapter.path} ({layers} layers, rank {rank}, {num_classes} classes) "
-        f"into {rd.adapter}; next: vitfold fold {rd.path}"
+        f"into {rd.adapter}{base_note}; next: vitfold fold {rd.path}"
     )
     return rd.adapter

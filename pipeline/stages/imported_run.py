@@ -44,14 +44,15 @@ def write_imported_run(
 ) -> None:
     """Write the run `rd` of `cfg` (its method, options and `num_classes` those of `adapter`, vitfold's names)
     from `origin` ({"path", "sha256", ...}, recorded as `imported_from`); `backbone`: timm tensors that become
-    the run's base weights. `started`: the import's perf_counter start. A failure leaves none of its files."""
+    the run's base weights (its `checkpoint`, in place of --pretrained). `started`: the import's perf_counter
+    start. A failure leaves none of its files."""
     with rd.locked():
         written = [rd.imported_backbone, rd.config_file, rd.adapter, rd.manifest_file]
         try:
             if backbone:
                 meta = {"format": "vitfold-imported-backbone/1", "imported_from": origin["path"]}
                 atomic_replace(rd.imported_backbone, safetensors_bytes(backbone, meta))
-                cfg = replace(cfg, checkpoint=str(rd.imported_backbone.resolve()))
+                cfg = replace(cfg, checkpoint=str(rd.imported_backbone.resolve()), pretrained=False)
             model = load_adapter(build_model(cfg, cfg.num_classes), adapter)
             rd.write_config(cfg)
             extra = {"base": base_identity(rd, cfg), "imported_from": origin["path"]}
