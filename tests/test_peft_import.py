@@ -49,7 +49,7 @@ CASES: dict[str, dict[str, Any]] = {
     "full-names-two-layers": {"target_modules": ["blocks.0.mlp.fc1", "blocks.1.attn.proj"], "r": 2, "lora_alpha": 16},
     # the four linears by their short names: "proj" also takes timm's patch_embed.proj (an nn.Conv2d), whose LoRA
     # merges into the run's base weights
-    "short-names-with-patch-embedding": {"target_modules": ["qkv", "proj", "fc1", "fc2"], "r": 3, "lora_alpha": 3},
+    "short-names-with-patch-embedding": {"target_modules": ["qkv", "proj", "fc1", "fc2"], "r": 3, "lora_alpha": 4},
     # PEFT's shorthand: every nn.Linear of a timm ViT, the head too (LoRA on the head folds into vitfold's head)
     "all-linear": {"target_modules": "all-linear", "r": 3, "lora_alpha": 5, "rank_pattern": {"head": 2}},
 }

@@ -137,4 +137,20 @@ MUTANTS = (
            "onnx.helper.set_model_props(proto, metadata)", "pass",
            ("tests/test_deployment_metadata.py::"
             "test_onnx_metadata_and_export_json_carry_preprocessing_and_class_names",)),
+    # -- PEFT LoRA adapters in (issue 22): PEFT's own forward is the reference
+    Mutant("peft rsLoRA read as plain LoRA (α/r for α/√r)", "pipeline/peft_import.py",
+           'return alpha / math.sqrt(r) if adapter.config.get("use_rslora") else alpha / r', "return alpha / r",
+           ("tests/test_peft_import.py::test_import_peft_folds_to_peft_forward_and_merge_and_unload",)),
+    Mutant("peft rank/alpha patterns matched as whole names, not as PEFT's name suffixes", "pipeline/peft_import.py",
+           'matched = re.match(rf"(.*\\.)?({key})$", layer)', "matched = re.fullmatch(key, layer)",
+           ("tests/test_peft_import.py::test_import_peft_folds_to_peft_forward_and_merge_and_unload",)),
+    Mutant("peft per-layer scales: B not rescaled to the common one", "pipeline/peft_import.py",
+           "b if factor == 1.0 else b.double() * factor", "b",
+           ("tests/test_peft_import.py::test_import_peft_folds_to_peft_forward_and_merge_and_unload",)),
+    Mutant("peft LoRA merged into the head or the base without its scale", "pipeline/peft_import.py",
+           "(weight.double() + scale * delta.reshape(weight.shape))", "(weight.double() + delta.reshape(weight.shape))",
+           ("tests/test_peft_import.py::test_import_peft_folds_to_peft_forward_and_merge_and_unload",)),
+    Mutant("peft without a saved head: the base model's random head, not the checkpoint's",
+           "pipeline/stages/import_peft.py", "    if not config.checkpoint:\n", "    if True:\n",
+           ("tests/test_peft_import.py::test_import_peft_folds_to_peft_forward_and_merge_and_unload",)),
 )  # fmt: skip
