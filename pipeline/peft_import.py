@@ -19,8 +19,10 @@ selection keys (`target_modules`, `layers_to_transform`, ...) only choose where 
 where it went. LoRA on a layer vitfold's lora does not adapt is merged at import into the weight it adds to, in
 float64 as the fold does: the head's (new in a vitfold run, saved with the adapter; target_modules="all-linear"
 takes the head of a timm model) or the base's (an nn.Linear, or an nn.Conv2d as timm's patch_embed.proj, which
-"proj" and "all-linear" take; the run's base weights are then RUN/import/backbone.safetensors). Any other
-setting that changes the function (DoRA, a LoRA bias, trained base biases, ...) is refused, naming its key.
+"proj" takes; the run's base weights are then RUN/import/backbone.safetensors). A LoRA bias (`lora_bias`: lora_B
+has one, scaled with it) adds to the layer's bias, b + s b_B; tensors PEFT trained in place (`bias="all"` or
+"lora_only", `modules_to_save`) replace the base's. DoRA (`use_dora`) and any other setting that changes the
+function is refused, naming its key.
 
 PEFT name (prefix `base_model.model.`)                        vitfold name
     {layer}.lora_A.weight, {layer}.lora_B.weight              {layer}.A, {layer}.B   (layer: a `lora` place,
@@ -28,6 +30,8 @@ PEFT name (prefix `base_model.model.`)                        vitfold name
     head.* (modules_to_save=["head"])                         head.*  (else the base model's head)
     head.lora_{A,B}.weight                                    merged: head.weight + s B A
     {other}.lora_{A,B}.weight (patch_embed.proj, ...)         merged: {other}.weight + s B A (the imported base)
+    {layer}.lora_B.bias                                       merged: {layer}.bias + s b_B
+    {layer}.base_layer.bias, {module}.* (bias, modules_to_save)   replace {layer}.bias, {module}.*
 """
 
 from __future__ import annotations
@@ -50,12 +54,15 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's default, then its safe_serialization=False
 PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's own names
 HEAD = "head"  # the timm classifier (ViT: head.weight/bias; Swin: head.fc.weight/bias)
-LORA_KEY = re.compile(r"(?P<layer>.+)\.lora_(?P<part>[AB])\.weight")
+LORA_KEY = re.compile(r"(?P<layer>.+)\.lora_(?P<part>A\.weight|B\.weight|B\.bias)")
+LORA_PARTS = {"A.weight": "A", "B.weight": "B", "B.bias": "bias"}
+BIAS_SETTINGS = ("none", "all", "lora_only")  # PEFT's `bias`: which base biases trained (and were saved)
 
 # adapter_config.json keys read here; keys that only choose where LoRA goes or how it was initialised or trained
 # (the saved tensors hold the outcome); every other key must be unset (None, false, empty), else it is refused.
 READ_KEYS = frozenset(
     ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save", "bias")
+    + ("lora_bias",)
 )
 IGNORED_KEYS = frozenset(
     (
@@ -158,21 +165,17 @@ def _setting(adapter: PeftAdapter, key: str, value: Any, why: str) -> Checkpoint
 
 
 def _check_config(adapter: PeftAdapter) -> None:
-    """PEFT LoRA with nothing set that vitfold's W' = W + s B A does not compute."""
+    """PEFT LoRA with nothing set that W' = W + s B A (b' = b + s b_B, trained tensors replacing the base's)
+    does not compute."""
     config = adapter.config
     if config.get("peft_type") != "LORA":
         raise _setting(adapter, "peft_type", config.get("peft_type"), "vitfold imports PEFT LoRA adapters only")
-    if config.get("bias", "none") != "none":
-        why = "PEFT trained biases beside LoRA; vitfold's lora keeps the base biases (train with bias='none')"
-        raise _setting(adapter, "bias", config["bias"], why)
+    if config.get("bias", "none") not in BIAS_SETTINGS:
+        raise _setting(adapter, "bias", config["bias"], f"PEFT's values are {', '.join(BIAS_SETTINGS)}")
     for key in sorted(set(config) - READ_KEYS - IGNORED_KEYS):
         if config[key] not in (None, False, {}, [], ""):
             why = "vitfold folds plain LoRA only (W' = W + s·B·A), and this setting computes something else"
             raise _setting(adapter, key, config[key], why)
-    saved = config.get("modules_to_save") or []
-    for name in saved:
-        if name != HEAD and not name.startswith(HEAD + "."):
-            raise _setting(adapter, "modules_to_save", saved, f"'{name}': vitfold imports the classifier 'head' only")
 
 
 def _number(adapter: PeftAdapter, key: str, value: Any, integer: bool) -> float:
@@ -203,31 +206,24 @@ def saves_head(config: dict[str, Any]) -> bool:
 
 
 def _split(adapter: PeftAdapter) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """PEFT's tensors -> ({layer: {"A": lora_A, "B": lora_B}}, the saved head's tensors under timm's names); a
-    tensor of anything else is refused, named."""
-    saved_head = saves_head(adapter.config)
+    """PEFT's tensors -> ({layer: {"A": lora_A, "B": lora_B[, "bias": lora_B's bias]}}, the other tensors it saved
+    (modules_to_save, bias="all"/"lora_only") under timm's names)."""
     lora: dict[str, dict[str, torch.Tensor]] = {}
-    head: dict[str, torch.Tensor] = {}
+    saved: dict[str, torch.Tensor] = {}
     for key, tensor in adapter.tensors.items():
         if not key.startswith(PREFIX):
             raise CheckpointError(f"{adapter.weights}: '{key}' is not a PeftModel name ({PREFIX}...)")
         name = key.removeprefix(PREFIX)
         if match := LORA_KEY.fullmatch(name):
-            lora.setdefault(match["layer"], {})[match["part"]] = tensor
-        elif saved_head and name.startswith(HEAD + "."):
-            head[name] = tensor
-        else:
-            raise CheckpointError(
-                f"{adapter.weights}: '{name}' is neither LoRA's A/B nor the saved head: vitfold cannot fold it"
-            )
+            lora.setdefault(match["layer"], {})[LORA_PARTS[match["part"]]] = tensor
+        else:  # a wrapped layer's own tensors sit under base_layer
+            saved[name.replace(".base_layer.", ".")] = tensor
     for layer, parts in lora.items():
-        if set(parts) != {"A", "B"}:
-            raise CheckpointError(f"{adapter.weights}: layer '{layer}' has lora_{''.join(parts)} without its pair")
+        if not {"A", "B"} <= set(parts):
+            raise CheckpointError(f"{adapter.weights}: layer '{layer}' lacks lora_A or lora_B")
     if not lora:
         raise CheckpointError(f"{adapter.weights} holds no lora_A/lora_B tensors")
-    if saved_head and not head:
-        raise CheckpointError(f"{adapter.weights}: modules_to_save names the head but no head tensor was saved")
-    return lora, head
+    return lora, saved
 
 
 def _scale(adapter: PeftAdapter, layer: str, a: torch.Tensor, b: torch.Tensor, weight: torch.Size) -> float:
@@ -266,38 +262,61 @@ def _check_mergeable(adapter: PeftAdapter, base: nn.Module, layer: str) -> None:
         )
 
 
+def _replace(adapter: PeftAdapter, tensors: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """`value` in place of the base tensor `name` of `tensors`, which must have it, with its shape."""
+    if name not in tensors or tensors[name].shape != value.shape:
+        raise CheckpointError(
+            f"{adapter.weights}: '{name}' {tuple(value.shape)} (modules_to_save / bias) is no tensor of the backbone"
+            + (f" (it has {tuple(tensors[name].shape)})" if name in tensors else "")
+        )
+    tensors[name] = value
+
+
 def peft_to_lora(adapter: PeftAdapter, base: nn.Module, base_head: dict[str, torch.Tensor]) -> PeftImport:
     """The PEFT LoRA `adapter` as vitfold `lora` tensors and options for `base`, the timm model PEFT wrapped.
 
-    The head is the one PEFT saved (modules_to_save), else `base_head` (the base model's classifier, timm
-    names). LoRA on a vitfold `lora` place stays an adapter; LoRA on the head (the run's to write) or on another
-    layer of the base (target_modules "proj" or "all-linear" also take timm's patch_embed.proj) is merged into
-    its weight, W + s B A: the base's into `PeftImport.backbone`. Refuses, naming the key, anything else."""
+    The head is `base_head` (the base model's classifier, timm names; {} when PEFT saved its own) with what PEFT
+    saved of it. LoRA on a vitfold `lora` place stays an adapter; LoRA on the head (the run's to write) or on
+    another layer (target_modules "proj" also takes timm's patch_embed.proj) is merged into its weight, W + s B A,
+    and a LoRA bias into its bias, b + s b_B; tensors PEFT trained in place (modules_to_save, bias="all") replace
+    the base's. What changes the base lands in `PeftImport.backbone`. Anything else is refused, named."""
     _check_config(adapter)
-    lora, head = _split(adapter)
-    head = dict(head or base_head)
+    lora, saved = _split(adapter)
+    places = lora_places(base)
+    head = dict(base_head)
+    state = {name: t for name, t in base.state_dict().items() if not name.startswith(HEAD + ".")}
+    for name, tensor in saved.items():
+        if name.startswith(HEAD + "."):
+            head[name] = tensor  # PEFT's saved head, or a trained head bias on the base's head
+        else:
+            _replace(adapter, state, name, tensor)
     head_weights = [name for name in head if name.endswith(".weight")]  # [classes, features]
     if not head_weights:
         raise CheckpointError(
             f"{adapter.path}: the base weights have no classifier and the adapter saved none (modules_to_save)"
         )
-    places = lora_places(base)
-    state = {name: t for name, t in base.state_dict().items() if not name.startswith(HEAD + ".")}
+    base_changed = any(not name.startswith(HEAD + ".") for name in saved)
     scales: dict[str, float] = {}
-    into: dict[str, dict[str, torch.Tensor]] = {}  # a merged layer's weight name -> the tensors holding it
     for layer, parts in sorted(lora.items()):
-        weight = f"{layer}.weight"
+        weight, bias = f"{layer}.weight", f"{layer}.bias"
         if layer in places:
             shape = torch.Size(places[layer])
+        elif weight in head:
+            shape = head[weight].shape
         else:
-            if weight not in head:
-                _check_mergeable(adapter, base, layer)
-            into[weight] = head if weight in head else state
-            shape = into[weight][weight].shape
+            _check_mergeable(adapter, base, layer)
+            shape = state[weight].shape
         scales[layer] = _scale(adapter, layer, parts["A"], parts["B"], shape)
-    for weight, tensors in into.items():
-        layer = weight.removesuffix(".weight")
-        tensors[weight] = merged(tensors[weight], lora[layer]["A"], lora[layer]["B"], scales[layer])
+        if layer not in places:  # merged: the head's or the base's weight
+            into = head if weight in head else state
+            into[weight] = merged(into[weight], parts["A"], parts["B"], scales[layer])
+            base_changed |= into is state
+        if "bias" in parts:  # lora_bias: lora_B has a bias, scaled with it: b' = b + s b_B
+            into = head if bias in head else state
+            if bias not in into or into[bias].shape != parts["bias"].shape:
+                raise CheckpointError(f"{adapter.weights}: '{layer}' has a LoRA bias that fits no bias of the layer")
+            into[bias] = (into[bias].double() + scales[layer] * parts["bias"].double()).to(into[bias].dtype)
+            base_changed |= into is state
     adapted = sorted(set(lora) & set(places))
     rank = max((lora[layer]["A"].shape[0] for layer in adapted), default=1)
     common = {scales[layer] for layer in adapted}
@@ -312,7 +331,6 @@ def peft_to_lora(adapter: PeftAdapter, base: nn.Module, base_head: dict[str, tor
             a_full[: a.shape[0]] = a  # [r, in] into [R, in]: the extra rows stay 0
             b_full[:, : b.shape[1]] = b if factor == 1.0 else b.double() * factor  # [out, r] into [out, R]
         tensors |= {f"{layer}.A": a_full, f"{layer}.B": b_full}
-    backbone = state if any(tensors is state for tensors in into.values()) else {}
     num_classes = int(head[head_weights[0]].shape[0])
     options = {"rank": rank, "alpha": scale * rank}
-    return PeftImport(tensors | head, backbone, options, num_classes, tuple(sorted(lora)))
+    return PeftImport(tensors | head, state if base_changed else {}, options, num_classes, tuple(sorted(lora)))

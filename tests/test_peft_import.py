@@ -50,6 +50,16 @@ CASES: dict[str, dict[str, Any]] = {
     # the four linears by their short names: "proj" also takes timm's patch_embed.proj (an nn.Conv2d), whose LoRA
     # merges into the run's base weights
     "short-names-with-patch-embedding": {"target_modules": ["qkv", "proj", "fc1", "fc2"], "r": 3, "lora_alpha": 4},
+    # trained base biases, LoRA biases (b + s b_B) and a saved final norm replace or add to the base's tensors
+    "biases-and-a-saved-norm": {
+        "target_modules": ["qkv", "fc1"],
+        "r": 2,
+        "lora_alpha": 4,
+        "bias": "lora_only",
+        "lora_bias": True,
+        "modules_to_save": ["norm"],
+    },
+    "all-biases": {"target_modules": ["proj"], "r": 2, "lora_alpha": 4, "bias": "all"},
     # PEFT's shorthand: every nn.Linear of a timm ViT, the head too (LoRA on the head folds into vitfold's head)
     "all-linear": {"target_modules": "all-linear", "r": 3, "lora_alpha": 5, "rank_pattern": {"head": 2}},
 }
@@ -128,18 +138,20 @@ def test_imported_run_exports_and_verifies(tmp_path):
     assert json.loads((run / "verify" / "verify.json").read_text())["passed"] is True
 
 
-REFUSED = {  # LoraConfig arguments -> the key the one-line error names
-    "dora": ({"target_modules": ["qkv"], "use_dora": True}, "'use_dora'"),
-    "lora-bias": ({"target_modules": ["qkv"], "lora_bias": True}, "'lora_bias'"),
-    "trained-biases": ({"target_modules": ["qkv"], "bias": "all"}, "'bias'"),
-    "a-norm-saved": ({"target_modules": ["qkv"], "modules_to_save": ["norm"]}, "'norm'"),
+REFUSED = {  # LoraConfig arguments, then edits of the saved adapter_config.json -> what the one-line error names
+    "dora": ({"use_dora": True}, {}, "'use_dora'"),
+    "layer-replication": ({}, {"layer_replication": [[0, 2], [1, 2]]}, "'layer_replication'"),
+    "another-peft-method": ({}, {"peft_type": "IA3"}, "'peft_type'"),
+    "an-unknown-bias-setting": ({}, {"bias": "some"}, "'bias'"),
 }
 
 
 @pytest.mark.parametrize("case", REFUSED)
 def test_what_cannot_fold_exactly_is_one_line_exit_2_and_no_run(tmp_path, case):
-    lora, named = REFUSED[case]
-    _, adapter = saved_peft(tmp_path, r=2, lora_alpha=4, **lora)
+    lora, edits, named = REFUSED[case]
+    _, adapter = saved_peft(tmp_path, target_modules=["qkv"], r=2, lora_alpha=4, **lora)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | edits))
     result = cli(*import_args(tmp_path, adapter))
     assert result.exit_code == 2, result.output
     message = result.output.strip()

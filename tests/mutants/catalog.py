@@ -153,4 +153,8 @@ MUTANTS = (
     Mutant("peft without a saved head: the base model's random head, not the checkpoint's",
            "pipeline/stages/import_peft.py", "    if not config.checkpoint:\n", "    if True:\n",
            ("tests/test_peft_import.py::test_import_peft_folds_to_peft_forward_and_merge_and_unload",)),
+    Mutant("peft LoRA bias added unscaled (b + b_B for b + s b_B)", "pipeline/peft_import.py",
+           "(into[bias].double() + scales[layer] * parts[\"bias\"].double())",
+           "(into[bias].double() + parts[\"bias\"].double())",
+           ("tests/test_peft_import.py::test_import_peft_folds_to_peft_forward_and_merge_and_unload",)),
 )  # fmt: skip
