@@ -22,9 +22,10 @@ from vitfold.pipeline.stages import RunDir
 from vitfold.pipeline.stages.manifest import staleness
 from vitfold.pipeline.stages.train import TRAIN
 
-from helpers import TINY_VITS, images, make_vit, randomize_trainable
+from helpers import TINY_SWIN, TINY_VITS, images, make_vit, randomize_trainable
 
 NAME, KWARGS = TINY_VITS["run"]  # 16x16 input, patch 4, depth 2, width 192
+BACKBONES = {"vit": (NAME, KWARGS), "swin": TINY_SWIN}
 CLASSES = 5
 
 # one row per PEFT setup: LoraConfig keyword arguments, the spellings PEFT users write for timm ViTs
@@ -63,13 +64,22 @@ CASES: dict[str, dict[str, Any]] = {
     # PEFT's shorthand: every nn.Linear of a timm ViT, the head too (LoRA on the head folds into vitfold's head)
     "all-linear": {"target_modules": "all-linear", "r": 3, "lora_alpha": 5, "rank_pattern": {"head": 2}},
 }
+SWIN_CASES = {  # Swin: "all-linear" also takes the bias-free patch-merging reductions and head.fc (merged)
+    "swin-all-linear": {"target_modules": "all-linear", "r": 2, "lora_alpha": 3},
+    "swin-short-names-head-fc": {
+        "target_modules": ["qkv", "proj", "fc1", "fc2"],
+        "r": 2,
+        "lora_alpha": 5,
+        "modules_to_save": ["head.fc"],
+    },
+}
 
 
-def saved_peft(tmp_path: Path, safe: bool = True, **lora: Any) -> tuple[torch.nn.Module, Path]:
-    """A PEFT LoRA model on the tiny ViT (its base weights saved as tmp_path/base.safetensors), every trainable
-    tensor (A, B and a saved head) drawn at random, written with save_pretrained to tmp_path/peft
+def saved_peft(tmp_path: Path, safe: bool = True, family: str = "vit", **lora: Any) -> tuple[torch.nn.Module, Path]:
+    """A PEFT LoRA model on the tiny ViT (or Swin; its base weights saved as tmp_path/base.safetensors), every
+    trainable tensor (A, B, a saved head ...) drawn at random, written with save_pretrained to tmp_path/peft
     (adapter_model.safetensors, or with `safe=False` the pickled adapter_model.bin)."""
-    base = make_vit(NAME, num_classes=CLASSES, **KWARGS)
+    base = make_vit(BACKBONES[family][0], num_classes=CLASSES, **BACKBONES[family][1])
     save_file(base.state_dict(), tmp_path / "base.safetensors")
     model = get_peft_model(base, LoraConfig(**lora))
     randomize_trainable(model, seed=5, std=0.05)  # B leaves PEFT's zero init: the adapter changes the function
@@ -81,18 +91,19 @@ def cli(*args: str) -> Any:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def import_args(tmp_path: Path, adapter: Path) -> list[str]:
+def import_args(tmp_path: Path, adapter: Path, family: str = "vit") -> list[str]:
     """import-peft with a config for the tiny backbone (its size arguments) and the base weights file."""
-    config = {"backbone": NAME, "backbone_kwargs": KWARGS, "data": "digits:0-4"}
+    name, kwargs = BACKBONES[family]
+    config = {"backbone": name, "backbone_kwargs": kwargs, "data": "digits:0-4"}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     args = [adapter, "--config", tmp_path / "run.yaml", "--checkpoint", tmp_path / "base.safetensors"]
     return [str(a) for a in ("import-peft", *args, "--out", tmp_path / "run")]
 
 
-def folded(run: Path) -> torch.nn.Module:
-    """The run's folded weights in a plain timm ViT (no vitfold code)."""
-    model = make_vit(NAME, num_classes=CLASSES, **KWARGS)
-    model.load_state_dict(load_file(run / "fold" / "model.safetensors"))
+def timm_model(family: str, weights: Path) -> torch.nn.Module:
+    """The tiny ViT or Swin with the weights of a file, in plain timm (no vitfold code)."""
+    model = make_vit(BACKBONES[family][0], num_classes=CLASSES, **BACKBONES[family][1])
+    model.load_state_dict(load_file(weights))
     return model
 
 
@@ -102,16 +113,22 @@ def max_rel(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value - reference).abs().max() / reference.abs().max())
 
 
-@pytest.mark.parametrize(("case", "safe"), [(case, True) for case in CASES] + [("short-names-head-patterns", False)])
-def test_import_peft_folds_to_peft_forward_and_merge_and_unload(tmp_path, case, safe):
-    peft_model, adapter = saved_peft(tmp_path, safe, **CASES[case])
+MATRIX = (
+    [("vit", case, True) for case in CASES]
+    + [("vit", "short-names-head-patterns", False)]
+    + [("swin", case, True) for case in SWIN_CASES]
+)
+
+
+@pytest.mark.parametrize(("family", "case", "safe"), MATRIX)
+def test_import_peft_folds_to_peft_forward_and_merge_and_unload(tmp_path, family, case, safe):
+    peft_model, adapter = saved_peft(tmp_path, safe, family, **(CASES | SWIN_CASES)[case])
     assert (adapter / ("adapter_model.safetensors" if safe else "adapter_model.bin")).is_file()
-    result = cli(*import_args(tmp_path, adapter))
+    result = cli(*import_args(tmp_path, adapter, family))
     assert result.exit_code == 0, result.output
     assert cli("fold", tmp_path / "run").exit_code == 0
-    model = folded(tmp_path / "run")
-    base = make_vit(NAME, num_classes=CLASSES, **KWARGS)
-    base.load_state_dict(load_file(tmp_path / "base.safetensors"))
+    model = timm_model(family, tmp_path / "run" / "fold" / "model.safetensors")
+    base = timm_model(family, tmp_path / "base.safetensors")
     merged = copy.deepcopy(peft_model).merge_and_unload().eval()
     for batch in (1, 3):
         x = images(model, batch)
