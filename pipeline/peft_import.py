@@ -57,12 +57,14 @@ HEAD = "head"  # the timm classifier (ViT: head.weight/bias; Swin: head.fc.weigh
 LORA_KEY = re.compile(r"(?P<layer>.+)\.lora_(?P<part>A\.weight|B\.weight|B\.bias)")
 LORA_PARTS = {"A.weight": "A", "B.weight": "B", "B.bias": "bias"}
 BIAS_SETTINGS = ("none", "all", "lora_only")  # PEFT's `bias`: which base biases trained (and were saved)
+# initialisations of A and B alone; the others (pissa, olora, corda, loftq, lora_ga) rewrite the base weights too
+BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 # adapter_config.json keys read here; keys that only choose where LoRA goes or how it was initialised or trained
 # (the saved tensors hold the outcome); every other key must be unset (None, false, empty), else it is refused.
 READ_KEYS = frozenset(
     ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save", "bias")
-    + ("lora_bias",)
+    + ("lora_bias", "init_lora_weights")
 )
 IGNORED_KEYS = frozenset(
     (
@@ -73,7 +75,6 @@ IGNORED_KEYS = frozenset(
         "layers_to_transform",
         "layers_pattern",
         "lora_dropout",
-        "init_lora_weights",
         "loftq_config",
         "eva_config",
         "corda_config",
@@ -114,9 +115,8 @@ class PeftImport:
     layers: tuple[str, ...]
 
 
-def read_peft(path: str | Path) -> PeftAdapter:
-    """The PEFT adapter folder `path` (adapter_config.json and adapter_model.safetensors, else .bin, read with
-    weights_only); a `CheckpointError` naming the file at fault."""
+def read_peft_config(path: str | Path) -> dict[str, Any]:
+    """adapter_config.json of the PEFT adapter folder `path`; a `CheckpointError` naming the file at fault."""
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
@@ -127,6 +127,14 @@ def read_peft(path: str | Path) -> PeftAdapter:
         raise CheckpointError(f"{config_file}: not readable JSON ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_file}: not a PEFT config (a JSON object)")
+    return config
+
+
+def read_peft(path: str | Path) -> PeftAdapter:
+    """The PEFT adapter folder `path` (adapter_config.json and adapter_model.safetensors, else .bin, read with
+    weights_only); a `CheckpointError` naming the file at fault."""
+    path = Path(path)
+    config = read_peft_config(path)
     weights = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{path}: neither {' nor '.join(WEIGHT_FILES)}")
@@ -170,6 +178,13 @@ def _check_config(adapter: PeftAdapter) -> None:
     config = adapter.config
     if config.get("peft_type") != "LORA":
         raise _setting(adapter, "peft_type", config.get("peft_type"), "vitfold imports PEFT LoRA adapters only")
+    init = config.get("init_lora_weights", True)
+    if (init.lower() if isinstance(init, str) else init) not in BASE_KEEPING_INITS:
+        why = (
+            "this initialisation rewrote the base weights the adapter was trained on: save it converted to plain "
+            "LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
+        raise _setting(adapter, "init_lora_weights", init, why)
     if config.get("bias", "none") not in BIAS_SETTINGS:
         raise _setting(adapter, "bias", config["bias"], f"PEFT's values are {', '.join(BIAS_SETTINGS)}")
     for key in sorted(set(config) - READ_KEYS - IGNORED_KEYS):

@@ -157,6 +157,7 @@ def test_imported_run_exports_and_verifies(tmp_path):
 
 REFUSED = {  # LoraConfig arguments, then edits of the saved adapter_config.json -> what the one-line error names
     "dora": ({"use_dora": True}, {}, "'use_dora'"),
+    "pissa-rewrote-the-base": ({"init_lora_weights": "pissa"}, {}, "'init_lora_weights'"),
     "layer-replication": ({}, {"layer_replication": [[0, 2], [1, 2]]}, "'layer_replication'"),
     "another-peft-method": ({}, {"peft_type": "IA3"}, "'peft_type'"),
     "an-unknown-bias-setting": ({}, {"bias": "some"}, "'bias'"),

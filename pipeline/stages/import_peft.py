@@ -20,7 +20,14 @@ from vitfold.errors import CheckpointError, VitfoldError
 from vitfold.pipeline.backbones import read_state_dict
 from vitfold.pipeline.config import RunConfig, check_config
 from vitfold.pipeline.models import build_backbone
-from vitfold.pipeline.peft_import import HEAD, default_backbone, peft_to_lora, read_peft, saves_head
+from vitfold.pipeline.peft_import import (
+    HEAD,
+    default_backbone,
+    peft_to_lora,
+    read_peft,
+    read_peft_config,
+    saves_head,
+)
 from vitfold.pipeline.stages.imported_run import new_run, write_imported_run
 from vitfold.pipeline.stages.rundir import sha256
 from vitfold.pipeline.stages.stage import Log
@@ -29,12 +36,12 @@ from vitfold.pipeline.stages.stage import Log
 def peft_backbone(adapter_dir: str | Path) -> str:
     """The timm backbone the PEFT adapter at `adapter_dir` names (`base_model_name_or_path`: "timm/NAME"); a
     `VitfoldError` asking for --backbone when it names none."""
-    adapter = read_peft(adapter_dir)
-    name = default_backbone(adapter.config)
+    config = read_peft_config(adapter_dir)
+    name = default_backbone(config)
     if name is None:
-        named = adapter.config.get("base_model_name_or_path")
+        named = config.get("base_model_name_or_path")
         raise VitfoldError(
-            f"{adapter.path}: base_model_name_or_path = {named!r} is no timm hub name (timm/...): pass --backbone"
+            f"{adapter_dir}: base_model_name_or_path = {named!r} is no timm hub name (timm/...): pass --backbone"
         )
     return name
 
