@@ -22,7 +22,7 @@ from vitfold.pipeline.stages import RunDir
 from vitfold.pipeline.stages.manifest import staleness
 from vitfold.pipeline.stages.train import TRAIN
 
-from helpers import TINY_SWIN, TINY_VITS, images, make_vit, randomize_trainable
+from helpers import TINY_SWIN, TINY_VITS, images, make_vit, randomize_trainable, vitfold_cli
 
 NAME, KWARGS = TINY_VITS["run"]  # 16x16 input, patch 4, depth 2, width 192
 BACKBONES = {"vit": (NAME, KWARGS), "swin": TINY_SWIN}
@@ -139,20 +139,37 @@ def test_import_peft_folds_to_peft_forward_and_merge_and_unload(tmp_path, family
         assert max_rel(ours, their_merge) <= 1e-5
 
 
-def test_imported_run_exports_and_verifies(tmp_path):
-    """The acceptance path: import-peft, fold, export, verify exit 0; the run reads as trained (not stale)."""
-    _, adapter = saved_peft(tmp_path, **CASES["short-names-head-patterns"])
+@pytest.mark.parametrize("case", ["short-names-head-patterns", "short-names-with-patch-embedding"])
+def test_imported_run_exports_and_verifies(tmp_path, case):
+    """The acceptance path: import-peft, fold, export, then `vitfold verify` as a user runs it exits 0; the run
+    reads as trained (not stale). LoRA on the patch embedding makes the imported base the run's checkpoint."""
+    _, adapter = saved_peft(tmp_path, **CASES[case])
     assert cli(*import_args(tmp_path, adapter)).exit_code == 0
     run = tmp_path / "run"
     rd = RunDir(run)
     assert rd.config.method == "lora" and rd.config.num_classes == CLASSES
+    assert (rd.config.checkpoint == str(rd.imported_backbone.resolve())) == ("patch" in case)
     assert staleness(rd, "train", TRAIN.inputs(rd, rd.config), TRAIN.params(rd.config)) is None
+    imported_from = json.loads(rd.manifest_file.read_text())["stages"]["train"]["imported_from"]
+    assert imported_from["path"] == str(adapter.resolve()) and imported_from["method"] == "peft-lora"
     for args in (["fold", run], ["export", run, "--format", "torchscript"]):
         result = cli(*args)
         assert result.exit_code == 0, result.output
-    result = cli("verify", run, "--batch-sizes", "2")
-    assert result.exit_code == 0, result.output
+    result = vitfold_cli("verify", str(run), "--batch-sizes", "2", "--samples", "2", "--eval-images", "8")
+    assert result.returncode == 0, result.stderr
     assert json.loads((run / "verify" / "verify.json").read_text())["passed"] is True
+
+
+def test_unreadable_adapter_folders_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = cli("import-peft", tmp_path / "empty", "--backbone", NAME, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "adapter_config.json" in result.output
+    _, adapter = saved_peft(tmp_path, target_modules=["qkv"], r=2, lora_alpha=4)
+    (adapter / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    result = cli(*import_args(tmp_path, adapter))
+    assert result.exit_code == 2 and "adapter_model.safetensors" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
 
 
 REFUSED = {  # LoraConfig arguments, then edits of the saved adapter_config.json -> what the one-line error names
