@@ -1,9 +1,11 @@
 """import-peft: a Hugging Face PEFT LoRA adapter folder (trained on a timm ViT or Swin) -> a run directory that
 `fold`, `export` and `verify` take as if vitfold had trained it with method `lora`.
 
-The base weights are the run's `--pretrained` or `--checkpoint` ones (a PEFT adapter holds none); the head is the
-adapter's (`modules_to_save=["head"]`) or else the base model's own (the checkpoint's head, or the hub model's).
-The key mapping and what is refused: `vitfold.pipeline.peft_import`. A refused adapter leaves nothing behind
+The base weights are the run's `--pretrained` or `--checkpoint` ones (a PEFT adapter holds none), or, when the
+adapter changes them (LoRA outside vitfold's lora places, LoRA biases, tensors PEFT trained in place), those with
+the changes merged, written to RUN/import/backbone.safetensors (the run's checkpoint). The head is the adapter's
+(`modules_to_save=["head"]`) or else the base model's own (the checkpoint's head, or the hub model's). The key
+mapping and what is refused: `vitfold.pipeline.peft_import`. A refused adapter leaves nothing behind
 (the run directory is not even made).
 """
 
@@ -80,7 +82,7 @@ def import_peft(adapter_dir: str | Path, run_dir: str | Path, config: RunConfig,
     origin = {"path": str(adapter.path.resolve()), "sha256": sha256(adapter.weights), "method": "peft-lora"}
     write_imported_run(rd, cfg, imported.adapter, origin, started, backbone=imported.backbone)
     layers, rank = len(imported.layers), imported.options["rank"]
-    base_note = f" (LoRA outside the blocks merged into {rd.imported_backbone})" if imported.backbone else ""
+    base_note = f" and the changed base weights into {rd.imported_backbone}" if imported.backbone else ""
     log(
         f"imported the PEFT LoRA adapter {adapter.path} ({layers} layers, rank {rank}, {num_classes} classes) "
         f"into {rd.adapter}{base_note}; next: vitfold fold {rd.path}"
