@@ -1,6 +1,7 @@
-"""`vitfold import-peft`: LoRA adapters trained and saved by Hugging Face PEFT itself on a tiny timm ViT (A and B
-drawn away from PEFT's zero-B init), imported, folded, exported and verified, and compared with PEFT's own forward
-and with its `merge_and_unload()`: the reference here is PEFT, not vitfold's reading of it."""
+"""`vitfold import-peft`: LoRA adapters trained and saved by Hugging Face PEFT itself on a tiny timm ViT or Swin
+(every trained tensor drawn away from PEFT's init, B non-zero), imported, folded, exported and verified, and
+compared with PEFT's own forward and with its `merge_and_unload()`: the reference is PEFT, not vitfold's reading
+of it. Refusals: one line naming the key, exit 2, no run directory."""
 
 from __future__ import annotations
 
