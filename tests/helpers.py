@@ -25,6 +25,11 @@ TINY_VITS: dict[str, tuple[str, dict[str, Any]]] = {
     "run": ("vit_tiny_patch16_224", {"img_size": 16, "patch_size": 4, "depth": 2}),
 }
 TINY = TINY_VITS["vit"]
+# A tiny timm Swin (v1): 32x32 input, widths 16/32/64/128, windows of 4 (stage 0 shifts them, with the mask)
+TINY_SWIN: tuple[str, dict[str, Any]] = (
+    "swin_tiny_patch4_window7_224",
+    {"img_size": 32, "embed_dim": 16, "depths": [2, 1, 2, 1], "num_heads": [1, 2, 2, 4], "window_size": 4},
+)
 
 TINY_RUN = {
     "backbone": TINY_VITS["run"][0],

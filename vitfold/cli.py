@@ -22,7 +22,19 @@ METHOD_NAMES = ("rlrr", "efft1", "efft2", "lora", "linear", "full")
 STAGE_NAMES = ("pretrain", "train", "compare", "fold", "export", "verify", "bench", "report")
 OFFICIAL_NAMES = ("rlrr", "efft2")  # the official codes import-official reads
 # `vitfold --help` lists the stage commands in pipeline order, then the whole pipeline and the utilities
-COMMAND_ORDER = ("train", "import-official", "fold", "export", "verify", "bench", "report", "run", "info", "configs")
+COMMAND_ORDER = (
+    "train",
+    "import-official",
+    "import-peft",
+    "fold",
+    "export",
+    "verify",
+    "bench",
+    "report",
+    "run",
+    "info",
+    "configs",
+)
 
 
 # library argument -> the flag that sets it, where the names differ (others: --argument-with-dashes)
@@ -343,6 +355,33 @@ def import_official(
         method_options=method_opts or None,
     )
     run_import(method, official, out, cfg, log=_echo)
+
+
+@main.command("import-peft")
+@click.argument("adapter_dir", metavar="DIR", type=click.Path(file_okay=False))
+@config_option
+@base_options
+@click.option("--data", help="Evaluation data for verify: digits[:5-9] | folder:PATH | vtab:PATH | fgvc:PATH")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New run directory.")
+def import_peft(
+    adapter_dir: str,
+    config_path: str | None,
+    backbone: str | None,
+    checkpoint: str | None,
+    pretrained: bool | None,
+    data: str | None,
+    out: str,
+) -> None:
+    """Turn a Hugging Face PEFT LoRA adapter folder DIR (adapter_config.json + adapter_model.safetensors, trained
+    on a timm ViT) into the run directory OUT (then fold, export, verify). The base weights: --pretrained or
+    --checkpoint; --backbone defaults to the adapter's base_model_name_or_path when it is timm/NAME."""
+    from vitfold.pipeline.stages.import_peft import import_peft as run_import
+    from vitfold.pipeline.stages.import_peft import peft_backbone
+
+    if backbone is None and config_path is None:
+        backbone = peft_backbone(adapter_dir)
+    cfg = _read_config(config_path, backbone=backbone, checkpoint=checkpoint, pretrained=pretrained, data=data)
+    run_import(adapter_dir, out, cfg, log=_echo)
 
 
 @main.command()

@@ -4,7 +4,7 @@ and `verify` take as if vitfold had trained it.
 Writes RUN/config.yaml, RUN/import/backbone.safetensors when the checkpoint carries the backbone (it becomes
 the run's `checkpoint`; otherwise the run's `--pretrained` or `--checkpoint` weights are the base) and
 RUN/train/adapter.safetensors, and records them in the manifest as the train stage's outputs, with
-`imported_from` (the official file and its sha256) in place of training. The key mapping:
+`imported_from` (the official file and its sha256) in place of training (`imported_run`). The key mapping:
 `vitfold.pipeline.official`. A failed import leaves nothing behind.
 """
 
@@ -15,16 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from vitfold.errors import CheckpointError, VitfoldError
-from vitfold.pipeline.adapting import load_adapter, save_adapter
-from vitfold.pipeline.atomic import atomic_replace
-from vitfold.pipeline.config import RunConfig, check_config, training_params
-from vitfold.pipeline.models import build_model
+from vitfold.pipeline.config import RunConfig, check_config
 from vitfold.pipeline.official import read_official
-from vitfold.pipeline.stages.manifest import record_stage
-from vitfold.pipeline.stages.rundir import RunDir, sha256
+from vitfold.pipeline.stages.imported_run import new_run, write_imported_run
+from vitfold.pipeline.stages.rundir import sha256
 from vitfold.pipeline.stages.stage import Log
-from vitfold.pipeline.stages.train import TRAIN, base_identity, run_adapter_metadata
-from vitfold.pipeline.tensor_files import safetensors_bytes
 
 
 def _check_base_weights(config: RunConfig, checkpoint: Path, carries_backbone: bool) -> None:
@@ -47,34 +42,14 @@ def import_official(
     and stage settings; `method_options` adds what the checkpoint lacks, EFFT2's `scale`). Returns the
     adapter file."""
     started = time.perf_counter()
-    rd, checkpoint = RunDir(run_dir), Path(checkpoint)
-    if rd.config_file.is_file() or rd.manifest_file.is_file():
-        raise VitfoldError(f"{rd.path} already holds a run: import into a new directory")
+    rd, checkpoint = new_run(run_dir), Path(checkpoint)
     imported = read_official(method, checkpoint, config.method_options)
     _check_base_weights(config, checkpoint, bool(imported.backbone))
     options = {**imported.options, **config.method_options}
     cfg = replace(config, method=method, method_options=options, num_classes=imported.num_classes)
     check_config(cfg, where="import-official")
-    with rd.locked():
-        written = [rd.imported_backbone, rd.config_file, rd.adapter, rd.manifest_file]
-        try:
-            if imported.backbone:
-                meta = {"format": "vitfold-imported-backbone/1", "imported_from": str(checkpoint)}
-                atomic_replace(rd.imported_backbone, safetensors_bytes(imported.backbone, meta))
-                cfg = replace(cfg, checkpoint=str(rd.imported_backbone.resolve()))
-            model = load_adapter(build_model(cfg, imported.num_classes), imported.adapter)
-            rd.write_config(cfg)
-            origin = {"path": str(checkpoint.resolve()), "sha256": sha256(checkpoint), "method": method}
-            extra = {"base": base_identity(rd, cfg), "imported_from": origin["path"]}
-            save_adapter(model, rd.adapter, backbone=cfg.backbone, **run_adapter_metadata(cfg, extra))
-            seconds = time.perf_counter() - started
-            record_stage(
-                rd, "train", training_params(cfg), TRAIN.inputs(rd, cfg), [rd.adapter], seconds, imported_from=origin
-            )
-        except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise
+    origin = {"path": str(checkpoint.resolve()), "sha256": sha256(checkpoint), "method": method}
+    write_imported_run(rd, cfg, imported.adapter, origin, started, backbone=imported.backbone)
     log(
         f"imported the official {method} checkpoint {checkpoint} ({imported.depth} blocks, "
         f"{imported.num_classes} classes) into {rd.adapter}; next: vitfold fold {rd.path}"

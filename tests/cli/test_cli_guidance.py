@@ -19,18 +19,8 @@ from helpers import TINY_RUN
 def test_help_lists_the_commands_in_pipeline_order():
     result = CliRunner().invoke(main, ["--help"])
     listed = re.findall(r"^  ([\w-]+)\s", result.output.split("Commands:")[1], re.M)
-    assert listed == [
-        "train",
-        "import-official",
-        "fold",
-        "export",
-        "verify",
-        "bench",
-        "report",
-        "run",
-        "info",
-        "configs",
-    ]
+    stages = ["train", "import-official", "import-peft", "fold", "export", "verify", "bench", "report"]
+    assert listed == [*stages, "run", "info", "configs"]
 
 
 def test_fixed_values_are_choices_that_match_the_code():

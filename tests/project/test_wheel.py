@@ -18,7 +18,19 @@ import pytest
 
 from helpers import ROOT
 
-SUBCOMMANDS = ("train", "import-official", "fold", "export", "verify", "bench", "report", "run", "info", "configs")
+SUBCOMMANDS = (
+    "train",
+    "import-official",
+    "import-peft",
+    "fold",
+    "export",
+    "verify",
+    "bench",
+    "report",
+    "run",
+    "info",
+    "configs",
+)
 
 
 def _source_modules() -> set[str]:
