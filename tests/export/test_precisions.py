@@ -181,7 +181,7 @@ def test_bf16_is_refused_in_one_line_on_a_cpu_without_native_bf16(monkeypatch):
     import vitfold.export.precision as precision
 
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
-    with pytest.raises(VitfoldError, match="bf16 on CPU needs AVX512_BF16 or AMX"):
+    with pytest.raises(VitfoldError, match=r"^precision='bf16': on CPU needs AVX512_BF16 or AMX"):
         check_formats(["aoti"], "bf16", "cpu")
 
 
