@@ -23,7 +23,13 @@ from vitfold.pipeline.stages.bench import ROW_KEYS, bench_ratios, ratio_line
 
 from helpers import copy_run
 
-FAST = {"min_iters": 5, "min_seconds": 0.05, "warmup_seconds": 0.01, "rounds": 5}
+FAST = {
+    "min_iters": 5,
+    "min_seconds": 0.05,
+    "warmup_seconds": 0.01,
+    "rounds": 5,
+    "roofline": False,
+}  # peaks: test_openvino
 BACKENDS = ["torch-folded", "torch-base", "torch-unmerged", "onnxruntime", "torchscript", "aoti"]
 BATCHES = [1, 2]
 

@@ -137,4 +137,21 @@ MUTANTS = (
            "onnx.helper.set_model_props(proto, metadata)", "pass",
            ("tests/test_deployment_metadata.py::"
             "test_onnx_metadata_and_export_json_carry_preprocessing_and_class_names",)),
+    # -- OpenVINO and the bench's runtime settings (issue 24)
+    Mutant("every OpenVINO IR runs at bf16 (the CPU plugin's default here), fp32 too", "export/openvino_runner.py",
+           '"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],', '"INFERENCE_PRECISION_HINT": "bf16",',
+           ("tests/test_openvino.py::test_fp32_ir_computes_the_folded_model_at_fp32_noise",)),
+    Mutant("an IR's weights (.bin) not checked against the export's sha256", "pipeline/stages/backends.py",
+           'verified_input(rd, path.with_suffix(".bin"), "export", recorded_only=True, hint=hint)', "pass",
+           ("tests/test_openvino.py::test_a_changed_ir_weights_file_stops_verify_with_exit_2",)),
+    Mutant("verify leaves the OpenVINO INT8 IR out", "pipeline/stages/verify.py",
+           '    "openvino-int8",\n)', ")",
+           ("tests/test_openvino.py::"
+            "test_int8_ir_is_nncf_quantized_and_judged_by_the_int8_gate_on_the_whole_split",)),
+    Mutant("bench's ONNX Runtime spin setting never reaches the session", "export/runners.py",
+           "if self.spin is not None:", "if False:",
+           ("tests/test_openvino.py::test_onnxruntime_spin_setting_reaches_the_session",)),
+    Mutant("the first call of each round timed (the switch between backends counted)", "export/timing.py",
+           "                for _ in range(self.round_warmup):\n                    runner(x)\n", "",
+           ("tests/test_timing.py::test_rounds_alternate_the_runners_after_warming_each_up",)),
 )  # fmt: skip
