@@ -175,7 +175,7 @@ def test_vit_base_onnx_matches_folded_at_batch_1_and_5(tmp_path):
 
 def test_export_cli_errors_are_one_line_exit_2(run, tmp_path):
     for args, message in [
-        (["export", str(run), "--format", "openvino"], "unknown format 'openvino'"),
+        (["export", str(run), "--format", "tvm"], "unknown format 'tvm'"),
         (["export", str(run), "--format", "tensorrt"], "tensorrt"),
         (["export", str(run), "--opset", "13", "--format", "onnx"], "'--opset': 13"),
         (["fold", str(tmp_path / "nothing")], "is not a run directory"),

@@ -209,6 +209,7 @@ def _latency(bench: dict[str, Any]) -> list[str]:
         f"{bench['threads']} threads on {bench['device']}; calls in rounds that alternate the backends, "
         f"a row unstable when its rounds' means spread (IQR / median) above {bench['unstable_above']:.0%}"
         + (f"; AOTInductor compiled {compiled} (inductor here: {found['inductor_vec_isa']})" if compiled else "")
+        + ("" if "spin" not in bench else f"; ONNX Runtime's idle threads {'spin' if bench['spin'] else 'do not spin'}")
         + ".",
         "",
         *_table(
