@@ -5,7 +5,7 @@
     with open_runner("onnxruntime", files["onnx"]) as runner:
         ok = compare(reference_logits, runner(images))   # truthy when within tolerance; ok.to_dict()
 
-Nothing here knows a run directory. Optional runtimes (onnxruntime-gpu, tensorrt) are imported lazily
+Nothing here knows a run directory. Optional runtimes (onnxruntime-gpu, tensorrt, openvino) are imported lazily
 inside the modules that need them, so `import vitfold.export` works without them, and importing this
 package imports neither torch nor onnx.
 """
@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from importlib import import_module
 from typing import Any
 
-FORMATS = ("onnx", "torchscript", "aoti", "tensorrt")
-DEFAULT_FORMATS = ("onnx", "torchscript", "aoti")  # tensorrt needs the [trt] extra and a GPU
+FORMATS = ("onnx", "torchscript", "aoti", "tensorrt", "openvino")
+DEFAULT_FORMATS = ("onnx", "torchscript", "aoti")  # tensorrt needs the [trt] extra and a GPU, openvino [openvino]
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # the file of each artifact in the output folder; "<format>-<precision>" is a reduced-precision variant
 # written beside the fp32 artifact of that format (see `exporting.VARIANTS`)
@@ -28,6 +28,9 @@ FILES = {
     "aoti-fp16": "model.fp16.pt2",
     "aoti-bf16": "model.bf16.pt2",
     "tensorrt": "model.plan",
+    "openvino": "model.xml",  # + model.bin beside each .xml
+    "openvino-bf16": "model.bf16.xml",
+    "openvino-int8": "model.int8.xml",
 }
 
 

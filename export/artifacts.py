@@ -27,15 +27,15 @@ def batch_dim() -> dict[int, torch.export.Dim]:
 
 @contextmanager
 def staged_files(final_dir: Path) -> Iterator[Path]:
-    """A temp directory beside `final_dir`; on success its files are moved into `final_dir`, the file
-    named last (the one a reader opens, e.g. model.onnx after model.onnx.data) placed last, so an
+    """A temp directory beside `final_dir`; on success its files are moved into `final_dir`, the file a
+    reader opens (model.onnx after model.onnx.data, model.xml after model.bin) placed last, so an
     interrupted export never leaves a finished-looking artifact. On failure nothing is moved."""
     final_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final_dir, prefix=".export-"))
     try:
         yield tmp
         files = sorted(p for p in tmp.iterdir() if p.is_file())
-        for f in sorted(files, key=lambda p: p.suffix in (".onnx", ".pt", ".pt2", ".plan")):
+        for f in sorted(files, key=lambda p: p.suffix in (".onnx", ".pt", ".pt2", ".plan", ".xml")):
             os.replace(f, final_dir / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

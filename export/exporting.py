@@ -31,6 +31,10 @@ def check_formats(formats: Iterable[str], precision: str = "fp32", device: str =
         from vitfold.export.tensorrt import require_tensorrt
 
         require_tensorrt()
+    if "openvino" in formats:
+        from vitfold.export.openvino import require_openvino
+
+        require_openvino(nncf=precision == "int8")
     if "aoti" in formats:
         from vitfold.export.aoti import require_compiler
 
@@ -89,11 +93,13 @@ def export(
     """Export `model` (evaluated as it is: fold adapters first) into `out_dir`; returns artifact -> file.
 
     Formats: onnx, torchscript, aoti (a `.pt2` for `device`), tensorrt (built from the ONNX; needs the
-    [trt] extra and a GPU). Each is written in fp32; `precision` adds its variants beside them
-    (`vitfold.export.precision.VARIANTS`): onnx-fp16, onnx-int8 (static QDQ calibrated on `calibration`,
-    (N, 3, H, W) normalised images, or `int8_mode="dynamic"`), aoti-fp16 (CUDA), aoti-bf16; the TensorRT
-    plan is built at `precision`. File names: `vitfold.export.FILES`. `info` (preprocessing and class
-    names) goes into every ONNX file's metadata_props.
+    [trt] extra and a GPU), openvino (an IR read from the ONNX; the [openvino] extra). Each is written in
+    fp32; `precision` adds its variants beside them (`vitfold.export.precision.VARIANTS`): onnx-fp16,
+    onnx-int8 (static QDQ calibrated on `calibration`, (N, 3, H, W) normalised images, or
+    `int8_mode="dynamic"`), aoti-fp16 (CUDA), aoti-bf16, openvino-bf16, openvino-int8 (NNCF, calibrated on
+    the same images); the TensorRT plan is built at `precision`. tensorrt and openvino write the ONNX too.
+    File names: `vitfold.export.FILES`. `info` (preprocessing and class names) goes into every ONNX file's
+    metadata_props and every OpenVINO IR's runtime info.
     """
     formats = check_formats(formats, precision, device)
     reduced = variants(formats, precision, device)
@@ -116,16 +122,16 @@ def export(
             on_artifact(name, files, time.perf_counter() - started)
 
     onnx_path = out_dir / FILES["onnx"]
-    if "onnx" in formats or "tensorrt" in formats:
+    metadata = info.metadata_props() if info is not None else None
+    if {"onnx", "tensorrt", "openvino"} & set(formats):
         from vitfold.export.onnx import export_onnx
 
-        metadata = info.metadata_props() if info is not None else None
         produce("onnx", lambda: export_onnx(model, onnx_path, image_size, opset, metadata))
     if "onnx-fp16" in reduced.values():
         from vitfold.export.fp16 import convert_onnx_fp16
 
         produce("onnx-fp16", lambda: [convert_onnx_fp16(onnx_path, out_dir / FILES["onnx-fp16"])])
-    if precision == "int8":
+    if precision == "int8" and {"onnx", "tensorrt"} & set(formats):
         from vitfold.export.int8 import quantize_onnx_int8
 
         def quantize() -> list[Path]:
@@ -144,6 +150,14 @@ def export(
         if "aoti" in reduced:
             artifact = reduced["aoti"]
             produce(artifact, lambda: export_aoti(model, out_dir / FILES[artifact], image_size, device, precision))
+    if "openvino" in formats:
+        from vitfold.export.openvino import export_openvino
+
+        produce("openvino", lambda: export_openvino(onnx_path, out_dir / FILES["openvino"], "fp32", metadata))
+        if "openvino" in reduced:
+            artifact = reduced["openvino"]
+            ir = out_dir / FILES[artifact]
+            produce(artifact, lambda: export_openvino(onnx_path, ir, precision, metadata, calibration))
     if "tensorrt" in formats:
         from vitfold.export.tensorrt import build_engine
 

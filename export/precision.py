@@ -21,8 +21,8 @@ from vitfold.export.isa import cpu_has_bf16, cpu_isa
 VARIANTS: dict[str, dict[str, str]] = {
     "fp32": {},
     "fp16": {"onnx": "onnx-fp16", "aoti": "aoti-fp16", "tensorrt": "tensorrt"},
-    "bf16": {"aoti": "aoti-bf16"},
-    "int8": {"onnx": "onnx-int8", "tensorrt": "tensorrt"},
+    "bf16": {"aoti": "aoti-bf16", "openvino": "openvino-bf16"},
+    "int8": {"onnx": "onnx-int8", "tensorrt": "tensorrt", "openvino": "openvino-int8"},
 }
 # (precision, format) -> the only device type it is built for (fp16 kernels on CPUs are slower than fp32)
 DEVICE_ONLY = {("fp16", "aoti"): "cuda"}

@@ -8,16 +8,19 @@ Runtimes (the `backend` of `open_runner`):
     torch        an nn.Module (pass the model instead of a path)
     torchscript  a `.pt` from torch.jit          onnxruntime  a `.onnx` (CPU EP, or CUDA EP with TF32 off)
     aoti         a `.pt2` AOTInductor package    tensorrt     a `.plan` (needs the [trt] extra and a GPU)
+    openvino     an OpenVINO IR `.xml` (+ `.bin`) on the CPU (the [openvino] extra; `openvino_runner`)
 
 A runtime is imported when its runner opens, so a missing optional dependency only matters to the
 runner that needs it; `unavailable(backend, device)` says why one cannot run. Torch runners and
 onnxruntime can also return every transformer block's output (`block_outputs`), which verify uses to
-name the first block where a backend diverges.
+name the first block where a backend diverges. Each runner's `settings` are its runtime's thread and
+spin settings, which bench.json records.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,15 +32,18 @@ from vitfold.errors import VitfoldError
 from vitfold.export.artifacts import INPUT_NAME, OUTPUT_NAME
 from vitfold.export.blocks import block_names
 
-RUNTIMES = ("torch", "torchscript", "onnxruntime", "aoti", "tensorrt")
+RUNTIMES = ("torch", "torchscript", "onnxruntime", "aoti", "tensorrt", "openvino")
 RUNTIME_OF_SUFFIX = {
     ".onnx": "onnxruntime",
     ".pt": "torchscript",
     ".pt2": "aoti",
     ".plan": "tensorrt",
     ".engine": "tensorrt",
+    ".xml": "openvino",
 }
-MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}  # optional packages
+MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "openvino": "openvino"}  # optional packages
+# the OpenMP settings torch's CPU threads read when torch starts (unset: libgomp spins a while after each op)
+OPENMP_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
 class Runner:
@@ -50,6 +56,7 @@ class Runner:
     def __init__(self, device: str) -> None:
         self.device = torch.device(device)
         self.provider = self.device.type
+        self.settings: dict[str, Any] = torch_thread_settings() if self.device.type == "cpu" else {}
 
     def __enter__(self) -> Runner:
         return self
@@ -74,6 +81,12 @@ class Runner:
 
     def close(self) -> None:
         """Release the runtime's resources (sessions, engines, device memory)."""
+
+
+def torch_thread_settings() -> dict[str, Any]:
+    """torch's CPU threads now and the OpenMP environment they started with (spinning after each op unless
+    OMP_WAIT_POLICY=PASSIVE)."""
+    return {"threads": torch.get_num_threads(), **{k: os.environ.get(k) for k in OPENMP_ENV}}
 
 
 class TorchRunner(Runner):
@@ -136,13 +149,15 @@ class AOTIRunner(Runner):
 
 
 class OnnxRuntimeRunner(Runner):
-    """ONNX Runtime: CPU EP on cpu; CUDA EP (TF32 off, IO binding to torch tensors) on cuda."""
+    """ONNX Runtime: CPU EP on cpu; CUDA EP (TF32 off, IO binding to torch tensors) on cuda. `spin`: whether
+    the intra-op pool's threads spin after a call (`session.intra_op.allow_spinning`; None: ONNX Runtime's
+    default, spinning), which takes the cores from whatever runs next."""
 
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path, device: str, threads: int | None = None) -> None:
+    def __init__(self, path: Path, device: str, threads: int | None = None, spin: bool | None = None) -> None:
         super().__init__(device)
-        self.path, self.threads = path, threads
+        self.path, self.threads, self.spin = path, threads, spin
         if self.device.type == "cuda":
             index = self.device.index or 0
             self.providers: list[Any] = [("CUDAExecutionProvider", {"device_id": index, "use_tf32": 0})]
@@ -150,6 +165,11 @@ class OnnxRuntimeRunner(Runner):
             self.providers = ["CPUExecutionProvider"]
         self.session = self._session(str(path))
         self.provider = self.session.get_providers()[0]
+        self.settings = {
+            "intra_op_num_threads": threads,
+            "inter_op_num_threads": 1 if threads else None,
+            "allow_spinning": True if spin is None else spin,
+        }
         if self.device.type == "cuda" and self.provider != "CUDAExecutionProvider":
             raise VitfoldError(f"onnxruntime has no CUDA execution provider here ({self.provider}): {ort_gpu_fix()}")
         self._debug_session = None
@@ -161,6 +181,8 @@ class OnnxRuntimeRunner(Runner):
         if self.threads:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
+        if self.spin is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         return ort.InferenceSession(model, options, providers=self.providers)
 
     def _run(self, session: Any, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
@@ -272,6 +294,8 @@ def unavailable(backend: str, device: str = "cpu") -> str | None:
         return f"the {MODULES[backend]} package is not installed"
     if backend == "tensorrt" and not torch.cuda.is_available():
         return "TensorRT needs a CUDA GPU"
+    if backend == "openvino" and device.startswith("cuda"):
+        return "vitfold runs OpenVINO on the CPU (its GPU plugin is for Intel GPUs)"
     if backend == "onnxruntime" and device.startswith("cuda"):
         import onnxruntime as ort
 
@@ -302,11 +326,18 @@ def runtime_of(path: Path) -> str:
     return runtime
 
 
-def open_runner(backend: str, path: str | Path | nn.Module, device: str = "cpu", threads: int | None = None) -> Runner:
+def open_runner(
+    backend: str,
+    path: str | Path | nn.Module,
+    device: str = "cpu",
+    threads: int | None = None,
+    spin: bool | None = None,
+) -> Runner:
     """Open runtime `backend` on the artifact at `path` (for "torch": the nn.Module itself).
 
     A context manager; `runner(x)` takes an image batch on `runner.device` (`runner.to_device(x)`) and
-    returns logits there. On CUDA, fp32 means fp32: TF32 is switched off in torch's matmuls too."""
+    returns logits there. On CUDA, fp32 means fp32: TF32 is switched off in torch's matmuls too. `threads`
+    (onnxruntime, openvino): the runtime's CPU threads; `spin` (onnxruntime): whether its idle threads spin."""
     reason = unavailable(backend, device)
     if reason:
         raise VitfoldError(f"backend {backend}: {reason}")
@@ -321,5 +352,9 @@ def open_runner(backend: str, path: str | Path | nn.Module, device: str = "cpu",
     if not path.is_file():
         raise VitfoldError(f"backend {backend}: {path} not found")
     if backend == "onnxruntime":
-        return OnnxRuntimeRunner(path, device, threads)
+        return OnnxRuntimeRunner(path, device, threads, spin)
+    if backend == "openvino":
+        from vitfold.export.openvino_runner import OpenVINORunner
+
+        return OpenVINORunner(path, device, threads)
     return {"torchscript": TorchScriptRunner, "aoti": AOTIRunner, "tensorrt": TensorRTRunner}[backend](path, device)

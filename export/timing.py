@@ -4,9 +4,12 @@ fits their device.
 Per call, the time of `runner(x)` on a batch already on the device: no host-to-device copy, no pre- or
 post-processing. Each runner is warmed up for `warmup_seconds` (at least 2 calls); then `rounds` rounds,
 in each of which every runner in turn makes its share of the calls: at least `min_iters / rounds` calls
-*and* `min_seconds / rounds` seconds. So in all at least `min_iters` calls and `min_seconds` seconds per
-runner, and drift on a busy machine hits every runner alike. On CPU each call is timed with
-`time.perf_counter`; on CUDA with a pair of CUDA events around each call, recorded after a synchronise.
+*and* `min_seconds / rounds` seconds, after `round_warmup` untimed calls. So in all at least `min_iters` calls
+and `min_seconds` seconds per runner, and drift on a busy machine hits every runner alike. The untimed
+calls at the start of each round absorb what the switch from the previous runner costs the first call
+(its thread pool waking up, its weights back into the caches), which is not the runner's latency. On
+CPU each call is timed with `time.perf_counter`; on CUDA with a pair of CUDA events around each call,
+recorded after a synchronise.
 
 `latency_stats` turns the rounds into the numbers a reader can trust: mean, p50, p90, p99 (only from
 100 calls or more), and the spread of the per-round means (their IQR over their median), which flags a
@@ -42,6 +45,7 @@ class Timing:
     min_seconds: float = 3.0
     warmup_seconds: float = 0.2
     rounds: int = 10
+    round_warmup: int = 1  # untimed calls at the start of each round (the switch from the previous runner)
 
     def measure(self, cases: Mapping[Key, tuple[Runner, torch.Tensor]]) -> dict[Key, list[list[float]]]:
         """Per case, the per-call latencies (ms) of each round: every runner warmed up, then rounds in which
@@ -51,6 +55,9 @@ class Timing:
         times: dict[Key, list[list[float]]] = {key: [] for key in cases}
         for _ in range(self.rounds):
             for key, (runner, x) in cases.items():
+                for _ in range(self.round_warmup):
+                    runner(x)
+                runner.synchronize()
                 times[key].append((_cuda_times if runner.device.type == "cuda" else _cpu_times)(runner, x, self.more))
         return times
 

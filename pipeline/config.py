@@ -92,6 +92,8 @@ class BenchConfig:
     warmup_seconds: float = 0.2
     rounds: int = 10  # interleaved rounds over which the calls are spread
     unstable_above: float = 0.1  # a row whose per-round means' IQR / median exceeds this is unstable
+    spin: bool = False  # ONNX Runtime's idle threads spin after a call (they would take the next backend's cores)
+    roofline: bool = True  # CPU: measure each precision's matmul peak here; rows get GFLOP/s and % of it
 
 
 @dataclass
@@ -335,6 +337,8 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
             _is_number(b.unstable_above, 0) and b.unstable_above > 0,
             "a positive number",
         ),
+        ("bench.spin", b.spin, isinstance(b.spin, bool), "true or false"),
+        ("bench.roofline", b.roofline, isinstance(b.roofline, bool), "true or false"),
     ]
     for key, value, ok, expected in rules:
         if not ok:

@@ -405,7 +405,7 @@ def fold(run_dir: str, base_mismatch_ok: bool | None) -> None:
     "--precision",
     type=click.Choice(PRECISIONS),
     help="Add artifacts at this precision beside the fp32 ones: fp16 (onnx; aoti and tensorrt on cuda), "
-    "bf16 (aoti), int8 (onnx, tensorrt). Default: the run config's, fp32.",
+    "bf16 (aoti, openvino), int8 (onnx, tensorrt, openvino). Default: the run config's, fp32.",
 )
 @click.option("--opset", type=click.IntRange(min=17), help="ONNX opset (default: the run config's, 18).")
 @click.option("--calibration-samples", type=click.IntRange(min=1), help="int8: training images to calibrate on (256).")
@@ -453,8 +453,8 @@ def export(
 @main.command()
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @backends_option(
-    "torchscript, onnxruntime, onnxruntime-fp16, onnxruntime-int8, aoti, aoti-fp16, aoti-bf16, tensorrt; "
-    "torch-folded (the fold) is always checked"
+    "torchscript, onnxruntime, onnxruntime-fp16, onnxruntime-int8, aoti, aoti-fp16, aoti-bf16, tensorrt, "
+    "openvino, openvino-bf16, openvino-int8; torch-folded (the fold) is always checked"
 )
 @batch_sizes_option("1,8")
 @click.option("--samples", type=click.IntRange(min=1), help="Evaluation images, and as many random images (16).")
@@ -602,7 +602,7 @@ def verify(
 @run_dir_argument
 @backends_option(
     "torch-unmerged, torch-folded, torch-base, torch-folded-fp16, torch-folded-bf16, torchscript, onnxruntime, "
-    "onnxruntime-fp16, onnxruntime-int8, aoti, aoti-fp16, aoti-bf16, tensorrt"
+    "onnxruntime-fp16, onnxruntime-int8, aoti, aoti-fp16, aoti-bf16, tensorrt, openvino, openvino-bf16, openvino-int8"
 )
 @batch_sizes_option("1,8,32")
 @device_option()
@@ -611,6 +611,14 @@ def verify(
 @click.option("--min-seconds", type=float, help="Timed seconds per row, at least (as well); default 3.")
 @click.option("--rounds", type=click.IntRange(min=1), help="Rounds that alternate the backends; default 10.")
 @click.option("--unstable-above", type=float, help="Flag a row unstable above this rounds' IQR / median; default 0.1.")
+@click.option(
+    "--spin/--no-spin",
+    default=None,
+    help="ONNX Runtime's idle threads spin after each call (default: no, so they leave the cores to the next backend).",
+)
+@click.option(
+    "--roofline/--no-roofline", default=None, help="CPU: each row's GFLOP/s and % of the matmul peak (default: yes)."
+)
 @trust_option
 def bench(
     run_dir: str,
@@ -622,6 +630,8 @@ def bench(
     min_seconds: float | None,
     rounds: int | None,
     unstable_above: float | None,
+    spin: bool | None,
+    roofline: bool | None,
     trust: bool,
 ) -> None:
     """Latency of every backend per batch size: RUN_DIR/bench/bench.json, bench.csv, latency.png."""
@@ -636,6 +646,8 @@ def bench(
         min_seconds=min_seconds,
         rounds=rounds,
         unstable_above=unstable_above,
+        spin=spin,
+        roofline=roofline,
         trust=trust,
     )
 

@@ -9,6 +9,8 @@ of the run.
     aoti              export/model.pt2       onnxruntime-fp16  export/model.fp16.onnx
     aoti-fp16         export/model.fp16.pt2  onnxruntime-int8  export/model.int8.onnx
     aoti-bf16         export/model.bf16.pt2  tensorrt          export/model.plan
+    openvino          export/model.xml       openvino-bf16     export/model.bf16.xml
+    openvino-int8     export/model.int8.xml  (each with its .bin; OpenVINO's CPU plugin)
 
 A backend named `<...>-<precision>` computes at that precision; tensorrt at the one its plan records.
 """
@@ -43,6 +45,9 @@ ARTIFACT_BACKENDS = {
     "aoti-fp16": ("aoti", "aoti-fp16"),
     "aoti-bf16": ("aoti", "aoti-bf16"),
     "tensorrt": ("tensorrt", "tensorrt"),
+    "openvino": ("openvino", "openvino"),
+    "openvino-bf16": ("openvino", "openvino-bf16"),
+    "openvino-int8": ("openvino", "openvino-int8"),
 }
 BACKENDS = (*TORCH_BACKENDS, *ARTIFACT_BACKENDS)
 
@@ -85,12 +90,15 @@ REDUCED = tuple(name for name in BACKENDS if name.rsplit("-", 1)[-1] in PRECISIO
 
 
 def backend_files(rd: RunDir, name: str) -> list[Path]:
-    """The files of the run that backend `name` reads (an ONNX file's `.data` beside it, when there is one)."""
+    """The files of the run that backend `name` reads (an ONNX file's `.data` beside it, when there is one;
+    an IR's `.bin`)."""
     if name == UNMERGED:
         return [rd.adapter]
     if name in (FOLDED, BASE, FOLDED_FP16, FOLDED_BF16):
         return [rd.folded]
     path = rd.artifact(ARTIFACT_BACKENDS[name][1])
+    if path.suffix == ".xml":
+        return [path, path.with_suffix(".bin")]
     return [path, path.with_name(path.name + ".data")] if path.suffix == ".onnx" else [path]
 
 
@@ -129,12 +137,20 @@ def _precision_unavailable(name: str, device: str) -> str | None:
     return None
 
 
-def open_backend(rd: RunDir, name: str, device: str = "cpu", threads: int | None = None, trust: bool = False) -> Runner:
+def open_backend(
+    rd: RunDir,
+    name: str,
+    device: str = "cpu",
+    threads: int | None = None,
+    trust: bool = False,
+    spin: bool | None = None,
+) -> Runner:
     """Open backend `name` of the run. Refused: an artifact the export stage did not record, or whose
-    sha256 differs from the one it recorded, and one that runs code but was not written here (`trust`)."""
+    sha256 differs from the one it recorded, and one that runs code but was not written here (`trust`).
+    `spin`: whether ONNX Runtime's idle threads spin (None: its default)."""
     if name in MODELS:
         return open_runner("torch", MODELS[name](rd), device)
-    return open_runner(ARTIFACT_BACKENDS[name][0], checked_artifact(rd, name, trust), device, threads)
+    return open_runner(ARTIFACT_BACKENDS[name][0], checked_artifact(rd, name, trust), device, threads, spin)
 
 
 def check_backend(rd: RunDir, name: str, trust: bool = False) -> None:
@@ -151,6 +167,8 @@ def checked_artifact(rd: RunDir, name: str, trust: bool = False, hint: str = "")
     ends the message of an integrity refusal)."""
     fmt = ARTIFACT_BACKENDS[name][1]
     path = verified_input(rd, rd.artifact(fmt), "export", recorded_only=True, hint=hint)
+    if path.suffix == ".xml":  # the IR's weights are its .bin: checked like the file that names them
+        verified_input(rd, path.with_suffix(".bin"), "export", recorded_only=True, hint=hint)
     if fmt in EXECUTABLE_FORMATS:
         require_trusted(path, rd.sha256(path), trust)
     return path

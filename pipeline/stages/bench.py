@@ -8,9 +8,15 @@ p90 and p99 latency (ms; p99 only from 100 calls), throughput (images/s = batch 
 rounds, the spread of the per-round means (`rel_iqr`, IQR / median) and `unstable` when that spread
 is above `unstable_above`. A ratio built from an unstable row is marked unreliable.
 
-Writes bench/bench.json (machine with its instruction sets, threads, rows, skipped backends with
-reasons, ratios), bench/bench.csv (the rows) and bench/latency.png (p50 per backend, one bar per batch
-size).
+Each round of a backend starts with an untimed call (`Timing.round_warmup`), and ONNX Runtime's idle
+threads do not spin (`spin`, off by default): a spinning pool keeps the cores busy after its calls, and
+the next backend in the round pays for it. On the CPU, each row also gets its achieved GFLOP/s (the
+model's forward FLOPs, `vitfold.export.roofline.forward_flops`, over its p50) and its share of the matmul
+peak of its precision measured here at the same threads (`of_peak`).
+
+Writes bench/bench.json (machine with its instruction sets, threads, each backend's thread and spin
+settings (`runtimes`), rows, skipped backends with reasons, ratios, the roofline's FLOPs and peaks),
+bench/bench.csv (the rows) and bench/latency.png (p50 per backend, one bar per batch size).
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ ROW_KEYS = (
     "rel_iqr",
     "unstable",
     "throughput_ips",
+    "gflop_per_s",
+    "of_peak",
 )
 # ratio name -> (numerator backend, denominator backend), both p50 at the same batch size
 RATIOS = {"folded_vs_base": ("torch-folded", "torch-base"), "unmerged_vs_folded": ("torch-unmerged", "torch-folded")}
@@ -96,10 +104,10 @@ def _run(rd: RunDir, b: BenchConfig, ctx: Context) -> StageResult:
         f"({found.get('gpu') or found['cpu']}, {' '.join(found['cpu_isa']) or 'ISA unknown'}, {threads} threads), "
         f"{b.rounds} interleaved rounds"
     )
+    runtimes: dict[str, dict[str, Any]] = {}
     try:
-        rows, medians = _bench_all(
-            rd, runnable, b.device, threads, batch_sizes, image_size, timing, b.unstable_above, skipped, ctx
-        )
+        rows, medians = _bench_all(rd, runnable, b, threads, batch_sizes, image_size, timing, skipped, runtimes, ctx)
+        roofline = _roofline(rd, rows, threads, image_size, ctx) if b.roofline and b.device == "cpu" else None
     finally:
         torch.set_num_threads(previous_threads)
     _require_some(names, skipped)
@@ -112,6 +120,8 @@ def _run(rd: RunDir, b: BenchConfig, ctx: Context) -> StageResult:
         "model": cfg.backbone,
         "device": b.device,
         "threads": threads,
+        "spin": b.spin,
+        "runtimes": runtimes,
         "image_size": list(image_size),
         "machine": found,
         "timing": asdict(timing),
@@ -119,6 +129,7 @@ def _run(rd: RunDir, b: BenchConfig, ctx: Context) -> StageResult:
         "rows": rows,
         "skipped": skipped,
         "ratios": ratios,
+        "roofline": roofline,
     }
     outputs = _write_outputs(rd.bench_dir, summary)
     ctx.log(f"bench: {', '.join(rd.key(p) for p in outputs)}")
@@ -164,17 +175,18 @@ def _require_some(names: list[str], skipped: dict[str, str]) -> None:
 def _bench_all(
     rd: RunDir,
     names: list[str],
-    device: str,
+    b: BenchConfig,
     threads: int,
     batch_sizes: tuple[int, ...],
     image_size: tuple[int, int],
     timing: Timing,
-    unstable_above: float,
     skipped: dict[str, str],
+    runtimes: dict[str, dict[str, Any]],
     ctx: Context,
 ) -> tuple[list[dict], dict[tuple[str, int], np.ndarray]]:
-    """Rows for each backend that opens on `device` (one that does not is added to `skipped`), and each
-    row's per-round medians (for the ratios' spread), keyed by (backend, batch size).
+    """Rows for each backend that opens on `b.device` (one that does not is added to `skipped`; each one
+    that does has its thread and spin settings put in `runtimes`), and each row's per-round medians (for
+    the ratios' spread), keyed by (backend, batch size).
 
     Every runner stays open for the whole bench so that the rounds can alternate them: memory holds all
     the backends' copies of the model at once, which is acceptable at bench scale (one model, a handful
@@ -184,17 +196,18 @@ def _bench_all(
     with ExitStack() as stack:
         runners: dict[str, Runner] = {}
         for name in names:
-            runner = _open(rd, name, device, threads, skipped, ctx.trust)
+            runner = _open(rd, name, b.device, threads, skipped, ctx.trust, b.spin)
             if runner is None:
                 ctx.log(f"skipping {name}: {skipped[name]}")
             else:
                 runners[name] = stack.enter_context(runner)
+                runtimes[name] = runner.settings
         with tqdm(total=len(batch_sizes), desc="bench", unit="batch size", file=sys.stderr, disable=None) as bar:
             for batch in batch_sizes:
                 bar.set_postfix_str(f"b{batch}")
                 cases = {name: (r, r.to_device(_images(batch, image_size))) for name, r in runners.items()}
                 for name, per_round in timing.measure(cases).items():
-                    stats = latency_stats(per_round, unstable_above)
+                    stats = latency_stats(per_round, b.unstable_above)
                     rows.append(_row(name, backend_precision(rd, name), runners[name], batch, stats))
                     medians[name, batch] = round_medians(per_round)
                     with tqdm.external_write_mode():
@@ -203,10 +216,12 @@ def _bench_all(
     return rows, medians
 
 
-def _open(rd: RunDir, name: str, device: str, threads: int, skipped: dict[str, str], trust: bool) -> Runner | None:
+def _open(
+    rd: RunDir, name: str, device: str, threads: int, skipped: dict[str, str], trust: bool, spin: bool
+) -> Runner | None:
     """The runner, or None with the reason in `skipped` (it failed to open, or runs on another device)."""
     try:
-        runner = open_backend(rd, name, device, threads, trust)
+        runner = open_backend(rd, name, device, threads, trust, spin)
     except VitfoldError as e:
         skipped[name] = str(e)
         return None
@@ -233,8 +248,33 @@ def _row(name: str, precision: str, runner: Runner, batch: int, stats: dict[str,
         **{key: value if value is None else round(value, 4) for key, value in stats.items() if key.endswith("_ms")},
         "rel_iqr": round(stats["rel_iqr"], 4),
         **{key: stats[key] for key in ("iterations", "rounds", "unstable")},
+        "gflop_per_s": None,  # filled in by `_roofline` on the CPU
+        "of_peak": None,
     }
     return {key: found[key] for key in ROW_KEYS}
+
+
+def _roofline(
+    rd: RunDir, rows: list[dict], threads: int, image_size: tuple[int, int], ctx: Context
+) -> dict[str, Any] | None:
+    """Each row's achieved GFLOP/s (batch × the forward's FLOPs per image over its p50) and its share of the
+    matmul peak of its precision, measured now at `threads`; bench.json's `roofline` (None without rows)."""
+    from vitfold.export.roofline import forward_flops, matmul_peaks
+    from vitfold.pipeline.stages.backends import folded_model
+
+    if not rows:
+        return None
+    gflop = forward_flops(folded_model(rd), _images(1, image_size)) / 1e9
+    peaks = matmul_peaks(threads)
+    for row in rows:
+        achieved = row["batch_size"] * gflop / (row["p50_ms"] / 1e3)
+        row["gflop_per_s"] = round(achieved, 2)
+        row["of_peak"] = round(achieved / peaks[row["precision"]], 4) if row["precision"] in peaks else None
+    ctx.log(
+        f"roofline: {gflop:.3f} GFLOP per image; matmul peaks here at {threads} threads: "
+        + ", ".join(f"{p} {v:.1f} GFLOP/s" for p, v in peaks.items())
+    )
+    return {"gflop_per_image": round(gflop, 4), "peak_gflop_per_s": {p: round(v, 1) for p, v in peaks.items()}}
 
 
 def _ms(value: float | None) -> str:

@@ -4,7 +4,9 @@ The folded model is loaded with timm alone (the call the fold stage records), so
 plain base architecture; `vitfold.export.export` writes the files. The preprocessing and class names
 that the fold stage wrote into fold/config.json travel with every artifact: RUN/export/export.json
 records them with the precision, input size, tensor names and, per artifact, its files, bytes and
-seconds; the ONNX files carry them as metadata_props, the Triton models as labels.txt.
+seconds; the ONNX files carry them as metadata_props, the OpenVINO IRs as runtime info (`model_info/`),
+the Triton models as labels.txt. INT8 artifacts of both quantizers (ONNX Runtime's QDQ, NNCF's OpenVINO
+IR) are calibrated on the same seeded training images.
 """
 
 from __future__ import annotations
@@ -60,12 +62,13 @@ def model_info(rd: RunDir) -> ModelInfo:
 
 
 def _triton_artifacts(formats: list[str], precision: str, device: str) -> dict[str, str]:
-    """Triton model key (`onnx`, `onnx-fp16`, `onnx-int8`, `torchscript`, `tensorrt[-<precision>]`) ->
-    the export artifact it serves, for the requested formats."""
+    """Triton model key (`onnx`, `onnx-fp16`, `onnx-int8`, `torchscript`, `tensorrt[-<precision>]`,
+    `openvino`, `openvino-bf16`, `openvino-int8`) -> the export artifact it serves, for the requested formats."""
     reduced = variants(formats, precision, device)
-    served = {fmt: fmt for fmt in ("onnx", "torchscript") if fmt in formats}
-    if "onnx" in reduced:
-        served[reduced["onnx"]] = reduced["onnx"]
+    served = {fmt: fmt for fmt in ("onnx", "torchscript", "openvino") if fmt in formats}
+    for fmt in ("onnx", "openvino"):
+        if fmt in reduced:
+            served[reduced[fmt]] = reduced[fmt]
     if "tensorrt" in formats:
         served["tensorrt" if precision == "fp32" else f"tensorrt-{precision}"] = "tensorrt"
     return served
@@ -120,7 +123,7 @@ def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
     artifacts: dict[str, dict[str, Any]] = {}
     int8 = settings.precision == "int8"
     calibration = None
-    if int8 and settings.int8_mode == "static":
+    if int8 and (settings.int8_mode == "static" or "openvino" in formats):
         calibration = calibration_images(rd, model, settings.calibration_samples)
         ctx.log(f"int8: calibrating on {len(calibration)} training images (seed {CALIBRATION_SEED})")
 
@@ -159,14 +162,7 @@ def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
         "artifacts": artifacts,
     }
     if int8:
-        summary["int8"] = {
-            "mode": settings.int8_mode,
-            "format": "QDQ" if settings.int8_mode == "static" else "dynamic",
-            "quantize_head": settings.int8_head,
-            "calibration": None
-            if calibration is None
-            else {"split": "train", "images": len(calibration), "seed": CALIBRATION_SEED},
-        }
+        summary["int8"] = _int8_summary(settings, written, calibration)
     if triton is not None:
         from vitfold.export.triton import write_triton_repository
 
@@ -196,10 +192,32 @@ def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
     return StageResult(outputs, value=summary, extra={"formats": formats, "precision": settings.precision})
 
 
+def _int8_summary(settings: ExportConfig, written: dict[str, Path], calibration: torch.Tensor | None) -> dict:
+    """export.json's `int8`: the calibration images, ONNX Runtime's quantization (when its INT8 ONNX was
+    written) and NNCF's (`openvino`, when the INT8 IR was)."""
+    found: dict[str, Any] = {
+        "calibration": None
+        if calibration is None
+        else {"split": "train", "images": len(calibration), "seed": CALIBRATION_SEED},
+    }
+    if "onnx-int8" in written:
+        found |= {
+            "mode": settings.int8_mode,
+            "format": "QDQ" if settings.int8_mode == "static" else "dynamic",
+            "quantize_head": settings.int8_head,
+        }
+    if "openvino-int8" in written:
+        from vitfold.export.openvino import int8_settings
+
+        found["openvino"] = int8_settings(len(calibration))
+    return found
+
+
 def _artifact_files(rd: RunDir) -> set[Path]:
     """Every artifact file an export may have left in RUN/export/ (recorded or not)."""
     main = [rd.artifact(fmt) for fmt in FILES]
     companions = [rd.artifact("onnx").with_name(FILES["onnx"] + ".data"), rd.artifact("tensorrt").with_suffix(".json")]
+    companions += [rd.artifact(a).with_suffix(".bin") for a in FILES if a.startswith("openvino")]
     return {p for p in [*main, *companions, *recorded_outputs(rd, "export")] if p.is_file()}
 
 

@@ -153,6 +153,35 @@ def _equivalence(verify: dict[str, Any]) -> list[str]:
     return lines
 
 
+# the backends every latency row is also given as a speed-up over (their p50 / the row's, same batch size)
+SPEEDUP_OVER = ("torch-unmerged", "onnxruntime")
+
+
+def _speedups(bench: dict[str, Any], row: dict[str, Any]) -> list[str]:
+    """The row's speed-up over each backend of SPEEDUP_OVER at its batch size ("–" where that one did not run)."""
+    p50 = {(r["backend"], r["batch_size"]): r["p50_ms"] for r in bench["rows"]}
+    over = (p50.get((name, row["batch_size"])) for name in SPEEDUP_OVER)
+    return ["–" if base is None else f"{base / row['p50_ms']:.2f}×" for base in over]
+
+
+def _roofline_cells(row: dict[str, Any]) -> list[str]:
+    """Achieved GFLOP/s and the share of its precision's matmul peak ("–" where bench measured none)."""
+    rate, share = row.get("gflop_per_s"), row.get("of_peak")
+    return ["–" if rate is None else f"{rate:.1f}", "–" if share is None else f"{share:.0%}"]
+
+
+def _roofline_note(bench: dict[str, Any]) -> list[str]:
+    roofline = bench.get("roofline")
+    if not roofline:
+        return []
+    peaks = ", ".join(f"{p} {v:,.1f}" for p, v in roofline["peak_gflop_per_s"].items())
+    return [
+        f"Roofline: {roofline['gflop_per_image']:.3f} GFLOP per image (a multiply-add counts 2, attention included); "
+        f"% of peak is the row's GFLOP/s over the best square matmul of its precision measured by the same bench "
+        f"at the same threads (GFLOP/s: {peaks})."
+    ]
+
+
 def _latency(bench: dict[str, Any]) -> list[str]:
     if any("unstable" not in r for r in bench["rows"]):
         return ["bench/bench.json predates interleaved rounds and stability flags: rerun `vitfold bench`."]
@@ -168,6 +197,8 @@ def _latency(bench: dict[str, Any]) -> list[str]:
             f"{r['throughput_ips']:.1f}",
             f"{r['iterations']} / {r['rounds']}",
             "**unstable**" if r["unstable"] else "stable",
+            *_speedups(bench, r),
+            *_roofline_cells(r),
         ]
         for r in bench["rows"]
     ]
@@ -178,16 +209,21 @@ def _latency(bench: dict[str, Any]) -> list[str]:
         f"{bench['threads']} threads on {bench['device']}; calls in rounds that alternate the backends, "
         f"a row unstable when its rounds' means spread (IQR / median) above {bench['unstable_above']:.0%}"
         + (f"; AOTInductor compiled {compiled} (inductor here: {found['inductor_vec_isa']})" if compiled else "")
+        + ("" if "spin" not in bench else f"; ONNX Runtime's idle threads {'spin' if bench['spin'] else 'do not spin'}")
         + ".",
         "",
         *_table(
             ["backend", "provider", "precision", "batch", "p50 ms", "rounds IQR", "p90 ms", "p99 ms", "img/s"]
-            + ["calls / rounds", "stability"],
+            + ["calls / rounds", "stability"]
+            + [f"× {name}" for name in SPEEDUP_OVER]
+            + ["GFLOP/s", "% of peak"],
             rows,
-            ["---", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "---"],
+            ["---", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "---", "--:", "--:", "--:", "--:"],
         ),
         "",
-        "p99 only from 100 calls or more (– below).",
+        "p99 only from 100 calls or more (– below). × columns: that backend's p50 over the row's (the row's "
+        "speed-up), same batch size, same interleaved run.",
+        *_roofline_note(bench),
     ]
     lines += [f"- {ratio_line(key, ratio)}" for key, ratio in bench.get("ratios", {}).items()]
     lines += [f"- {name} not measured: {reason}" for name, reason in bench.get("skipped", {}).items()]

@@ -65,6 +65,9 @@ EXPORT_BACKENDS = (
     "aoti-fp16",
     "aoti-bf16",
     "tensorrt",
+    "openvino",
+    "openvino-bf16",
+    "openvino-int8",
 )
 LOCALISE_IMAGES = 4
 LOCALISE_WITHOUT_MAX_REL = 0.1  # block threshold for a precision judged on the split alone (int8)

@@ -78,8 +78,8 @@ def test_bad_tolerance_key_and_missing_file_are_one_line_errors(deployed, tmp_pa
         compare(logits, logits, {"max_rell": 1e-3})
     with pytest.raises(VitfoldError, match="not found"):
         open_runner("onnxruntime", tmp_path / "nothing.onnx")
-    with pytest.raises(VitfoldError, match="unknown backend 'openvino'"):
-        open_runner("openvino", files["onnx"])
+    with pytest.raises(VitfoldError, match="unknown backend 'tvm'"):
+        open_runner("tvm", files["onnx"])
     with pytest.raises(VitfoldError, match=r"^input_size=\(32, 32\): must be \(3, H, W\)"):
         export(vitfold.fold(adapted), tmp_path / "x", formats=("onnx",), input_size=(32, 32))
 

@@ -69,7 +69,8 @@ def test_rounds_alternate_the_runners_after_warming_each_up():
     cases = {name: (CountingRunner(name, log), x) for name in "ABC"}
     times = Timing(min_iters=12, min_seconds=0.0, warmup_seconds=0.0, rounds=4).measure(cases)
     blocks = [(name, len(list(calls))) for name, calls in itertools.groupby(log)]
-    assert blocks == [("A", 2), ("B", 2), ("C", 2)] + [("A", 3), ("B", 3), ("C", 3)] * 4  # warm-up, then rounds
+    # warm-up, then rounds: each runner's round starts with one untimed call (the switch), then its 3 timed calls
+    assert blocks == [("A", 2), ("B", 2), ("C", 2)] + [("A", 4), ("B", 4), ("C", 4)] * 4
     assert {name: [len(r) for r in rounds] for name, rounds in times.items()} == {n: [3] * 4 for n in "ABC"}
 
 

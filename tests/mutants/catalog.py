@@ -177,4 +177,21 @@ MUTANTS = (
            "(into[bias].double() + scales[layer] * parts[\"bias\"].double())",
            "(into[bias].double() + parts[\"bias\"].double())",
            ("tests/pipeline/test_peft_import.py::test_import_peft_folds_to_peft_forward_and_merge_and_unload",)),
+    # -- OpenVINO and the bench's runtime settings
+    Mutant("every OpenVINO IR runs at bf16 (the CPU plugin's default here), fp32 too", "export/openvino_runner.py",
+           '"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],', '"INFERENCE_PRECISION_HINT": "bf16",',
+           ("tests/export/test_openvino.py::test_fp32_ir_computes_the_folded_model_at_fp32_noise",)),
+    Mutant("an IR's weights (.bin) not checked against the export's sha256", "pipeline/stages/backends.py",
+           'verified_input(rd, path.with_suffix(".bin"), "export", recorded_only=True, hint=hint)', "pass",
+           ("tests/export/test_openvino.py::test_a_changed_ir_weights_file_stops_verify_with_exit_2",)),
+    Mutant("verify leaves the OpenVINO INT8 IR out", "pipeline/stages/verify.py",
+           '    "openvino-int8",\n)', ")",
+           ("tests/export/test_openvino.py::"
+            "test_int8_ir_is_nncf_quantized_and_judged_by_the_int8_gate_on_the_whole_split",)),
+    Mutant("bench's ONNX Runtime spin setting never reaches the session", "export/runners.py",
+           "if self.spin is not None:", "if False:",
+           ("tests/export/test_openvino.py::test_onnxruntime_spin_setting_reaches_the_session",)),
+    Mutant("the first call of each round timed (the switch between backends counted)", "export/timing.py",
+           "                for _ in range(self.round_warmup):\n                    runner(x)\n", "",
+           ("tests/export/test_timing.py::test_rounds_alternate_the_runners_after_warming_each_up",)),
 )  # fmt: skip

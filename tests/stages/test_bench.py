@@ -23,7 +23,13 @@ from vitfold.pipeline.stages.bench import ROW_KEYS, bench_ratios, ratio_line
 
 from helpers import copy_run
 
-FAST = {"min_iters": 5, "min_seconds": 0.05, "warmup_seconds": 0.01, "rounds": 5}
+FAST = {
+    "min_iters": 5,
+    "min_seconds": 0.05,
+    "warmup_seconds": 0.01,
+    "rounds": 5,
+    "roofline": False,
+}  # peaks: test_openvino
 BACKENDS = ["torch-folded", "torch-base", "torch-unmerged", "onnxruntime", "torchscript", "aoti"]
 BATCHES = [1, 2]
 
@@ -196,7 +202,9 @@ def test_unbuilt_artifact_is_skipped_with_its_reason_and_a_lost_one_stops_the_be
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"backends": ["openvino"]}, "unknown backend 'openvino'"),
+        ({"backends": ["tvm"]}, "unknown backend 'tvm'"),
+        ({"spin": "yes"}, "bench.spin must be true or false, got 'yes'"),
+        ({"roofline": 1}, "bench.roofline must be true or false, got 1"),
         ({"batch_sizes": [1, 0]}, r"bench.batch_sizes must be a list of positive integers, got \[1, 0\]"),
         ({"batch_sizes": [2.5]}, r"bench.batch_sizes must be a list of positive integers, got \[2.5\]"),
         ({"threads": 0}, "bench.threads must be a positive integer, got 0"),

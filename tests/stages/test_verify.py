@@ -112,7 +112,7 @@ def test_wrong_fold_is_a_fold_error_not_an_export_error(exported_run, tmp_path):
 
 def test_verify_cli_input_errors_exit_2(exported_run, tmp_path):
     for args, message in [
-        (["--backends", "openvino"], "unknown backend 'openvino'"),
+        (["--backends", "tvm"], "unknown backend 'tvm'"),
         (["--backends", "tensorrt"], "backend tensorrt"),
         (["--batch-sizes", "0"], "--batch-sizes"),
     ]:
