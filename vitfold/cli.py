@@ -431,7 +431,12 @@ def export(
 @click.option(
     "--accuracy-delta-min", type=float, help="Tolerance: least accuracy change on the split, points (int8: -0.5)."
 )
-@click.option("--atol", type=float, help="Tolerance, elementwise: |a − b| ≤ atol + rtol·|b| for every logit (off).")
+@click.option(
+    "--atol",
+    type=float,
+    help="Tolerance, elementwise: |a − b| ≤ atol + rtol·|b| for every logit, as torch.testing.assert_close and "
+    "Polygraphy judge; replaces max_rel and cosine_min (top-1 and the split bars stay). Off by default.",
+)
 @click.option("--rtol", type=float, help="Tolerance, elementwise: the rtol of --atol's bar (0 when only --atol).")
 @click.option("--eval-images", type=click.IntRange(min=1), help="Evaluation-split images for accuracy (default: all).")
 @click.option("--allow-no-export", is_flag=True, default=None, help="Pass with only the fold checked (no artifact).")

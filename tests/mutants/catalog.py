@@ -157,4 +157,18 @@ MUTANTS = (
            "found = [cls.name for cls in METHODS.values() if type(method) is cls.options_type]",
            "found = [cls.name for cls in METHODS.values() if isinstance(method, cls.options_type)]",
            ("tests/pipeline/test_adapting.py::test_a_typed_config_adapts_as_its_method_with_keyword_options",)),
+    # -- the gate library: compare on any arrays, atol/rtol as users know them, tolerances checked
+    Mutant("a zero logit row has cosine 0 even against itself", "export/comparison.py",
+           "return torch.where(norms > 0, cosines, (y == r).all(-1).to(y.dtype))",
+           "return torch.where(norms > 0, cosines, torch.zeros_like(cosines))",
+           ("tests/export/test_comparison.py::test_identical_outputs_pass_with_zero_rows_as_numpy_and_torch",)),
+    Mutant("compare refuses numpy arrays", "export/comparison.py",
+           "return x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x)", "return x.detach()",
+           ("tests/export/test_comparison.py::test_identical_outputs_pass_with_zero_rows_as_numpy_and_torch",)),
+    Mutant("atol/rtol only add a bar (max_rel and cosine still judge)", "export/comparison.py",
+           "limits |= dict.fromkeys(REPLACED_BY_ELEMENTWISE)", "pass",
+           ("tests/export/test_comparison.py::test_atol_rtol_replace_max_rel_and_cosine_but_top1_stays",)),
+    Mutant("negative or NaN tolerances accepted", "export/comparison.py",
+           "if not (math.isfinite(value) and low <= value <= high):", "if False:",
+           ("tests/export/test_comparison.py::test_tolerances_outside_their_range_are_input_errors",)),
 )  # fmt: skip

@@ -92,6 +92,8 @@ def test_export_removes_formats_it_did_not_build_and_verify_goes_out_of_date(exp
         ("verify", {"batch_sizes": [0]}, "verify.batch_sizes must be a list of positive integers"),
         ("verify", {"samples": 0}, "verify.samples must be a positive integer"),
         ("verify", {"tolerances": {"max_rell": 1}}, "verify.tolerances: unknown key 'max_rell'"),
+        ("verify", {"tolerances": {"max_rel": float("nan")}}, "verify.tolerances: 'max_rel' must be a finite number"),
+        ("verify", {"tolerances": {"fp16": {"atol": -1}}}, "verify.tolerances.fp16: 'atol' must be a finite number"),
         ("bench", {"threads": 0}, "bench.threads must be a positive integer"),
         ("method_options", {"dropout": "x"}, "option 'dropout' must be in [0, 1)"),
     ],
