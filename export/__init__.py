@@ -30,6 +30,7 @@ FILES = {
     "tensorrt": "model.plan",
 }
 
+
 def format_names(formats: Iterable[str]) -> list[str]:
     """The requested formats, in order, once each; a `VitfoldError` naming the first unknown one (or none)."""
     from vitfold.errors import VitfoldError

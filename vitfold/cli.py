@@ -461,8 +461,12 @@ def export(
     "--backbone-option", "backbone_options", multiple=True, metavar="KEY=VALUE", help="timm create_model option."
 )
 @click.option(
-    "--precision", type=click.Choice(PRECISIONS), help="With --artifact: its precision (default: from its name, fp32)."
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    help="With --artifact: its precision (default: read from the artifact: its graph, package or plan record).",
 )
+@click.option("--input-name", help="With an --artifact .onnx of several inputs: the one that takes the images.")
+@click.option("--output-name", help="With an --artifact .onnx of several outputs: the one that holds the logits.")
 @trust_option
 def verify(
     run_dir: str | None,
@@ -487,6 +491,8 @@ def verify(
     num_classes: int | None,
     backbone_options: tuple[str, ...],
     precision: str | None,
+    input_name: str | None,
+    output_name: str | None,
     trust: bool,
 ) -> None:
     """Check that every artifact of RUN_DIR computes what the unmerged adapted model computes, or that one
@@ -514,6 +520,8 @@ def verify(
         "--num-classes": num_classes,
         "--backbone-option": backbone_options or None,
         "--precision": precision,
+        "--input-name": input_name,
+        "--output-name": output_name,
     }
     if artifact is not None:
         from vitfold.pipeline.stages.verify_artifact import DEFAULT_OUTPUT, verify_artifact
@@ -536,6 +544,8 @@ def verify(
             num_classes=num_classes,
             backbone_kwargs=_parse_options(backbone_options),
             precision=precision,
+            input_name=input_name,
+            output_name=output_name,
             trust=trust,
             log=_echo,
             **settings,

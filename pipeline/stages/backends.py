@@ -25,8 +25,8 @@ from vitfold.errors import VitfoldError
 from vitfold.export import PRECISIONS
 from vitfold.export.isa import cpu_has_bf16
 from vitfold.export.precision import at_precision
-from vitfold.export.runners import Runner, open_runner, unavailable
-from vitfold.pipeline.stages.manifest import recorded_outputs, verified_input
+from vitfold.export.runners import EXECUTABLE_RUNTIMES, Runner, open_hashed, open_runner, unavailable
+from vitfold.pipeline.stages.manifest import read_manifest, recorded_outputs, verified_input
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.trust import EXECUTABLE_FORMATS, require_trusted
 
@@ -131,10 +131,23 @@ def _precision_unavailable(name: str, device: str) -> str | None:
 
 def open_backend(rd: RunDir, name: str, device: str = "cpu", threads: int | None = None, trust: bool = False) -> Runner:
     """Open backend `name` of the run. Refused: an artifact the export stage did not record, or whose
-    sha256 differs from the one it recorded, and one that runs code but was not written here (`trust`)."""
+    sha256 differs from the one it recorded, and one that runs code but was not written here (`trust`).
+    An artifact that runs code is loaded from a private copy hashed again (`open_hashed`): the run's cached
+    hashes are never the only check before native code is loaded."""
     if name in MODELS:
         return open_runner("torch", MODELS[name](rd), device)
-    return open_runner(ARTIFACT_BACKENDS[name][0], checked_artifact(rd, name, trust), device, threads)
+    runtime = ARTIFACT_BACKENDS[name][0]
+    path = checked_artifact(rd, name, trust)
+    if runtime not in EXECUTABLE_RUNTIMES:
+        return open_runner(runtime, path, device, threads)
+    recorded = read_manifest(rd)["stages"]["export"]["outputs"][rd.key(path)]
+
+    def check(digest: str) -> None:
+        if digest != recorded:
+            raise VitfoldError(f"{path} changed since it was checked (sha256 {digest[:16]}…): refusing to load it")
+        require_trusted(path, digest, trust)
+
+    return open_hashed(runtime, path, check, device, threads)
 
 
 def check_backend(rd: RunDir, name: str, trust: bool = False) -> None:

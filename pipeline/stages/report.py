@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vitfold.export.charts import CHART_EXTRA
+from vitfold.export.gate import describe_bars
 from vitfold.export.isa import cpu_name
 from vitfold.pipeline.atomic import atomic_write_text
 from vitfold.pipeline.config import RunConfig
@@ -18,7 +19,7 @@ from vitfold.pipeline.stages.bench import ratio_line
 from vitfold.pipeline.stages.manifest import read_manifest, staleness
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult
-from vitfold.pipeline.stages.verify import VERIFY, describe_bars
+from vitfold.pipeline.stages.verify import VERIFY
 
 
 def _machine() -> str:
