@@ -15,12 +15,11 @@ import click
 
 from vitfold.errors import VitfoldError
 from vitfold.export import DEFAULT_FORMATS, FORMATS, PRECISIONS, format_names
+from vitfold.names import ARTIFACT_BACKENDS, BACKENDS, FOLDED
+from vitfold.names import METHODS as METHOD_NAMES
+from vitfold.names import OFFICIAL_METHODS as OFFICIAL_NAMES
+from vitfold.names import STAGES as STAGE_NAMES
 
-# Fixed values, spelled here so that `--help` imports no torch (tests/cli/test_cli.py checks them against the
-# adapter registry and the pipeline's stages).
-METHOD_NAMES = ("rlrr", "efft1", "efft2", "lora", "linear", "full")
-STAGE_NAMES = ("pretrain", "train", "compare", "fold", "export", "verify", "bench", "report")
-OFFICIAL_NAMES = ("rlrr", "efft2")  # the official codes import-official reads
 # `vitfold --help` lists the stage commands in pipeline order, then the whole pipeline and the utilities
 COMMAND_ORDER = ("train", "import-official", "fold", "export", "verify", "bench", "report", "run", "info", "configs")
 
@@ -413,10 +412,7 @@ def export(
 
 @main.command()
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
-@backends_option(
-    "torchscript, onnxruntime, onnxruntime-fp16, onnxruntime-int8, aoti, aoti-fp16, aoti-bf16, tensorrt; "
-    "torch-folded (the fold) is always checked"
-)
+@backends_option(f"{', '.join(ARTIFACT_BACKENDS)}; {FOLDED} (the fold) is always checked")
 @batch_sizes_option("1,8")
 @click.option("--samples", type=click.IntRange(min=1), help="Evaluation images, and as many random images (16).")
 @device_option()
@@ -576,10 +572,7 @@ def verify(
 
 @main.command()
 @run_dir_argument
-@backends_option(
-    "torch-unmerged, torch-folded, torch-base, torch-folded-fp16, torch-folded-bf16, torchscript, onnxruntime, "
-    "onnxruntime-fp16, onnxruntime-int8, aoti, aoti-fp16, aoti-bf16, tensorrt"
-)
+@backends_option(", ".join(BACKENDS))
 @batch_sizes_option("1,8,32")
 @device_option()
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: torch's current count).")

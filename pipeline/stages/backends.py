@@ -26,25 +26,18 @@ from vitfold.export import PRECISIONS
 from vitfold.export.isa import cpu_has_bf16
 from vitfold.export.precision import at_precision
 from vitfold.export.runners import EXECUTABLE_RUNTIMES, Runner, open_hashed, open_runner, unavailable
+from vitfold.names import (
+    ARTIFACT_BACKENDS,
+    BACKENDS,
+    BASE,
+    FOLDED,
+    FOLDED_BF16,
+    FOLDED_FP16,
+    UNMERGED,
+)
 from vitfold.pipeline.stages.manifest import read_manifest, recorded_outputs, verified_input
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.trust import EXECUTABLE_FORMATS, require_trusted
-
-UNMERGED, FOLDED, BASE = "torch-unmerged", "torch-folded", "torch-base"
-FOLDED_FP16, FOLDED_BF16 = "torch-folded-fp16", "torch-folded-bf16"
-TORCH_BACKENDS = (UNMERGED, FOLDED, BASE, FOLDED_FP16, FOLDED_BF16)
-# backend -> (runtime, export format whose file it opens)
-ARTIFACT_BACKENDS = {
-    "torchscript": ("torchscript", "torchscript"),
-    "onnxruntime": ("onnxruntime", "onnx"),
-    "onnxruntime-fp16": ("onnxruntime", "onnx-fp16"),
-    "onnxruntime-int8": ("onnxruntime", "onnx-int8"),
-    "aoti": ("aoti", "aoti"),
-    "aoti-fp16": ("aoti", "aoti-fp16"),
-    "aoti-bf16": ("aoti", "aoti-bf16"),
-    "tensorrt": ("tensorrt", "tensorrt"),
-}
-BACKENDS = (*TORCH_BACKENDS, *ARTIFACT_BACKENDS)
 
 
 def unmerged_model(rd: RunDir) -> nn.Module:
@@ -92,6 +85,13 @@ def backend_files(rd: RunDir, name: str) -> list[Path]:
         return [rd.folded]
     path = rd.artifact(ARTIFACT_BACKENDS[name][1])
     return [path, path.with_name(path.name + ".data")] if path.suffix == ".onnx" else [path]
+
+
+def recorded_artifacts(rd: RunDir) -> dict[str, Path]:
+    """Backend -> its artifact file, for every artifact the export stage recorded."""
+    recorded = set(recorded_outputs(rd, "export"))
+    files = {name: rd.artifact(fmt) for name, (_, fmt) in ARTIFACT_BACKENDS.items()}
+    return {name: path for name, path in files.items() if path in recorded}
 
 
 def default_backends(rd: RunDir, names: tuple[str, ...]) -> list[str]:

@@ -36,6 +36,7 @@ from vitfold.export.gate import (
     summary_lines,
 )
 from vitfold.export.runners import open_runner
+from vitfold.names import ARTIFACT_BACKENDS
 from vitfold.pipeline.atomic import atomic_write_json, atomic_write_text
 from vitfold.pipeline.config import VerifyConfig
 from vitfold.pipeline.data import build_splits, parse_data_spec
@@ -55,16 +56,7 @@ from vitfold.pipeline.stages.manifest import recorded_outputs
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult
 
-EXPORT_BACKENDS = (
-    "torchscript",
-    "onnxruntime",
-    "onnxruntime-fp16",
-    "onnxruntime-int8",
-    "aoti",
-    "aoti-fp16",
-    "aoti-bf16",
-    "tensorrt",
-)
+EXPORT_BACKENDS = tuple(ARTIFACT_BACKENDS)
 
 
 def evaluation_split(rd: RunDir, model: torch.nn.Module) -> Dataset:
@@ -87,8 +79,6 @@ def _backends(rd: RunDir, requested: list[str] | None, device: str, log) -> tupl
     skipped: dict[str, str] = {}
     chosen = []
     for name in requested or default_backends(rd, EXPORT_BACKENDS):
-        if name not in EXPORT_BACKENDS:
-            raise VitfoldError(f"--backends: unknown backend '{name}' (choose from {', '.join(EXPORT_BACKENDS)})")
         reason = backend_unavailable(rd, name, device)
         if reason and requested:
             raise VitfoldError(f"backend {name}: {reason}")
