@@ -85,6 +85,7 @@ def export(
     quantize_head: bool = True,
     info: ModelInfo | None = None,
     on_artifact: ArtifactCallback | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
     """Export `model` (evaluated as it is: fold adapters first) into `out_dir`; returns artifact -> file.
 
@@ -93,7 +94,8 @@ def export(
     (`vitfold.export.precision.VARIANTS`): onnx-fp16, onnx-int8 (static QDQ calibrated on `calibration`,
     (N, 3, H, W) normalised images, or `int8_mode="dynamic"`), aoti-fp16 (CUDA), aoti-bf16; the TensorRT
     plan is built at `precision`. File names: `vitfold.export.FILES`. `info` (preprocessing and class
-    names) goes into every ONNX file's metadata_props.
+    names) goes into every ONNX file's metadata_props. `on_start(artifact)` is called as each artifact begins,
+    `on_artifact(artifact, files, seconds)` when it is written.
     """
     formats = check_formats(formats, precision, device)
     reduced = variants(formats, precision, device)
@@ -106,6 +108,8 @@ def export(
     written: dict[str, Path] = {}
 
     def produce(name: str, make: Callable[[], list[Path]]) -> None:
+        if on_start is not None:
+            on_start(name)
         started = time.perf_counter()
         try:
             files = make()

@@ -15,6 +15,9 @@ hooks in PyTorch, extra graph outputs in ONNX), or says why it cannot.
 
 from __future__ import annotations
 
+import sys
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -36,6 +39,16 @@ from vitfold.export.comparison import (
 from vitfold.export.runners import Runner
 
 LOCALISE_IMAGES = 4
+
+
+def progress(iterable: Iterable, desc: str) -> Iterable:
+    """A bar over `iterable` on an interactive terminal (stderr), nothing otherwise (logs get one line per
+    phase from the caller), as training does."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+
 LOCALISE_WITHOUT_MAX_REL = 0.1  # block threshold for a precision judged on the split alone (int8)
 
 
@@ -87,12 +100,18 @@ class Inputs:
     def labels(self) -> torch.Tensor | None:
         return None if self.split is None else torch.cat([y for _, y in self.split])
 
-    def measure(self, name: str, runner: Runner) -> Measured:
-        """`runner`'s logits on the sample at every batch size and its predictions on the split."""
+    def measure(self, name: str, runner: Runner, log: Callable[[str], None] | None = None) -> Measured:
+        """`runner`'s logits on the sample at every batch size and its predictions on the split; a progress bar
+        over the split on a terminal, and one line when done (`log`)."""
+        started = time.perf_counter()
         logits = {b: _logits(runner, self.sample, b) for b in self.batch_sizes}
-        if self.split is None:
-            return Measured(name, runner, logits, None)
-        predictions = torch.cat([runner(runner.to_device(x)).float().argmax(-1).cpu() for x, _ in self.split])
+        predictions = None
+        if self.split is not None:
+            batches = progress(self.split, f"{name}: evaluation split")
+            predictions = torch.cat([runner(runner.to_device(x)).float().argmax(-1).cpu() for x, _ in batches])
+        if log is not None:
+            split = "" if self.labels is None else f" and the evaluation split ({len(self.labels)} images)"
+            log(f"measured {name}: {len(self.sample)} sample images{split} ({time.perf_counter() - started:.1f} s)")
         return Measured(name, runner, logits, predictions)
 
     def describe(self) -> dict[str, Any]:

@@ -21,7 +21,19 @@ from vitfold.names import OFFICIAL_METHODS as OFFICIAL_NAMES
 from vitfold.names import STAGES as STAGE_NAMES
 
 # `vitfold --help` lists the stage commands in pipeline order, then the whole pipeline and the utilities
-COMMAND_ORDER = ("train", "import-official", "fold", "export", "verify", "bench", "report", "run", "info", "configs")
+COMMAND_ORDER = (
+    "train",
+    "import-official",
+    "fold",
+    "export",
+    "triton",
+    "verify",
+    "bench",
+    "report",
+    "run",
+    "info",
+    "configs",
+)
 
 
 # library argument -> the flag that sets it, where the names differ (others: --argument-with-dashes)
@@ -372,12 +384,18 @@ def fold(run_dir: str, base_mismatch_ok: bool | None) -> None:
 @click.option(
     "--int8-mode", type=click.Choice(["static", "dynamic"]), help="int8: static QDQ (calibrated; default) or dynamic."
 )
-@click.option("--triton", type=click.Path(file_okay=False), help="Also write a Triton model repository.")
+@click.option(
+    "--triton",
+    type=click.Path(file_okay=False),
+    help="Also write a Triton model repository (exports again; from the recorded artifacts: vitfold triton RUN DIR).",
+)
 @click.option("--triton-name", help="Triton: the models' name prefix (default: the backbone's architecture).")
 @click.option(
     "--max-batch", type=click.IntRange(min=1), help="Triton: max_batch_size (default: the largest verify batch size)."
 )
-@click.option("--force", is_flag=True, default=None, help="Triton: replace model folders this run did not write.")
+@click.option(
+    "--replace-triton", is_flag=True, default=None, help="Triton: replace model folders this run did not write."
+)
 @device_option("Device for the AOTInductor package: cpu | cuda")
 def export(
     run_dir: str,
@@ -389,7 +407,7 @@ def export(
     triton: str | None,
     triton_name: str | None,
     max_batch: int | None,
-    force: bool | None,
+    replace_triton: bool | None,
     device: str | None,
 ) -> None:
     """Export RUN_DIR's folded model: RUN_DIR/export/ (model.onnx, model.pt, model.pt2, model.plan)."""
@@ -405,9 +423,27 @@ def export(
         triton=triton,
         triton_name=triton_name,
         triton_max_batch=max_batch,
-        triton_force=force,
+        triton_force=replace_triton,
         device=device,
     )
+
+
+@main.command()
+@run_dir_argument
+@click.argument("repository", type=click.Path(file_okay=False))
+@click.option("--triton-name", help="The models' name prefix (default: the backbone's architecture).")
+@click.option(
+    "--max-batch", type=click.IntRange(min=1), help="max_batch_size (default: the largest verify batch size)."
+)
+@click.option("--replace-triton", is_flag=True, help="Replace model folders this run did not write.")
+def triton(run_dir: str, repository: str, triton_name: str | None, max_batch: int | None, replace_triton: bool) -> None:
+    """Write a Triton model repository from RUN_DIR's recorded artifacts, without exporting again (each is
+    checked against the sha256 the export recorded; the run's verification stays as it is)."""
+    from vitfold.pipeline.stages import RunDir
+    from vitfold.pipeline.stages.export import triton_from_export
+
+    configs = triton_from_export(RunDir(run_dir), repository, triton_name, max_batch, replace_triton)
+    _echo(f"triton repository: {repository} ({', '.join(c.parent.name for c in configs)})")
 
 
 @main.command()

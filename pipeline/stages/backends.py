@@ -37,7 +37,7 @@ from vitfold.names import (
 )
 from vitfold.pipeline.stages.manifest import read_manifest, recorded_outputs, verified_input
 from vitfold.pipeline.stages.rundir import RunDir
-from vitfold.pipeline.stages.trust import EXECUTABLE_FORMATS, require_trusted
+from vitfold.pipeline.stages.trust import require_trusted
 
 
 def unmerged_model(rd: RunDir) -> nn.Module:
@@ -164,7 +164,7 @@ def checked_artifact(rd: RunDir, name: str, trust: bool = False, hint: str = "")
     ends the message of an integrity refusal)."""
     fmt = ARTIFACT_BACKENDS[name][1]
     path = verified_input(rd, rd.artifact(fmt), "export", recorded_only=True, hint=hint)
-    if fmt in EXECUTABLE_FORMATS:
+    if ARTIFACT_BACKENDS[name][0] in EXECUTABLE_RUNTIMES:
         require_trusted(path, rd.sha256(path), trust)
     return path
 

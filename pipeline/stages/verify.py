@@ -118,13 +118,13 @@ def _run(rd: RunDir, v: VerifyConfig, ctx: Context) -> StageResult:
     unmerged = unmerged_model(rd)
     inputs = run_inputs(rd, unmerged, v)
     with open_runner("torch", unmerged, v.device) as reference, open_backend(rd, FOLDED, v.device) as folded:
-        expected, folded_out = inputs.measure(UNMERGED, reference), inputs.measure(FOLDED, folded)
+        expected, folded_out = inputs.measure(UNMERGED, reference, ctx.log), inputs.measure(FOLDED, folded, ctx.log)
         rows, where = judge("fold", "fp32", tolerances["fp32"], folded_out, expected, None, inputs)
         localisation = {FOLDED: where} if where else {}
         for name in chosen:
             precision = backend_precision(rd, name)
             with open_backend(rd, name, v.device, trust=ctx.trust) as runner:
-                measured = inputs.measure(name, runner)
+                measured = inputs.measure(name, runner, ctx.log)
                 new, where = judge("export", precision, tolerances[precision], measured, folded_out, expected, inputs)
             rows += new
             localisation |= {name: where} if where else {}

@@ -164,7 +164,7 @@ def verify_artifact(
             unmerged = unmerged_model(rd)
             inputs = run_inputs(rd, unmerged, v)
             with open_runner("torch", unmerged, v.device) as unmerged_runner:
-                end_to_end = inputs.measure(UNMERGED, unmerged_runner)
+                end_to_end = inputs.measure(UNMERGED, unmerged_runner, log)
         else:
             folded = reference_model(reference, checkpoint, backbone, num_classes, backbone_kwargs)
             name, described = REFERENCE, f"`{reference}`"
@@ -172,8 +172,8 @@ def verify_artifact(
             images = random_images(t.mean, t.std, t.size, v.samples, torch.Generator().manual_seed(0))
             inputs = Inputs({"random": images}, tuple(v.batch_sizes))
         with open_runner("torch", folded, v.device) as ref_runner:
-            expected = inputs.measure(name, ref_runner)
-            checked = inputs.measure(runtime, runner)
+            expected = inputs.measure(name, ref_runner, log)
+            checked = inputs.measure(runtime, runner, log)
             tolerance = tolerances[precision]
             rows, divergence = judge("artifact", precision, tolerance, checked, expected, end_to_end, inputs)
     result = gate_result(
