@@ -122,7 +122,7 @@ MUTANTS = (
            '"atol_needed": float((diff - rtol * r.abs()).max()),', '"atol_needed": float(diff.max()),',
            ("tests/stages/test_verify_artifact.py::test_elementwise_bar_against_a_hand_computation",)),
     Mutant("verify --artifact checks the reference against itself", "pipeline/stages/verify_artifact.py",
-           "checked = inputs.measure(runtime, runner)", "checked = inputs.measure(runtime, ref_runner)",
+           "checked = inputs.measure(runtime, runner, log)", "checked = inputs.measure(runtime, ref_runner, log)",
            ("tests/stages/test_verify_artifact.py::test_a_perturbed_onnx_copy_exits_1_and_names_its_block",)),
     # -- preprocessing and class names travel with the artifacts; bench and Triton refuse
     Mutant("bench checks only the exported artifacts, skipping a changed fold", "pipeline/stages/bench.py",
@@ -195,4 +195,12 @@ MUTANTS = (
            "self.input_name = io_name(\"input\", list(inputs), input_name, path)",
            "self.input_name = input_name or \"input\"",
            ("tests/stages/test_verify_artifact.py::test_onnx_files_with_any_names_pass_and_a_perturbed_one_names_its_block",)),
+    Mutant("mean and std swapped in the recorded preprocessing", "pipeline/data.py",
+           '"mean": tuple(self.mean),\n            "std": tuple(self.std),',
+           '"mean": tuple(self.std),\n            "std": tuple(self.mean),',
+           ("tests/stages/test_deployment_metadata.py",)),
+    Mutant("split agreement reported as accuracy", "export/comparison.py",
+           '"split_top1_agreement": float((predicted == reference).double().mean()),',
+           '"split_top1_agreement": accuracy,',
+           ("tests/export/test_precisions.py::test_split_stats_count_agreement_and_accuracy_change",)),
 )  # fmt: skip
