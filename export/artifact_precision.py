@@ -61,9 +61,12 @@ def package_precision(path: Path) -> str | None:
     with zipfile.ZipFile(path) as package:
         for name in package.namelist():
             if name.endswith("_metadata.json") and "/aotinductor/" in name:
-                recorded = json.loads(package.read(name)).get(PRECISION_KEY)
-                if recorded:
-                    return str(recorded)
+                try:
+                    recorded = json.loads(package.read(name))
+                except ValueError:  # not the metadata this looks for
+                    continue
+                if isinstance(recorded, dict) and recorded.get(PRECISION_KEY):
+                    return str(recorded[PRECISION_KEY])
     return None
 
 
@@ -75,7 +78,7 @@ def artifact_precision(path: Path) -> tuple[str, str]:
     if suffix == ".pt2":
         try:
             recorded = package_precision(path)
-        except (zipfile.BadZipFile, OSError, ValueError):
+        except (zipfile.BadZipFile, OSError):
             raise VitfoldError(f"{path} is not an AOTInductor package (not a readable zip archive)") from None
         return (recorded, "its package metadata") if recorded else ("fp32", "no precision in its package: fp32")
     if suffix in (".plan", ".engine") and path.with_suffix(".json").is_file():

@@ -22,6 +22,7 @@ import importlib.util
 import shutil
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,8 @@ class AOTIRunner(Runner):
         from vitfold.export.aoti import quiet_cuda_runtime_warning
 
         super().__init__(device)
+        if not zipfile.is_zipfile(path):  # before torch, which logs warnings about it first
+            raise VitfoldError(f"{path} is not an AOTInductor package (not a zip archive)")
         quiet_cuda_runtime_warning()
         self.package = torch._inductor.aoti_load_package(str(path))
 

@@ -150,13 +150,13 @@ def verify_artifact(
     precision, read_from = (precision, "--precision") if precision else artifact_precision(artifact)
     rd = reference_run(reference)
     v = _settings(rd, overrides)
-    out = _output_folder(out_dir, rd)
     tolerances, loosened = loosened_tolerances(v.tolerances, log, precisions=(precision,))
     io_names = {"input_name": input_name, "output_name": output_name}
-    # the artifact opens first: a file that cannot load (or may not) fails before minutes of work
+    # the artifact opens first: a file that cannot load (or may not) fails before any work, with nothing written
     runner, digest = _open_artifact(artifact, runtime, v.device, trust, io_names)
     log(f"{artifact}: {runtime}, {precision} (from {read_from})")
     with runner:
+        out = _output_folder(out_dir, rd)
         end_to_end = None
         if rd is not None:
             folded, name = folded_model(rd), FOLDED

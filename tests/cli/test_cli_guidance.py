@@ -24,6 +24,7 @@ def test_help_lists_the_commands_in_pipeline_order():
         "import-official",
         "fold",
         "export",
+        "triton",
         "verify",
         "bench",
         "report",
