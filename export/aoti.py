@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vitfold.errors import VitfoldError
+from vitfold.export.artifact_precision import PRECISION_KEY
 from vitfold.export.artifacts import batch_dim, example_input, staged_files
 from vitfold.export.precision import at_precision
 
@@ -49,7 +50,11 @@ def export_aoti(
     with torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=(batch_dim(),))
     with staged_files(path.parent) as tmp:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / path.name))
+        torch._inductor.aoti_compile_and_package(
+            program,
+            package_path=str(tmp / path.name),
+            inductor_configs={"aot_inductor.metadata": {PRECISION_KEY: precision}},  # artifact_precision reads it
+        )
     return [path]
 
 

@@ -3,26 +3,31 @@
 For logits y (a backend) and r (the reference), rows = images:
 
     max_abs   = max |y − r|            mean_abs = mean |y − r|       p99_abs = 99th pct of |y − r|
-    max_rel   = max |y − r| / max |r|  (error relative to the logit scale; the export bar is 1e-4)
-    cosine_min     = min over images of cos(y_i, r_i)
+    max_rel   = max |y − r| / max |r|  (error relative to the logit scale; the export bar is 1e-4; 0 when y = r)
+    cosine_min     = min over images of cos(y_i, r_i) = y_i·r_i / (‖y_i‖ ‖r_i‖); a row where ‖y_i‖ ‖r_i‖ = 0 (a
+                     zero row, e.g. an untrained head that starts at zero) counts 1 when y_i = r_i, else 0
     top1_agreement = share of images with argmax y_i = argmax r_i
     kl_mean        = mean over images of KL(softmax r_i ‖ softmax y_i)
 
-Polygraphy-style elementwise bar (when a `Tolerance` sets atol or rtol; the unset one is 0), at its rtol:
+The elementwise bar, as Polygraphy and `torch.testing.assert_close` apply it (when a `Tolerance` sets atol
+or rtol; the unset one is 0), at its rtol:
 
     atol_needed           = max over elements of |y − r| − rtol·|r|   (the least atol that passes)
     elementwise_mismatches = number of elements with not |y − r| ≤ atol + rtol·|r|   (NaN included)
 
 All in float64. An output passes when it clears every bar its `Tolerance` sets (max_rel ≤ tol.max_rel,
-cosine_min ≥ tol.cosine_min, top1_agreement ≥ tol.top1_min, |y − r| ≤ atol + rtol·|r| for every element,
-i.e. atol_needed ≤ tol.atol measured at tol.rtol, and on a labelled evaluation split, see `split_stats`,
-split_top1_agreement ≥ tol.split_top1_min and accuracy_delta ≥ tol.accuracy_delta_min):
+cosine_min ≥ tol.cosine_min, top1_agreement ≥ tol.top1_min, and on a labelled evaluation split, see
+`split_stats`, split_top1_agreement ≥ tol.split_top1_min and accuracy_delta ≥ tol.accuracy_delta_min).
+When atol or rtol is set, |y − r| ≤ atol + rtol·|r| for every element (atol_needed ≤ tol.atol measured at
+tol.rtol) is the numeric bar and replaces max_rel and cosine_min; top-1 and the split bars still apply.
+Identical outputs always pass every numeric bar.
 `compare(reference, output, tolerances)` returns a `Comparison` that carries the statistics and is truthy
 only then.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -41,8 +46,33 @@ BARS = {
     "atol": ("atol_needed", False),  # measured at the tolerance's rtol (`Tolerance.elementwise`)
 }
 ELEMENTWISE = ("atol", "rtol")  # rtol is no bar of its own: the parameter of atol_needed
+REPLACED_BY_ELEMENTWISE = ("max_rel", "cosine_min")  # the numeric bars an elementwise bar replaces
+# bar -> the range a value of it must lie in (checked wherever tolerances are read: CLI and config)
+RANGES = {
+    "max_rel": (0.0, float("inf")),
+    "atol": (0.0, float("inf")),
+    "rtol": (0.0, float("inf")),
+    "cosine_min": (0.0, 1.0),
+    "top1_min": (0.0, 1.0),
+    "split_top1_min": (0.0, 1.0),
+    "accuracy_delta_min": (-100.0, 100.0),  # points
+}
 # every field of a Tolerance -> whether it is a lower bound (a larger rtol lets more through, like an atol)
 LIMITS = {bar: at_least for bar, (_, at_least) in BARS.items()} | {"rtol": False}
+
+
+def _checked_overrides(overrides: Mapping[str, Any], where: str) -> dict[str, float]:
+    """`overrides` as floats; a one-line `VitfoldError` for an unknown key, a non-number, NaN or a value
+    outside its bar's range (`RANGES`: non-negative; cosine and top-1 within [0, 1])."""
+    for key, value in overrides.items():
+        if key not in LIMITS:
+            raise VitfoldError(f"{where}: unknown key '{key}' (known: {', '.join([*LIMITS, *DEFAULT_TOLERANCES])})")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise VitfoldError(f"{where}: '{key}' must be a number, got {value!r}")
+        low, high = RANGES[key]
+        if not (math.isfinite(value) and low <= value <= high):
+            raise VitfoldError(f"{where}: '{key}' must be a finite number in [{low:g}, {high:g}], got {value!r}")
+    return {k: float(v) for k, v in overrides.items()}
 
 
 @dataclass(frozen=True)
@@ -66,18 +96,24 @@ class Tolerance:
             return None
         return self.atol or 0.0, self.rtol or 0.0
 
-    def check(self, stats: dict[str, float]) -> bool:
-        """Every bar set is cleared; a statistic a bar needs but `stats` lacks fails (closed), and so does
-        an atol_needed measured at another rtol than this tolerance's."""
+    @property
+    def bars(self) -> dict[str, float]:
+        """The bars this tolerance judges by (name -> limit): with an elementwise bar, atol (at `rtol`) in
+        place of max_rel and cosine_min."""
         limits = {bar: getattr(self, bar) for bar in BARS}
         if self.elementwise is not None:
-            limits["atol"], rtol = self.elementwise
-            if stats.get("rtol") != rtol:
-                return False
-        for bar, (stat, at_least) in BARS.items():
-            limit = limits[bar]
-            if limit is None:
-                continue
+            limits["atol"] = self.elementwise[0]
+            limits |= dict.fromkeys(REPLACED_BY_ELEMENTWISE)
+        return {bar: limit for bar, limit in limits.items() if limit is not None}
+
+    def check(self, stats: dict[str, float]) -> bool:
+        """Every bar judged (`bars`) is cleared; a statistic a bar needs but `stats` lacks fails (closed), and
+        so does an atol_needed measured at another rtol than this tolerance's."""
+        limits = self.bars
+        if self.elementwise is not None and stats.get("rtol") != self.elementwise[1]:
+            return False
+        for bar, limit in limits.items():
+            stat, at_least = BARS[bar]
             value = stats.get(stat)
             if value is None or not (value >= limit if at_least else value <= limit):
                 return False
@@ -88,13 +124,22 @@ class Tolerance:
 
     def looser_than(self, other: Tolerance) -> dict[str, float | None]:
         """The bars of this tolerance that let more through than `other`'s (name -> this value; None when
-        this one drops a bar `other` has)."""
+        this one drops a bar `other` judges by, e.g. max_rel replaced by an elementwise bar)."""
+        mine, theirs = self._limits(), other._limits()
         looser = {}
         for bar, at_least in LIMITS.items():
-            mine, theirs = getattr(self, bar), getattr(other, bar)
-            if theirs is not None and (mine is None or (mine < theirs if at_least else mine > theirs)):
-                looser[bar] = mine
+            if bar in theirs and (
+                bar not in mine or (mine[bar] < theirs[bar] if at_least else mine[bar] > theirs[bar])
+            ):
+                looser[bar] = mine.get(bar)
         return looser
+
+    def _limits(self) -> dict[str, float]:
+        """`bars`, and the rtol of the elementwise bar when there is one."""
+        return self.bars | ({"rtol": self.elementwise[1]} if self.elementwise else {})
+
+    def __post_init__(self) -> None:
+        _checked_overrides(self.to_dict(), "Tolerance")
 
 
 # fp32: the fold and every fp32 artifact must agree to float32 rounding; fp16 artifacts to fp16 rounding,
@@ -107,15 +152,6 @@ DEFAULT_TOLERANCES = {
     "bf16": Tolerance(max_rel=8e-2, cosine_min=0.995, top1_min=0.95),
     "int8": Tolerance(split_top1_min=0.99, accuracy_delta_min=-0.5),
 }
-
-
-def _checked_overrides(overrides: Mapping[str, Any], where: str) -> dict[str, float]:
-    for key, value in overrides.items():
-        if key not in LIMITS:
-            raise VitfoldError(f"{where}: unknown key '{key}' (known: {', '.join([*LIMITS, *DEFAULT_TOLERANCES])})")
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise VitfoldError(f"{where}: '{key}' must be a number, got {value!r}")
-    return {k: float(v) for k, v in overrides.items()}
 
 
 def tolerances_for(overrides: Mapping[str, Any] | None = None) -> dict[str, Tolerance]:
@@ -163,12 +199,19 @@ class Comparison:
         return {**self.stats, "passed": self.passed}
 
 
-def compare(
-    reference: torch.Tensor, output: torch.Tensor, tolerances: Tolerance | Mapping[str, float] | None = None
-) -> Comparison:
-    """Compare (B, C) logits with the reference's. `tolerances`: a `Tolerance`, or overrides of the fp32
-    defaults (max_rel, cosine_min, top1_min), or None for the fp32 defaults. A Tolerance with split bars
-    (int8's) needs `split_stats` merged into the statistics: `Comparison({**c.stats, **split}, tol)`."""
+Array = Any  # a torch.Tensor, a numpy array, or anything torch.as_tensor takes
+
+
+def _as_tensor(x: Array) -> torch.Tensor:
+    return x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+
+
+def compare(reference: Array, output: Array, tolerances: Tolerance | Mapping[str, float] | None = None) -> Comparison:
+    """Compare (B, C) logits with the reference's: torch tensors or numpy arrays (what ONNX Runtime
+    returns). `tolerances`: a `Tolerance`, or overrides of the fp32 defaults (max_rel, cosine_min, top1_min,
+    atol, rtol), or None for the fp32 defaults. A Tolerance with split bars (int8's) needs `split_stats`
+    merged into the statistics: `Comparison({**c.stats, **split}, tol)`."""
+    reference, output = _as_tensor(reference), _as_tensor(output)
     if tuple(reference.shape) != tuple(output.shape) or reference.dim() != 2:
         raise VitfoldError(f"compare: logits of shape {tuple(output.shape)} against {tuple(reference.shape)}")
     tol = tolerances if isinstance(tolerances, Tolerance) else tolerance_for("fp32", tolerances)
@@ -188,10 +231,17 @@ def logit_stats(y: torch.Tensor, r: torch.Tensor) -> dict[str, float]:
         "mean_abs": float(diff.mean()),
         "p99_abs": float(torch.quantile(diff.flatten(), 0.99)),
         "max_rel": float(diff.max() / r.abs().max().clamp_min(1e-30)),
-        "cosine_min": float(torch.nn.functional.cosine_similarity(y, r, dim=-1).min()),
+        "cosine_min": float(row_cosines(y, r).min()),
         "top1_agreement": float((y.argmax(-1) == r.argmax(-1)).double().mean()),
         "kl_mean": float((log_p.exp() * (log_p - log_q)).sum(-1).mean()),
     }
+
+
+def row_cosines(y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """cos(y_i, r_i) per row (B,); a row with ‖y_i‖ ‖r_i‖ = 0 is 1 when y_i = r_i, else 0."""
+    norms = y.norm(dim=-1) * r.norm(dim=-1)
+    cosines = (y * r).sum(-1) / norms.clamp_min(torch.finfo(y.dtype).tiny)
+    return torch.where(norms > 0, cosines, (y == r).all(-1).to(y.dtype))
 
 
 def elementwise_stats(y: torch.Tensor, r: torch.Tensor, atol: float, rtol: float) -> dict[str, float]:

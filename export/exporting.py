@@ -89,6 +89,7 @@ def export(
     quantize_head: bool = True,
     info: ModelInfo | None = None,
     on_artifact: ArtifactCallback | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
     """Export `model` (evaluated as it is: fold adapters first) into `out_dir`; returns artifact -> file.
 
@@ -99,7 +100,8 @@ def export(
     `int8_mode="dynamic"`), aoti-fp16 (CUDA), aoti-bf16, openvino-bf16, openvino-int8 (NNCF, calibrated on
     the same images); the TensorRT plan is built at `precision`. tensorrt and openvino write the ONNX too.
     File names: `vitfold.export.FILES`. `info` (preprocessing and class names) goes into every ONNX file's
-    metadata_props and every OpenVINO IR's runtime info.
+    metadata_props and every OpenVINO IR's runtime info. `on_start(artifact)` is called as each artifact
+    begins, `on_artifact(artifact, files, seconds)` when it is written.
     """
     formats = check_formats(formats, precision, device)
     reduced = variants(formats, precision, device)
@@ -112,6 +114,8 @@ def export(
     written: dict[str, Path] = {}
 
     def produce(name: str, make: Callable[[], list[Path]]) -> None:
+        if on_start is not None:
+            on_start(name)
         started = time.perf_counter()
         try:
             files = make()

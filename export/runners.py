@@ -19,16 +19,21 @@ spin settings, which bench.json records.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import shutil
+import tempfile
 import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vitfold.errors import VitfoldError
+from vitfold.errors import VitfoldError, first_line
 from vitfold.export.artifacts import INPUT_NAME, OUTPUT_NAME
 from vitfold.export.blocks import block_names
 
@@ -140,6 +145,8 @@ class AOTIRunner(Runner):
         from vitfold.export.aoti import quiet_cuda_runtime_warning
 
         super().__init__(device)
+        if not zipfile.is_zipfile(path):  # before torch, which logs warnings about it first
+            raise VitfoldError(f"{path} is not an AOTInductor package (not a zip archive)")
         quiet_cuda_runtime_warning()
         self.package = torch._inductor.aoti_load_package(str(path))
 
@@ -148,14 +155,40 @@ class AOTIRunner(Runner):
         return self.package(x)
 
 
+def io_name(kind: str, names: list[str], chosen: str | None, path: Path) -> str:
+    """The graph's one `kind` ("input" or "output") of `names`, or `chosen` among them; a one-line
+    `VitfoldError` naming the argument (--input-name / --output-name) and listing the names otherwise."""
+    if chosen is not None and chosen not in names:
+        raise VitfoldError(
+            f"{path} has no {kind} '{chosen}' (its {kind}s: {', '.join(names)})", argument=f"{kind}_name"
+        )
+    if chosen is None and len(names) != 1:
+        raise VitfoldError(
+            f"{path} has {len(names)} {kind}s ({', '.join(names) or 'none'}): say which holds the "
+            + ("images" if kind == "input" else "logits"),
+            argument=f"{kind}_name",
+        )
+    return chosen or names[0]
+
+
 class OnnxRuntimeRunner(Runner):
-    """ONNX Runtime: CPU EP on cpu; CUDA EP (TF32 off, IO binding to torch tensors) on cuda. `spin`: whether
-    the intra-op pool's threads spin after a call (`session.intra_op.allow_spinning`; None: ONNX Runtime's
-    default, spinning), which takes the cores from whatever runs next."""
+    """ONNX Runtime: CPU EP on cpu; CUDA EP (TF32 off, IO binding to torch tensors) on cuda. Any graph with one
+    image input and one logits output (any names; `input_name`/`output_name` choose among several), float32
+    or float16 input. `spin`: whether the intra-op pool's threads spin after a call
+    (`session.intra_op.allow_spinning`; None: ONNX Runtime's default, spinning), which takes the cores from
+    whatever runs next."""
 
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path, device: str, threads: int | None = None, spin: bool | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        device: str,
+        threads: int | None = None,
+        spin: bool | None = None,
+        input_name: str | None = None,
+        output_name: str | None = None,
+    ) -> None:
         super().__init__(device)
         self.path, self.threads, self.spin = path, threads, spin
         if self.device.type == "cuda":
@@ -164,6 +197,12 @@ class OnnxRuntimeRunner(Runner):
         else:
             self.providers = ["CPUExecutionProvider"]
         self.session = self._session(str(path))
+        inputs = {i.name: i.type for i in self.session.get_inputs()}
+        self.input_name = io_name("input", list(inputs), input_name, path)
+        self.output_name = io_name("output", [o.name for o in self.session.get_outputs()], output_name, path)
+        self.input_type = "float16" if inputs[self.input_name] == "tensor(float16)" else "float32"
+        batch = next(i.shape[0] for i in self.session.get_inputs() if i.name == self.input_name)
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None  # None: a dynamic batch
         self.provider = self.session.get_providers()[0]
         self.settings = {
             "intra_op_num_threads": threads,
@@ -186,10 +225,24 @@ class OnnxRuntimeRunner(Runner):
         return ort.InferenceSession(model, options, providers=self.providers)
 
     def _run(self, session: Any, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        """Outputs `names` for the batch `x`; a graph of fixed batch b is fed chunks of b (the last one padded
+        with copies of its last image, whose outputs are dropped)."""
+        b = self.fixed_batch
+        if b is None or len(x) == b:
+            return self._run_batch(session, x, names)
+        parts = []
+        for chunk in x.split(b):
+            padded = torch.cat([chunk, chunk[-1:].expand(b - len(chunk), *chunk.shape[1:])])  # (b, 3, H, W)
+            parts.append([o[: len(chunk)] for o in self._run_batch(session, padded, names)])
+        return [torch.cat(outs) for outs in zip(*parts, strict=True)]
+
+    def _run_batch(self, session: Any, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        x = x.to(getattr(torch, self.input_type)).contiguous()
         if self.device.type == "cpu":
-            return [torch.from_numpy(o) for o in session.run(names, {INPUT_NAME: x.numpy()})]
+            return [torch.from_numpy(o) for o in session.run(names, {self.input_name: x.numpy()})]
         binding = session.io_binding()
-        binding.bind_input(INPUT_NAME, "cuda", self.device.index or 0, "float32", tuple(x.shape), x.data_ptr())
+        index = self.device.index or 0
+        binding.bind_input(self.input_name, "cuda", index, self.input_type, tuple(x.shape), x.data_ptr())
         for name in names:
             binding.bind_output(name, "cuda", self.device.index or 0)
         session.run_with_iobinding(binding)
@@ -199,7 +252,7 @@ class OnnxRuntimeRunner(Runner):
         ]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(self.session, x, [OUTPUT_NAME])[0]
+        return self._run(self.session, x, [self.output_name])[0].float()
 
     def block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self._debug_session is None:
@@ -332,8 +385,11 @@ def open_runner(
     device: str = "cpu",
     threads: int | None = None,
     spin: bool | None = None,
+    **io_names: str | None,
 ) -> Runner:
-    """Open runtime `backend` on the artifact at `path` (for "torch": the nn.Module itself).
+    """Open runtime `backend` on the artifact at `path` (for "torch": the nn.Module itself); `io_names`
+    (input_name, output_name) choose an ONNX graph's input and output when it has several. A file the runtime
+    cannot load is a one-line `VitfoldError`.
 
     A context manager; `runner(x)` takes an image batch on `runner.device` (`runner.to_device(x)`) and
     returns logits there. On CUDA, fp32 means fp32: TF32 is switched off in torch's matmuls too. `threads`
@@ -351,10 +407,54 @@ def open_runner(
     path = Path(path)
     if not path.is_file():
         raise VitfoldError(f"backend {backend}: {path} not found")
-    if backend == "onnxruntime":
-        return OnnxRuntimeRunner(path, device, threads, spin)
-    if backend == "openvino":
-        from vitfold.export.openvino_runner import OpenVINORunner
+    if not path.stat().st_size:
+        raise VitfoldError(f"{path} is empty: no {backend} artifact")
+    try:
+        if backend == "onnxruntime":
+            return OnnxRuntimeRunner(path, device, threads, spin, **io_names)
+        if backend == "openvino":
+            from vitfold.export.openvino_runner import OpenVINORunner
 
-        return OpenVINORunner(path, device, threads)
-    return {"torchscript": TorchScriptRunner, "aoti": AOTIRunner, "tensorrt": TensorRTRunner}[backend](path, device)
+            return OpenVINORunner(path, device, threads)
+        return {"torchscript": TorchScriptRunner, "aoti": AOTIRunner, "tensorrt": TensorRTRunner}[backend](path, device)
+    except VitfoldError:
+        raise
+    except Exception as e:  # a damaged or foreign file: the user's input, not a bug here
+        raise VitfoldError(f"{path}: {backend} cannot load it ({type(e).__name__}: {first_line(e)})") from e
+
+
+EXECUTABLE_RUNTIMES = ("torchscript", "aoti", "tensorrt")  # loading their files runs the code they hold
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of the file at `path` (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def open_hashed(
+    backend: str,
+    path: str | Path,
+    check: Callable[[str], None],
+    device: str = "cpu",
+    threads: int | None = None,
+    **io_names: str | None,
+) -> Runner:
+    """`open_runner` on what was hashed: the file is copied once into a private temporary folder (mode 0700),
+    the copy is hashed, `check(sha256)` refuses it or not (trust store, a run's record), and the runtime
+    loads the copy, which is removed once loaded. So a file swapped at `path` after the check never runs.
+    Every runtime here reads its file whole when it opens (TorchScript, TensorRT) or unpacks it (AOTInductor)."""
+    path = Path(path)
+    reason = unavailable(backend, device)
+    if reason:
+        raise VitfoldError(f"backend {backend}: {reason}")
+    if not path.is_file():
+        raise VitfoldError(f"backend {backend}: {path} not found")
+    with tempfile.TemporaryDirectory(prefix="vitfold-load-") as folder:
+        copy = Path(folder) / path.name
+        shutil.copyfile(path, copy)
+        check(file_sha256(copy))
+        return open_runner(backend, copy, device, threads, **io_names)

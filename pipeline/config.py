@@ -257,6 +257,11 @@ def _seeds(value: Any) -> bool:
     )
 
 
+def _names(value: Any) -> bool:
+    """None (every available one), or a non-empty list of names."""
+    return value is None or isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
 def _batch_sizes(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(_is_int(b, 1) for b in value)
 
@@ -267,6 +272,7 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
     from vitfold.export import FORMATS, PRECISIONS
     from vitfold.export.comparison import tolerances_for
     from vitfold.export.int8 import INT8_MODES
+    from vitfold.names import ARTIFACT_BACKENDS, BACKENDS
     from vitfold.pipeline.adapters import get_method
     from vitfold.pipeline.drop_path import DROP_PATH_MODES
     from vitfold.pipeline.schedules import SCHEDULES
@@ -323,8 +329,10 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
         ("verify.samples", v.samples, _is_int(v.samples, 1), "a positive integer"),
         ("verify.device", v.device, _is_device(v.device), "cpu or cuda[:N]"),
         ("verify.eval_images", v.eval_images, v.eval_images is None or _is_int(v.eval_images, 1), "a positive integer"),
+        ("verify.backends", v.backends, _names(v.backends), "a non-empty list of backend names"),
         ("verify.allow_no_export", v.allow_no_export, isinstance(v.allow_no_export, bool), "true or false"),
         ("bench.batch_sizes", b.batch_sizes, _batch_sizes(b.batch_sizes), "a list of positive integers"),
+        ("bench.backends", b.backends, _names(b.backends), "a non-empty list of backend names"),
         ("bench.device", b.device, _is_device(b.device), "cpu or cuda[:N]"),
         ("bench.threads", b.threads, b.threads is None or _is_int(b.threads, 1), "a positive integer"),
         ("bench.min_iters", b.min_iters, _is_int(b.min_iters, 1), "a positive integer"),
@@ -356,6 +364,12 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
         get_method(cfg.method)(**cfg.method_options)
     except VitfoldError as error:
         raise VitfoldError(f"{where}: {error}") from None
+    for key, names, known in (("verify", v.backends, ARTIFACT_BACKENDS), ("bench", b.backends, BACKENDS)):
+        unknown = [name for name in names or [] if name not in known]
+        if unknown:
+            raise VitfoldError(
+                f"{where}: {key}.backends: unknown backend '{unknown[0]}' (choose from {', '.join(known)})"
+            )
     try:
         tolerances_for(v.tolerances)
     except VitfoldError as error:

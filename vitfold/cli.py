@@ -15,12 +15,11 @@ import click
 
 from vitfold.errors import VitfoldError
 from vitfold.export import DEFAULT_FORMATS, FORMATS, PRECISIONS, format_names
+from vitfold.names import ARTIFACT_BACKENDS, BACKENDS, FOLDED
+from vitfold.names import METHODS as METHOD_NAMES
+from vitfold.names import OFFICIAL_METHODS as OFFICIAL_NAMES
+from vitfold.names import STAGES as STAGE_NAMES
 
-# Fixed values, spelled here so that `--help` imports no torch (tests/cli/test_cli.py checks them against the
-# adapter registry and the pipeline's stages).
-METHOD_NAMES = ("rlrr", "efft1", "efft2", "lora", "linear", "full")
-STAGE_NAMES = ("pretrain", "train", "compare", "fold", "export", "verify", "bench", "report")
-OFFICIAL_NAMES = ("rlrr", "efft2")  # the official codes import-official reads
 # `vitfold --help` lists the stage commands in pipeline order, then the whole pipeline and the utilities
 COMMAND_ORDER = (
     "train",
@@ -28,6 +27,7 @@ COMMAND_ORDER = (
     "import-peft",
     "fold",
     "export",
+    "triton",
     "verify",
     "bench",
     "report",
@@ -412,12 +412,18 @@ def fold(run_dir: str, base_mismatch_ok: bool | None) -> None:
 @click.option(
     "--int8-mode", type=click.Choice(["static", "dynamic"]), help="int8: static QDQ (calibrated; default) or dynamic."
 )
-@click.option("--triton", type=click.Path(file_okay=False), help="Also write a Triton model repository.")
+@click.option(
+    "--triton",
+    type=click.Path(file_okay=False),
+    help="Also write a Triton model repository (exports again; from the recorded artifacts: vitfold triton RUN DIR).",
+)
 @click.option("--triton-name", help="Triton: the models' name prefix (default: the backbone's architecture).")
 @click.option(
     "--max-batch", type=click.IntRange(min=1), help="Triton: max_batch_size (default: the largest verify batch size)."
 )
-@click.option("--force", is_flag=True, default=None, help="Triton: replace model folders this run did not write.")
+@click.option(
+    "--replace-triton", is_flag=True, default=None, help="Triton: replace model folders this run did not write."
+)
 @device_option("Device for the AOTInductor package: cpu | cuda")
 def export(
     run_dir: str,
@@ -429,7 +435,7 @@ def export(
     triton: str | None,
     triton_name: str | None,
     max_batch: int | None,
-    force: bool | None,
+    replace_triton: bool | None,
     device: str | None,
 ) -> None:
     """Export RUN_DIR's folded model: RUN_DIR/export/ (model.onnx, model.pt, model.pt2, model.plan)."""
@@ -445,17 +451,32 @@ def export(
         triton=triton,
         triton_name=triton_name,
         triton_max_batch=max_batch,
-        triton_force=force,
+        triton_force=replace_triton,
         device=device,
     )
 
 
 @main.command()
-@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
-@backends_option(
-    "torchscript, onnxruntime, onnxruntime-fp16, onnxruntime-int8, aoti, aoti-fp16, aoti-bf16, tensorrt, "
-    "openvino, openvino-bf16, openvino-int8; torch-folded (the fold) is always checked"
+@run_dir_argument
+@click.argument("repository", type=click.Path(file_okay=False))
+@click.option("--triton-name", help="The models' name prefix (default: the backbone's architecture).")
+@click.option(
+    "--max-batch", type=click.IntRange(min=1), help="max_batch_size (default: the largest verify batch size)."
 )
+@click.option("--replace-triton", is_flag=True, help="Replace model folders this run did not write.")
+def triton(run_dir: str, repository: str, triton_name: str | None, max_batch: int | None, replace_triton: bool) -> None:
+    """Write a Triton model repository from RUN_DIR's recorded artifacts, without exporting again (each is
+    checked against the sha256 the export recorded; the run's verification stays as it is)."""
+    from vitfold.pipeline.stages import RunDir
+    from vitfold.pipeline.stages.export import triton_from_export
+
+    configs = triton_from_export(RunDir(run_dir), repository, triton_name, max_batch, replace_triton)
+    _echo(f"triton repository: {repository} ({', '.join(c.parent.name for c in configs)})")
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@backends_option(f"{', '.join(ARTIFACT_BACKENDS)}; {FOLDED} (the fold) is always checked")
 @batch_sizes_option("1,8")
 @click.option("--samples", type=click.IntRange(min=1), help="Evaluation images, and as many random images (16).")
 @device_option()
@@ -470,7 +491,12 @@ def export(
 @click.option(
     "--accuracy-delta-min", type=float, help="Tolerance: least accuracy change on the split, points (int8: -0.5)."
 )
-@click.option("--atol", type=float, help="Tolerance, elementwise: |a − b| ≤ atol + rtol·|b| for every logit (off).")
+@click.option(
+    "--atol",
+    type=float,
+    help="Tolerance, elementwise: |a − b| ≤ atol + rtol·|b| for every logit, as torch.testing.assert_close and "
+    "Polygraphy judge; replaces max_rel and cosine_min (top-1 and the split bars stay). Off by default.",
+)
 @click.option("--rtol", type=float, help="Tolerance, elementwise: the rtol of --atol's bar (0 when only --atol).")
 @click.option("--eval-images", type=click.IntRange(min=1), help="Evaluation-split images for accuracy (default: all).")
 @click.option("--allow-no-export", is_flag=True, default=None, help="Pass with only the fold checked (no artifact).")
@@ -495,8 +521,12 @@ def export(
     "--backbone-option", "backbone_options", multiple=True, metavar="KEY=VALUE", help="timm create_model option."
 )
 @click.option(
-    "--precision", type=click.Choice(PRECISIONS), help="With --artifact: its precision (default: from its name, fp32)."
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    help="With --artifact: its precision (default: read from the artifact: its graph, package or plan record).",
 )
+@click.option("--input-name", help="With an --artifact .onnx of several inputs: the one that takes the images.")
+@click.option("--output-name", help="With an --artifact .onnx of several outputs: the one that holds the logits.")
 @trust_option
 def verify(
     run_dir: str | None,
@@ -521,6 +551,8 @@ def verify(
     num_classes: int | None,
     backbone_options: tuple[str, ...],
     precision: str | None,
+    input_name: str | None,
+    output_name: str | None,
     trust: bool,
 ) -> None:
     """Check that every artifact of RUN_DIR computes what the unmerged adapted model computes, or that one
@@ -548,6 +580,8 @@ def verify(
         "--num-classes": num_classes,
         "--backbone-option": backbone_options or None,
         "--precision": precision,
+        "--input-name": input_name,
+        "--output-name": output_name,
     }
     if artifact is not None:
         from vitfold.pipeline.stages.verify_artifact import DEFAULT_OUTPUT, verify_artifact
@@ -570,6 +604,8 @@ def verify(
             num_classes=num_classes,
             backbone_kwargs=_parse_options(backbone_options),
             precision=precision,
+            input_name=input_name,
+            output_name=output_name,
             trust=trust,
             log=_echo,
             **settings,
@@ -600,10 +636,7 @@ def verify(
 
 @main.command()
 @run_dir_argument
-@backends_option(
-    "torch-unmerged, torch-folded, torch-base, torch-folded-fp16, torch-folded-bf16, torchscript, onnxruntime, "
-    "onnxruntime-fp16, onnxruntime-int8, aoti, aoti-fp16, aoti-bf16, tensorrt, openvino, openvino-bf16, openvino-int8"
-)
+@backends_option(", ".join(BACKENDS))
 @batch_sizes_option("1,8,32")
 @device_option()
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: torch's current count).")

@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from vitfold.errors import CheckpointError, VitfoldError
+from vitfold.names import OFFICIAL_METHODS
 from vitfold.pipeline.backbones import read_state_dict
 from vitfold.pipeline.official.efft import convert_efft2
 from vitfold.pipeline.official.rlrr import convert_rlrr
 from vitfold.pipeline.official.state import OfficialImport, OfficialState
-
-OFFICIAL_METHODS = ("rlrr", "efft2")
 
 
 def read_official(method: str, path: str | Path, options: dict[str, Any] | None = None) -> OfficialImport:

@@ -27,29 +27,19 @@ from vitfold.errors import VitfoldError
 from vitfold.export import PRECISIONS
 from vitfold.export.isa import cpu_has_bf16
 from vitfold.export.precision import at_precision
-from vitfold.export.runners import Runner, open_runner, unavailable
-from vitfold.pipeline.stages.manifest import recorded_outputs, verified_input
+from vitfold.export.runners import EXECUTABLE_RUNTIMES, Runner, open_hashed, open_runner, unavailable
+from vitfold.names import (
+    ARTIFACT_BACKENDS,
+    BACKENDS,
+    BASE,
+    FOLDED,
+    FOLDED_BF16,
+    FOLDED_FP16,
+    UNMERGED,
+)
+from vitfold.pipeline.stages.manifest import read_manifest, recorded_outputs, verified_input
 from vitfold.pipeline.stages.rundir import RunDir
-from vitfold.pipeline.stages.trust import EXECUTABLE_FORMATS, require_trusted
-
-UNMERGED, FOLDED, BASE = "torch-unmerged", "torch-folded", "torch-base"
-FOLDED_FP16, FOLDED_BF16 = "torch-folded-fp16", "torch-folded-bf16"
-TORCH_BACKENDS = (UNMERGED, FOLDED, BASE, FOLDED_FP16, FOLDED_BF16)
-# backend -> (runtime, export format whose file it opens)
-ARTIFACT_BACKENDS = {
-    "torchscript": ("torchscript", "torchscript"),
-    "onnxruntime": ("onnxruntime", "onnx"),
-    "onnxruntime-fp16": ("onnxruntime", "onnx-fp16"),
-    "onnxruntime-int8": ("onnxruntime", "onnx-int8"),
-    "aoti": ("aoti", "aoti"),
-    "aoti-fp16": ("aoti", "aoti-fp16"),
-    "aoti-bf16": ("aoti", "aoti-bf16"),
-    "tensorrt": ("tensorrt", "tensorrt"),
-    "openvino": ("openvino", "openvino"),
-    "openvino-bf16": ("openvino", "openvino-bf16"),
-    "openvino-int8": ("openvino", "openvino-int8"),
-}
-BACKENDS = (*TORCH_BACKENDS, *ARTIFACT_BACKENDS)
+from vitfold.pipeline.stages.trust import require_trusted
 
 
 def unmerged_model(rd: RunDir) -> nn.Module:
@@ -102,6 +92,13 @@ def backend_files(rd: RunDir, name: str) -> list[Path]:
     return [path, path.with_name(path.name + ".data")] if path.suffix == ".onnx" else [path]
 
 
+def recorded_artifacts(rd: RunDir) -> dict[str, Path]:
+    """Backend -> its artifact file, for every artifact the export stage recorded."""
+    recorded = set(recorded_outputs(rd, "export"))
+    files = {name: rd.artifact(fmt) for name, (_, fmt) in ARTIFACT_BACKENDS.items()}
+    return {name: path for name, path in files.items() if path in recorded}
+
+
 def default_backends(rd: RunDir, names: tuple[str, ...]) -> list[str]:
     """`names`, less the reduced-precision artifacts this run did not export (an option, not a missing
     artifact) and the reduced-precision torch rows this machine cannot compute natively."""
@@ -147,10 +144,23 @@ def open_backend(
 ) -> Runner:
     """Open backend `name` of the run. Refused: an artifact the export stage did not record, or whose
     sha256 differs from the one it recorded, and one that runs code but was not written here (`trust`).
-    `spin`: whether ONNX Runtime's idle threads spin (None: its default)."""
+    An artifact that runs code is loaded from a private copy hashed again (`open_hashed`): the run's cached
+    hashes are never the only check before native code is loaded. `spin`: whether ONNX Runtime's idle threads
+    spin (None: its default)."""
     if name in MODELS:
         return open_runner("torch", MODELS[name](rd), device)
-    return open_runner(ARTIFACT_BACKENDS[name][0], checked_artifact(rd, name, trust), device, threads, spin)
+    runtime = ARTIFACT_BACKENDS[name][0]
+    path = checked_artifact(rd, name, trust)
+    if runtime not in EXECUTABLE_RUNTIMES:
+        return open_runner(runtime, path, device, threads, spin)
+    recorded = read_manifest(rd)["stages"]["export"]["outputs"][rd.key(path)]
+
+    def check(digest: str) -> None:
+        if digest != recorded:
+            raise VitfoldError(f"{path} changed since it was checked (sha256 {digest[:16]}…): refusing to load it")
+        require_trusted(path, digest, trust)
+
+    return open_hashed(runtime, path, check, device, threads)
 
 
 def check_backend(rd: RunDir, name: str, trust: bool = False) -> None:
@@ -169,7 +179,7 @@ def checked_artifact(rd: RunDir, name: str, trust: bool = False, hint: str = "")
     path = verified_input(rd, rd.artifact(fmt), "export", recorded_only=True, hint=hint)
     if path.suffix == ".xml":  # the IR's weights are its .bin: checked like the file that names them
         verified_input(rd, path.with_suffix(".bin"), "export", recorded_only=True, hint=hint)
-    if fmt in EXECUTABLE_FORMATS:
+    if ARTIFACT_BACKENDS[name][0] in EXECUTABLE_RUNTIMES:
         require_trusted(path, rd.sha256(path), trust)
     return path
 

@@ -25,15 +25,16 @@ from vitfold.export.artifacts import INPUT_NAME, OUTPUT_NAME
 from vitfold.export.exporting import check_formats, export
 from vitfold.export.model_info import ModelInfo
 from vitfold.export.precision import variants
+from vitfold.export.runners import EXECUTABLE_RUNTIMES, runtime_of
 from vitfold.pipeline.atomic import atomic_write_json
 from vitfold.pipeline.config import ExportConfig
 from vitfold.pipeline.data import build_splits, parse_data_spec
 from vitfold.pipeline.models import data_transform
 from vitfold.pipeline.stages.backends import folded_model
-from vitfold.pipeline.stages.manifest import recorded_outputs, verified_input
+from vitfold.pipeline.stages.manifest import read_manifest, recorded_outputs, verified_input
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult
-from vitfold.pipeline.stages.trust import EXECUTABLE_FORMATS, remember
+from vitfold.pipeline.stages.trust import remember
 
 CALIBRATION_SEED = 0
 
@@ -137,6 +138,10 @@ def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
             f"{name}: {', '.join(f.name for f in files)} ({artifacts[name]['bytes'] / 1e6:.1f} MB, {seconds:.1f} s)"
         )
 
+    def starting(name: str) -> None:
+        if name.startswith("aoti"):
+            ctx.log(f"{name}: compiling the AOTInductor package (C++; minutes for a ViT-B on a CPU)...")
+
     written = export(
         model,
         rd.export_dir,
@@ -150,6 +155,7 @@ def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
         quantize_head=settings.int8_head,
         info=info,
         on_artifact=done,
+        on_start=starting,
     )
     summary = {
         "precision": settings.precision,
@@ -164,28 +170,14 @@ def _run(rd: RunDir, settings: ExportConfig, ctx: Context) -> StageResult:
     if int8:
         summary["int8"] = _int8_summary(settings, written, calibration)
     if triton is not None:
-        from vitfold.export.triton import write_triton_repository
-
-        configs = write_triton_repository(
-            triton.repo,
-            {key: written[artifact] for key, artifact in triton.served.items()},
-            model_name=triton.name,
-            input_name=INPUT_NAME,
-            output_name=OUTPUT_NAME,
-            image_shape=(3, *size),
-            num_classes=model.num_classes,
-            max_batch_size=triton.max_batch,
-            labels=info.labels_text(),
-            replaceable=triton.replaceable,
-            force=settings.triton_force,
-        )
+        configs = _write_repository(triton, written, info, size, model.num_classes, settings.triton_force)
         summary["triton"] = [str(c) for c in configs]
         ctx.log(f"triton repository: {triton.repo} ({', '.join(c.parent.name for c in configs)})")
     atomic_write_json(rd.export_summary, summary)
     outputs = [rd.path / f for a in artifacts.values() for f in a["files"]]
-    for fmt in EXECUTABLE_FORMATS:
-        if fmt in written:
-            remember(rd.sha256(written[fmt]))
+    for path in written.values():  # every artifact that runs code, reduced-precision variants included
+        if runtime_of(path) in EXECUTABLE_RUNTIMES:
+            remember(rd.sha256(path))
     for old in _artifact_files(rd) - set(outputs):  # a format not built this time leaves nothing behind
         old.unlink(missing_ok=True)
         ctx.log(f"removed {rd.key(old)} (not built by this export)")
@@ -211,6 +203,56 @@ def _int8_summary(settings: ExportConfig, written: dict[str, Path], calibration:
 
         found["openvino"] = int8_settings(len(calibration))
     return found
+
+
+def _write_repository(
+    triton: TritonPlan, written: dict[str, Path], info: ModelInfo, size: tuple[int, ...], classes: int, force: bool
+) -> list[Path]:
+    from vitfold.export.triton import write_triton_repository
+
+    return write_triton_repository(
+        triton.repo,
+        {key: written[artifact] for key, artifact in triton.served.items()},
+        model_name=triton.name,
+        input_name=INPUT_NAME,
+        output_name=OUTPUT_NAME,
+        image_shape=(3, *size),
+        num_classes=classes,
+        max_batch_size=triton.max_batch,
+        labels=info.labels_text(),
+        replaceable=triton.replaceable,
+        force=force,
+    )
+
+
+def triton_from_export(
+    rd: RunDir, repo: str | Path, name: str | None = None, max_batch: int | None = None, force: bool = False
+) -> list[Path]:
+    """A Triton repository at `repo` from the artifacts the export stage recorded, each checked against the
+    sha256 recorded for it, without exporting again: no artifact, and nothing the manifest records, changes,
+    so a verified run stays verified. export.json notes the model folders written (so that the next call may
+    replace them without `force`). Returns the config.pbtxt files."""
+    entry = read_manifest(rd)["stages"].get("export")
+    if entry is None or entry.get("status") != "done" or not rd.export_summary.is_file():
+        raise VitfoldError(f"{rd.path}: no finished export to serve: run vitfold export first")
+    summary = json.loads(rd.export_summary.read_text())
+    settings = replace(
+        rd.config.export,
+        precision=summary["precision"],
+        triton=str(repo),
+        triton_name=name,
+        triton_max_batch=max_batch,
+        triton_force=force,
+    )
+    triton = _triton_plan(rd, settings, entry["formats"])
+    assert triton is not None  # settings.triton is set
+    written = {
+        artifact: verified_input(rd, rd.artifact(artifact), "export", recorded_only=True)
+        for artifact in triton.served.values()
+    }
+    configs = _write_repository(triton, written, model_info(rd), summary["image_size"], summary["num_classes"], force)
+    atomic_write_json(rd.export_summary, {**summary, "triton": [str(c) for c in configs]})
+    return configs
 
 
 def _artifact_files(rd: RunDir) -> set[Path]:

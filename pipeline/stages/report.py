@@ -11,14 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from vitfold.export.charts import CHART_EXTRA
+from vitfold.export.gate import describe_bars, render_markdown
 from vitfold.export.isa import cpu_name
 from vitfold.pipeline.atomic import atomic_write_text
 from vitfold.pipeline.config import RunConfig
+from vitfold.pipeline.stages.backends import recorded_artifacts
 from vitfold.pipeline.stages.bench import ratio_line
 from vitfold.pipeline.stages.manifest import read_manifest, staleness
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult
-from vitfold.pipeline.stages.verify import VERIFY, describe_bars
+from vitfold.pipeline.stages.verify import VERIFY
 
 
 def _machine() -> str:
@@ -102,55 +104,8 @@ def _accuracy(compare: dict[str, Any]) -> list[str]:
 
 
 def _equivalence(verify: dict[str, Any]) -> list[str]:
-    rows = [
-        [
-            r["kind"],
-            r["backend"],
-            r["precision"],
-            r["provider"],
-            r["batch_size"],
-            r["compared_to"],
-            f"{r['max_abs']:.2e}",
-            f"{r['max_rel']:.2e}",
-            f"{r['end_to_end']['max_rel']:.2e}" if "end_to_end" in r else f"{r['max_rel']:.2e}",
-            f"{r['cosine_min']:.7f}",
-            f"{r['top1_agreement']:.3f}",
-            f"{r['split_top1_agreement']:.4f}",
-            f"{r['split_accuracy']:.4f} ({r['accuracy_delta']:+.2f})",
-            "pass" if r["passed"] else "**FAIL**",
-        ]
-        for r in verify["results"]
-    ]
-    header = [
-        "kind",
-        "backend",
-        "precision",
-        "provider",
-        "batch",
-        "vs",
-        "max abs",
-        "max rel",
-        "end-to-end max rel",
-        "min cosine",
-        "top-1 agree",
-        f"split top-1 agree ({verify['inputs']['split_images']} images)",
-        "split accuracy (Δ pts)",
-        "verdict",
-    ]
-    align = ["---", "---", "---", "---", "--:", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "---"]
-    lines = [
-        "Fold rows compare the folded model (torch-folded) with the unmerged adapted model (torch-unmerged, base "
-        "+ adapter): did folding change the function? Export rows compare each artifact with the folded model (did "
-        "exporting change it?); their end-to-end column compares them with the unmerged model. max rel = "
-        "max |Δ logit| / max |reference logit| over the sample; min cosine: the least cosine similarity of a "
-        "logit vector with its reference's; split columns: top-1 agreement with the reference and accuracy "
-        "on the evaluation split.",
-        "",
-        *_table(header, rows, align),
-    ]
-    lines += [f"- {name}: first divergence at `{where['where']}`" for name, where in verify["localisation"].items()]
-    lines += [f"- {name} not verified: {reason}" for name, reason in verify["skipped"].items()]
-    return lines
+    """verify.md's table and notes (the gate's one renderer), without its heading."""
+    return render_markdown(verify).splitlines()[2:]
 
 
 # the backends every latency row is also given as a speed-up over (their p50 / the row's, same batch size)
@@ -242,7 +197,8 @@ def _load(path: Path) -> Any:
 
 
 def _verdict(rd: RunDir, verify: dict[str, Any] | None) -> str:
-    """FAILED, or PASSED only while verify's recorded inputs are still the run's artifacts."""
+    """FAILED, or PASSED only while verify's recorded inputs are still the run's artifacts and every artifact
+    the export recorded has passed rows (else what passed, and which artifacts were not verified)."""
     entry = read_manifest(rd)["stages"].get("verify")
     if verify is None or entry is None:
         return "no verify result"
@@ -252,7 +208,13 @@ def _verdict(rd: RunDir, verify: dict[str, Any] | None) -> str:
     if stale is not None:
         return f"OUT OF DATE ({stale} since verify passed): run vitfold verify"
     loosened = "; ".join(f"{p}: {describe_bars(t)}" for p, t in verify["loosened"].items())
-    return "PASSED" + (f" with tolerances loosened beyond the defaults ({loosened})" if loosened else "")
+    loosened = f" with tolerances loosened beyond the defaults ({loosened})" if loosened else ""
+    checked = {r["backend"] for r in verify["results"] if r["kind"] == "export"}
+    unchecked = [path.name for name, path in recorded_artifacts(rd).items() if name not in checked]
+    if unchecked:
+        passed = ", ".join(sorted(checked)) or "the fold alone"
+        return f"PASSED for {passed}{loosened}; {', '.join(unchecked)} not verified"
+    return "PASSED" + loosened
 
 
 def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:

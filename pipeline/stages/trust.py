@@ -13,8 +13,6 @@ from pathlib import Path
 
 from vitfold.errors import VitfoldError
 
-EXECUTABLE_FORMATS = ("aoti", "tensorrt", "torchscript")
-
 
 def cache_root() -> Path:
     """vitfold's cache on this machine: $VITFOLD_CACHE, default ~/.cache/vitfold."""

@@ -14,9 +14,12 @@ REF, the reference:
 
 Without a run there are no labelled images: the inputs are `samples` seeded random images at the
 reference's input size and normalisation, and no split statistics are computed (a precision judged on the
-split, int8, then fails closed). The artifact's precision is the one its name carries (model.fp16.onnx), or
-`precision`. Nothing is written into a run directory: RUN/verify/ is the run's record of its own artifacts,
-so an output folder inside the reference run is refused; the default is ./verify-artifact.
+split, int8, then fails closed). The artifact's precision is read from the artifact (its graph or package,
+`vitfold.export.artifact_precision`), never from its name; `precision` overrides it. An ONNX graph's input
+and output are found from the graph (`input_name`/`output_name` choose among several). An artifact that runs
+code (.pt, .pt2, .plan) is copied once into a private folder, hashed there, checked against the trust store
+and loaded from that copy. Nothing is written into a run directory: RUN/verify/ is the run's record of its own
+artifacts, so an output folder inside the reference run is refused; the default is ./verify-artifact.
 """
 
 from __future__ import annotations
@@ -29,35 +32,21 @@ import torch
 from torch import nn
 
 from vitfold.errors import VitfoldError
-from vitfold.export import PRECISIONS
-from vitfold.export.runners import open_runner, runtime_of
+from vitfold.export.artifact_precision import artifact_precision
+from vitfold.export.gate import Inputs, gate_result, judge, loosened_tolerances, random_images
+from vitfold.export.runners import EXECUTABLE_RUNTIMES, file_sha256, open_hashed, open_runner, runtime_of
 from vitfold.pipeline.backbones import create_backbone, load_checkpoint, load_folded
 from vitfold.pipeline.config import VerifyConfig, load_config
 from vitfold.pipeline.models import model_transform
 from vitfold.pipeline.stages.backends import FOLDED, UNMERGED, folded_model, unmerged_model
-from vitfold.pipeline.stages.rundir import RunDir, sha256
+from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.stage import Log
-from vitfold.pipeline.stages.trust import EXECUTABLE_FORMATS, require_trusted
-from vitfold.pipeline.stages.verify import (
-    VERIFY,
-    Inputs,
-    check_writable,
-    judge,
-    loosened_tolerances,
-    random_images,
-    run_inputs,
-    verify_result,
-    write_results,
-)
+from vitfold.pipeline.stages.trust import require_trusted
+from vitfold.pipeline.stages.verify import VERIFY, check_writable, run_inputs, write_results
 
 DEFAULT_OUTPUT = Path("verify-artifact")
 LOCAL_DIR = "local-dir:"
 REFERENCE = "reference"  # the name of a reference that is not a run's folded model
-
-
-def precision_of(artifact: Path) -> str:
-    """The precision an artifact's name carries (model.int8.onnx -> int8), fp32 when it names none."""
-    return next((p for p in PRECISIONS if f".{p}" in artifact.suffixes[:-1]), "fp32")
 
 
 def reference_run(reference: str) -> RunDir | None:
@@ -118,6 +107,21 @@ def _output_folder(out_dir: str | Path | None, rd: RunDir | None) -> Path:
     return out
 
 
+def _open_artifact(artifact: Path, runtime: str, device: str, trust: bool, io_names: dict[str, str | None]):
+    """(the artifact's runner, its sha256): one that runs code is loaded from the private copy that was hashed
+    and checked against the trust store (`open_hashed`), never by its path again."""
+    if runtime not in EXECUTABLE_RUNTIMES:
+        return open_runner(runtime, artifact, device, **io_names), file_sha256(artifact)
+    hashed: list[str] = []
+
+    def check(digest: str) -> None:
+        require_trusted(artifact, digest, trust)
+        hashed.append(digest)
+
+    runner = open_hashed(runtime, artifact, check, device)
+    return runner, hashed[0]
+
+
 def verify_artifact(
     artifact: str | Path,
     reference: str,
@@ -128,6 +132,8 @@ def verify_artifact(
     num_classes: int | None = None,
     backbone_kwargs: dict[str, Any] | None = None,
     precision: str | None = None,
+    input_name: str | None = None,
+    output_name: str | None = None,
     trust: bool = False,
     log: Log = print,
     **overrides: Any,
@@ -138,31 +144,39 @@ def verify_artifact(
     artifact = Path(artifact)
     if not artifact.is_file():
         raise VitfoldError(f"--artifact {artifact} not found")
-    runtime, precision = runtime_of(artifact), precision or precision_of(artifact)
+    if artifact.stat().st_size == 0:
+        raise VitfoldError(f"--artifact {artifact} is empty")
+    runtime = runtime_of(artifact)
+    precision, read_from = (precision, "--precision") if precision else artifact_precision(artifact)
     rd = reference_run(reference)
     v = _settings(rd, overrides)
-    out = _output_folder(out_dir, rd)
-    if runtime in EXECUTABLE_FORMATS:  # a .pt/.pt2/.plan runs code when loaded
-        require_trusted(artifact, sha256(artifact), trust)
     tolerances, loosened = loosened_tolerances(v.tolerances, log, precisions=(precision,))
-    end_to_end = None
-    if rd is not None:
-        folded, name = folded_model(rd), FOLDED
-        described = f"the run {rd.path}: its folded model, end-to-end its unmerged one"
-        unmerged = unmerged_model(rd)
-        inputs = run_inputs(rd, unmerged, v)
-        with open_runner("torch", unmerged, v.device) as runner:
-            end_to_end = inputs.measure(UNMERGED, runner)
-    else:
-        folded = reference_model(reference, checkpoint, backbone, num_classes, backbone_kwargs)
-        name, described = REFERENCE, f"`{reference}`"
-        images = random_images(model_transform(folded), v.samples, torch.Generator().manual_seed(0))
-        inputs = Inputs({"random": images}, tuple(v.batch_sizes))
-    with open_runner("torch", folded, v.device) as ref_runner, open_runner(runtime, artifact, v.device) as runner:
-        expected = inputs.measure(name, ref_runner)
-        checked = inputs.measure(runtime, runner)
-        rows, divergence = judge("artifact", precision, tolerances[precision], checked, expected, end_to_end, inputs)
-    result = verify_result(
+    io_names = {"input_name": input_name, "output_name": output_name}
+    # the artifact opens first: a file that cannot load (or may not) fails before any work, with nothing written
+    runner, digest = _open_artifact(artifact, runtime, v.device, trust, io_names)
+    log(f"{artifact}: {runtime}, {precision} (from {read_from})")
+    with runner:
+        out = _output_folder(out_dir, rd)
+        end_to_end = None
+        if rd is not None:
+            folded, name = folded_model(rd), FOLDED
+            described = f"the run {rd.path}: its folded model, end-to-end its unmerged one"
+            unmerged = unmerged_model(rd)
+            inputs = run_inputs(rd, unmerged, v)
+            with open_runner("torch", unmerged, v.device) as unmerged_runner:
+                end_to_end = inputs.measure(UNMERGED, unmerged_runner, log)
+        else:
+            folded = reference_model(reference, checkpoint, backbone, num_classes, backbone_kwargs)
+            name, described = REFERENCE, f"`{reference}`"
+            t = model_transform(folded)
+            images = random_images(t.mean, t.std, t.size, v.samples, torch.Generator().manual_seed(0))
+            inputs = Inputs({"random": images}, tuple(v.batch_sizes))
+        with open_runner("torch", folded, v.device) as ref_runner:
+            expected = inputs.measure(name, ref_runner, log)
+            checked = inputs.measure(runtime, runner, log)
+            tolerance = tolerances[precision]
+            rows, divergence = judge("artifact", precision, tolerance, checked, expected, end_to_end, inputs)
+    result = gate_result(
         rows,
         {runtime: divergence} if divergence else {},
         v.device,
@@ -170,7 +184,7 @@ def verify_artifact(
         {precision: tolerances[precision]},
         loosened,
         {},
-        artifact={"path": str(artifact), "runtime": runtime, "sha256": sha256(artifact)},
+        artifact={"path": str(artifact), "runtime": runtime, "sha256": digest, "precision_from": read_from},
         reference=described,
     )
     write_results(result, out, log)

@@ -19,7 +19,7 @@ from helpers import TINY_RUN
 def test_help_lists_the_commands_in_pipeline_order():
     result = CliRunner().invoke(main, ["--help"])
     listed = re.findall(r"^  ([\w-]+)\s", result.output.split("Commands:")[1], re.M)
-    stages = ["train", "import-official", "import-peft", "fold", "export", "verify", "bench", "report"]
+    stages = ["train", "import-official", "import-peft", "fold", "export", "triton", "verify", "bench", "report"]
     assert listed == [*stages, "run", "info", "configs"]
 
 

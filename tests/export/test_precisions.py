@@ -170,10 +170,11 @@ def test_a_bar_without_its_statistic_fails_closed():
 def test_split_stats_count_agreement_and_accuracy_change():
     labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
     reference = torch.tensor([0, 1, 2, 3, 0, 0, 1, 1])  # 6 of 8 right
-    predicted = torch.tensor([0, 1, 2, 0, 0, 0, 1, 2])  # 6 of 8 right, 6 of 8 agree with the reference
+    predicted = torch.tensor([0, 1, 2, 3, 4, 0, 2, 2])  # 7 of 8 right; 5 of 8 agree with the reference
     stats = split_stats(predicted, reference, labels)
-    assert stats["split_top1_agreement"] == 0.75 and stats["split_accuracy"] == 0.75
-    assert stats["accuracy_delta"] == 0.0 and stats["split_images"] == 8
+    assert stats["split_top1_agreement"] == 0.625 and stats["split_accuracy"] == 0.875
+    assert stats["reference_accuracy"] == 0.75 and stats["accuracy_delta"] == pytest.approx(12.5)
+    assert stats["split_images"] == 8
     assert split_stats(labels, reference, labels)["accuracy_delta"] == pytest.approx(25.0)
 
 

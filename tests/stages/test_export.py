@@ -204,3 +204,26 @@ def test_fp16_onnx_export_stays_close(run, tmp_path):
     rows = [r for r in result["results"] if r["backend"] == "onnxruntime-fp16"]
     assert result["passed"] and len(rows) == 2 and all(r["precision"] == "fp16" for r in rows)
     assert all(1e-6 < r["max_rel"] <= 2e-2 for r in rows)  # fp16 rounding shows, within the fp16 tolerance
+
+
+def test_triton_from_the_recorded_artifacts_changes_nothing_the_run_records(run, tmp_path):
+    """`vitfold triton RUN DIR` serves the artifacts as exported (same bytes as the manifest's sha256) and
+    leaves the manifest and every artifact alone, so verify stays up to date; a changed artifact is refused;
+    `--force` on export is gone (it meant "rerun a stage" on `vitfold run`)."""
+    copy_dir = tmp_path / "run"
+    shutil.copytree(run, copy_dir, ignore=shutil.ignore_patterns("triton"))
+    manifest = (copy_dir / "manifest.json").read_bytes()
+    before = {p: p.read_bytes() for p in (copy_dir / "export").iterdir() if p.name != "export.json"}
+    result = vitfold_cli("triton", str(copy_dir), str(tmp_path / "repo"))
+    assert result.returncode == 0, result.stderr
+    served = tmp_path / "repo" / "vit_tiny_patch16_224_onnx" / "1" / "model.onnx"
+    recorded = json.loads(manifest)["stages"]["export"]["outputs"]["export/model.onnx"]
+    assert hashlib.sha256(served.read_bytes()).hexdigest() == recorded
+    assert (copy_dir / "manifest.json").read_bytes() == manifest
+    assert {p: p.read_bytes() for p in (copy_dir / "export").iterdir() if p.name != "export.json"} == before
+    again = vitfold_cli("triton", str(copy_dir), str(tmp_path / "repo"))  # its own folders: replaced
+    assert again.returncode == 0, again.stderr
+    (copy_dir / "export" / "model.pt").write_bytes(b"changed")
+    refused = vitfold_cli("triton", str(copy_dir), str(tmp_path / "other"))
+    assert refused.returncode == 2 and "does not match the sha256" in refused.stderr, refused.stderr
+    assert vitfold_cli("export", str(copy_dir), "--force").returncode == 2

@@ -92,6 +92,8 @@ def test_export_removes_formats_it_did_not_build_and_verify_goes_out_of_date(exp
         ("verify", {"batch_sizes": [0]}, "verify.batch_sizes must be a list of positive integers"),
         ("verify", {"samples": 0}, "verify.samples must be a positive integer"),
         ("verify", {"tolerances": {"max_rell": 1}}, "verify.tolerances: unknown key 'max_rell'"),
+        ("verify", {"tolerances": {"max_rel": float("nan")}}, "verify.tolerances: 'max_rel' must be a finite number"),
+        ("verify", {"tolerances": {"fp16": {"atol": -1}}}, "verify.tolerances.fp16: 'atol' must be a finite number"),
         ("bench", {"threads": 0}, "bench.threads must be a positive integer"),
         ("method_options", {"dropout": "x"}, "option 'dropout' must be in [0, 1)"),
     ],
@@ -152,3 +154,32 @@ def test_settings_of_a_stage_run_alone_are_what_the_manifest_records(exported_ru
     params = read_manifest(RunDir(run))["stages"]["verify"]["params"]
     assert params["batch_sizes"] == [3] and params["samples"] == 2
     shutil.rmtree(run / "verify")
+
+
+def test_bad_backends_and_tolerances_are_refused_before_the_stage_is_marked_running(exported_run, tmp_path):
+    """A mistyped backend or an impossible bar is exit 2, one line, and the manifest is not touched (so the
+    report does not turn OUT OF DATE and `vitfold run` does not redo verify and bench)."""
+    run = copy_run(exported_run, tmp_path / "run")
+    before = (run / "manifest.json").read_bytes()
+    for args, message in [
+        (["verify", str(run), "--backends", "onnxruntim"], "unknown backend 'onnxruntim'"),
+        (["bench", str(run), "--backends", "onnxruntime,tourch-folded"], "unknown backend 'tourch-folded'"),
+        (["verify", str(run), "--atol", "-1"], "'atol' must be a finite number in [0, inf], got -1.0"),
+        (["verify", str(run), "--max-rel", "nan"], "'max_rel' must be a finite number"),
+        (["verify", str(run), "--cosine-min", "1.5"], "'cosine_min' must be a finite number in [0, 1]"),
+    ]:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output
+    assert (run / "manifest.json").read_bytes() == before
+
+
+def test_the_report_names_the_artifacts_verify_did_not_check(exported_run, tmp_path):
+    run = copy_run(exported_run, tmp_path / "run")
+    run_stage("verify", run, backends=["onnxruntime"], batch_sizes=[2], samples=2, **QUIET)
+    run_stage("report", run, **QUIET)
+    report = (run / "REPORT.md").read_text()
+    assert "Verification: **PASSED for onnxruntime; model.pt, model.pt2 not verified**" in report
+    run_stage("verify", run, batch_sizes=[2], samples=2, **QUIET)
+    run_stage("report", run, **QUIET)
+    assert "Verification: **PASSED**." in (run / "REPORT.md").read_text()
