@@ -75,6 +75,8 @@ def import_official(
             for path in written:
                 path.unlink(missing_ok=True)
             raise
+    for note in imported.notes:
+        log(f"import-official: {note}")
     log(
         f"imported the official {method} checkpoint {checkpoint} ({imported.depth} blocks, "
         f"{imported.num_classes} classes) into {rd.adapter}; next: vitfold fold {rd.path}"
