@@ -341,3 +341,31 @@ def test_efft_swin_import_carries_its_backbone_then_fold_export_verify(tmp_path)
     assert any("EFFT_3_mlp_c[2:5]" in line for line in lines)
     x = _inputs()
     _verify_onnx(tmp_path / "run", in_float64(official_efft_swin_forward, state, x), x)
+
+
+# -- EFFT core init in the released layout --------------------------------------------------------------------
+
+
+def _official_core_std(k: int, r1: int, r2: int) -> float:
+    """std of nn.init.xavier_uniform_ on torch.zeros([k, r1, r2]) (fan_in = r1·r2, fan_out = k·r2): bound / √3."""
+    return (6 / (r1 * r2 + k * r2)) ** 0.5 / 3**0.5
+
+
+def test_efft_swin_cores_start_with_the_released_spread():
+    """set_Swin_EFFT draws EFFT_{s}_attn_c [4, r, r] and EFFT_{s}_mlp_c [2, r1, 2 r1] with Xavier-uniform; vitfold's
+    [r, r, 4] / [r1, r2, 2] cores (shared) must have the per-core std of that formula, not of their own shape's
+    (which is 2.1x larger for the attention core at r = 32)."""
+    torch.manual_seed(0)
+    wide = {**KW, "embed_dim": 32}
+    model = vitfold.adapt(make_vit(SWIN, **wide), "efft2", rank=64, ffn_rank=32, ffn_rank2=64, core="shared")
+    for stage, (r, r1) in ((3, (64, 32)), (2, (32, 16))):
+        factors = model.layers[stage].efft
+        assert float(factors.C1.detach().std()) == pytest.approx(_official_core_std(4, r, r), rel=0.06)
+        assert float(factors.C2.detach().std()) == pytest.approx(_official_core_std(2, r1, 2 * r1), rel=0.06)
+        stored_layout = (6 / (r * 4 + r * 4)) ** 0.5 / 3**0.5  # what drawing on [r, r, 4] gives
+        assert stored_layout / _official_core_std(4, r, r) > 1.5  # far apart: the test tells them apart
+    vit = vitfold.adapt(
+        make_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), "efft2", rank=64, core="shared"
+    )
+    # the released ViT code draws EFFTc1 on [r, r, 4] itself: fan_in = fan_out = 4r
+    assert float(vit.efft.C1.detach().std()) == pytest.approx((6 / (8 * 64)) ** 0.5 / 3**0.5, rel=0.06)

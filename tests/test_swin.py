@@ -104,10 +104,10 @@ def test_rlrr_new_head_on_swin_is_trunc_normal_not_zero():
 def test_swin_b_efft2_config_trains_the_released_setting():
     """The shipped config swinb_in22k_efft2_vtab_dtd resolves to the released Swin-B setting (289,680 trained tensors'
     elements, counted above from the released shapes); the ViT-L/H recipes are the released rank 24 / 32."""
-    from vitfold.pipeline.config import load_config
+    from vitfold.pipeline.config import config_file, load_config
     from vitfold.pipeline.recipes import resolve_recipe
 
-    cfg = load_config(Path(__file__).parent.parent / "configs" / "swinb_in22k_efft2_vtab_dtd.yaml")
+    cfg = load_config(config_file("swinb_in22k_efft2_vtab_dtd"))  # a shipped config, by name
     with torch.device("meta"):
         model = vitfold.adapt(make_vit(cfg.backbone.split(".")[0]), cfg.method, **cfg.method_options)
     assert vitfold.parameter_counts(model)["adapter_params"] == 289_680
