@@ -31,7 +31,8 @@ class TrainConfig:
     restart_epochs: int = 5  # warm-restarts: epochs per cosine cycle (T_0)
     drop_last: bool = True  # drop the last partial batch of an epoch (RLRR's official loaders keep it)
     drop_path: float | None = None
-    drop_path_mode: str = "sample"  # sample: timm's DropPath | elementwise: RLRR's nn.Dropout on each branch
+    drop_path_mode: str = "sample"  # sample: timm's DropPath | elementwise: nn.Dropout on each branch | official:
+    # the official RLRR model's (elementwise on a ViT, sample on a Swin)
     select: str = "last"  # which epoch's adapter is folded: last | best-val (best on the validation split)
     hflip: bool | None = None
     mean: tuple[float, float, float] | None = None

@@ -15,7 +15,7 @@ from vitfold.pipeline.adapters import get_method
 from vitfold.pipeline.adapters.targets import model_family
 from vitfold.pipeline.config import RunConfig
 from vitfold.pipeline.data import build_splits, parse_data_spec
-from vitfold.pipeline.drop_path import drop_path_rates
+from vitfold.pipeline.drop_path import drop_path_operator, drop_path_rates
 from vitfold.pipeline.models import build_backbone, build_model, data_transform
 from vitfold.pipeline.schedules import learning_rates
 from vitfold.pipeline.training import Dist, GlobalBatchSampler, param_groups
@@ -42,7 +42,11 @@ def training_plan(cfg: RunConfig) -> dict[str, Any]:
         "steps_per_epoch": per_epoch,
         "batch_size": tc.batch_size,
         "drop_last": tc.drop_last,
-        "drop_path": {"mode": tc.drop_path_mode, "rates": drop_path_rates(model)},
+        "drop_path": {
+            "mode": tc.drop_path_mode,
+            "operator": drop_path_operator(model),
+            "rates": drop_path_rates(model),
+        },
         "head_init": HEAD_INIT_NAMES[get_method(cfg.method).head_init(model_family(model))],
         "select": tc.select,
         "eval_every": tc.eval_every,

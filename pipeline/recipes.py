@@ -19,8 +19,9 @@ from vitfold.errors import VitfoldError
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # RLRR official VTAB-1k: AdamW, batch 32, 100 epochs, 10 warm-up epochs from 1e-7, min lr 1e-8,
-# mean = std = 0.5; weight decay skipped for names containing "bias" or "norm"; drop path is nn.Dropout on
-# each residual branch (the per-task rates were tuned for that operator).
+# mean = std = 0.5; weight decay skipped for names containing "bias" or "norm"; drop path is the official
+# model's operator: nn.Dropout on each residual branch of its ViT (the per-task rates were tuned for that
+# operator), timm's per-sample DropPath in its Swin ("official" resolves it per family).
 RLRR_TRAIN = {
     "batch_size": 32,
     "epochs": 100,
@@ -30,7 +31,7 @@ RLRR_TRAIN = {
     "lr": 1e-3,
     "weight_decay": 5e-5,
     "drop_path": 0.1,
-    "drop_path_mode": "elementwise",
+    "drop_path_mode": "official",
     "mean": (0.5, 0.5, 0.5),
     "std": (0.5, 0.5, 0.5),
     "hflip": False,

@@ -118,7 +118,7 @@ def test_plan_lists_best_val_selection_and_drop_path_rates(dtd):
     plan = _plan("rlrr-vtab:clevr_count", f"vtab:{dtd}", select="best-val")
     assert plan["splits"]["train"] == {"split": "train800", "images": 800}
     assert plan["splits"]["select"] == {"split": "val200", "images": 200}
-    assert plan["steps_per_epoch"] == 25 and plan["drop_path"]["mode"] == "elementwise"
+    assert plan["steps_per_epoch"] == 25 and plan["drop_path"]["operator"] == "elementwise"
     assert plan["drop_path"]["rates"] == pytest.approx([0.0, 0.5])  # depth 2: linspace(0, 0.5, 2)
 
 
@@ -161,7 +161,7 @@ def test_print_plan_rlrr_groups_are_the_official_ones_and_nothing_is_written(tmp
     assert len(scales) == 12 * 8 and len(shifts) == 12 * 4
     for name, wd in decay.items():
         assert wd == (0.0 if _official_rlrr_exempt(name) else 0.05), name
-    assert plan["head_init"] == "zero" and plan["drop_path"]["mode"] == "elementwise"
+    assert plan["head_init"] == "zero" and plan["drop_path"]["operator"] == "elementwise"
     assert plan["steps_per_epoch"] == 1347 // 32 and len(plan["lr"]) == plan["epochs"] * plan["steps_per_epoch"]
 
 
