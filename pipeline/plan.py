@@ -1,10 +1,10 @@
 """The training plan: what `vitfold train` would run, resolved and listed before anything trains.
 
 `training_plan(cfg)` builds the model and the splits as the train stage does (no training, no file
-written) and returns, as JSON-ready values: the optimizer's parameter groups (weight decay and parameter
-names as in `named_parameters()`), the learning rate of every optimizer step, the epochs and steps per
-epoch, the drop path (operator and per-block rates), the new head's initialisation, and the splits that
-train, evaluate and select the epoch to fold.
+written) and returns, as JSON-ready values: the recipe and the run it reproduces, the optimizer's
+parameter groups (weight decay and parameter names as in `named_parameters()`), the learning rate of
+every optimizer step, the epochs and steps per epoch, the drop path (mode, resolved operator and per-block
+rates), the new head's initialisation, and the splits that train, evaluate and select the epoch to fold.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from vitfold.pipeline.config import RunConfig
 from vitfold.pipeline.data import build_splits, parse_data_spec
 from vitfold.pipeline.drop_path import drop_path_operator, drop_path_rates
 from vitfold.pipeline.models import build_backbone, build_model, data_transform
+from vitfold.pipeline.recipes import recipe_run
 from vitfold.pipeline.schedules import learning_rates
 from vitfold.pipeline.training import Dist, GlobalBatchSampler, param_groups
 
@@ -32,6 +33,7 @@ def training_plan(cfg: RunConfig) -> dict[str, Any]:
     per_epoch = len(GlobalBatchSampler(len(splits.train), tc.batch_size, cfg.seed, Dist(), tc.drop_last))
     groups = param_groups(model, tc.weight_decay)
     return {
+        "recipe": {"name": cfg.recipe, "reproduces": recipe_run(cfg.recipe)} if cfg.recipe else None,
         "method": cfg.method,
         "method_options": cfg.method_options,
         "param_groups": [{"weight_decay": wd, "params": [name for name, _ in named]} for wd, named in groups],

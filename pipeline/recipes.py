@@ -164,12 +164,36 @@ def method_train_defaults(method: str) -> dict[str, Any]:
     return dict(METHOD_TRAIN.get(method, RLRR_TRAIN))
 
 
+# Which run each recipe family reproduces (`--print-plan` shows it). The two EFFT2 ViT-B families differ in
+# the core alone: `efft2-vtab:<task>` is the paper's (per-layer cores, the parameter counts of its Table 1),
+# `efft2-vtab-released:<task>` the released code's (one core shared by all blocks, on which the per-task
+# rank / scale / init of its configs/EFFT2.json were tuned).
+RECIPE_RUNS = {
+    "rlrr-vtab": "the official RLRR VTAB-1k run (train_vtab.py, its per-task settings)",
+    "rlrr-fgvc": "the official RLRR FGVC run (train_fgvc.py)",
+    "efft1-vtab": "the paper's EFFT1 (no released code), the authors' per-task rank/scale/init",
+    "efft2-vtab": "the paper's EFFT2: per-layer cores (core=layer) with the released per-task rank/scale/init",
+    "efft2-vtab-released": "the released EFFT2 code: one core shared by all blocks (core=shared), its per-task "
+    "rank/scale/init",
+}
+
+
+def recipe_run(name: str) -> str:
+    """What the recipe `name` reproduces, in words."""
+    family = name.partition(":")[0]
+    if family.removeprefix("efft2-vtab-") in EFFT2_SIZES:
+        return f"the released EFFT2 setting for {family.removeprefix('efft2-vtab-')} (one setting for every task)"
+    return RECIPE_RUNS[family]
+
+
 def resolve_recipe(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """`rlrr-vtab:<task>` | `efft1-vtab:<task>` | `efft2-vtab:<task>` | `efft2-vtab-<size>:<task>` (size: vit-l,
-    vit-h, swin-s, swin-b, swin-l; the released setting for that backbone) | `rlrr-fgvc:<dataset>`
+    """`rlrr-vtab:<task>` | `efft1-vtab:<task>` | `efft2-vtab:<task>` (the paper's per-layer cores) |
+    `efft2-vtab-released:<task>` (the released shared core) | `efft2-vtab-<size>:<task>` (size: vit-l, vit-h,
+    swin-s, swin-b, swin-l; the released setting for that backbone) | `rlrr-fgvc:<dataset>`
     -> (method, train values, method options)."""
     family, _, task = name.partition(":")
     tables = {"rlrr-vtab": RLRR_VTAB, "efft1-vtab": EFFT1_VTAB, "efft2-vtab": EFFT2_VTAB, "rlrr-fgvc": RLRR_FGVC}
+    tables["efft2-vtab-released"] = EFFT2_VTAB
     tables |= {f"efft2-vtab-{size}": RLRR_VTAB for size in EFFT2_SIZES}  # every VTAB-1k task, one setting
     if family not in tables:
         raise VitfoldError(f"unknown recipe '{name}' (use {', '.join(f'{t}:<task>' for t in tables)})")
@@ -190,7 +214,8 @@ def resolve_recipe(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         return method, train, {}
     train.update(EFFT_PROTOCOL)
     size = family.removeprefix("efft2-vtab").removeprefix("-")
-    if size:
+    if size in EFFT2_SIZES:
         return method, train, dict(EFFT2_SIZES[size])
     rank, scale, init = table[task]
-    return method, train, {"rank": rank, "scale": float(scale), "init": init}
+    core = {"core": "shared" if size == "released" else "layer"} if method == "efft2" else {}
+    return method, train, {"rank": rank, "scale": float(scale), "init": init, **core}

@@ -101,6 +101,18 @@ def test_efft2_vtab_plan_is_the_official_schedule(dtd):
     assert plan["epochs"] == 100 and plan["eval_every"] == 10
     assert plan["lr"] == pytest.approx(official_efft(1e-3, 15), rel=1e-12, abs=1e-18)
     assert plan["drop_path"]["mode"] == "sample" and plan["head_init"].startswith("random")
+    assert plan["method_options"]["core"] == "layer" and "per-layer cores" in plan["recipe"]["reproduces"]
+
+
+def test_efft2_released_recipe_is_the_shared_core_with_the_released_scales(dtd):
+    """The released run of each task: the same rank/scale/init as configs/EFFT2.json, one shared core; the plan
+    says which run each recipe reproduces and its groups hold the shared core's 4 + 2 slices."""
+    plan = _plan("efft2-vtab-released:dtd", f"vtab:{dtd}")
+    assert plan["method_options"] == {"rank": 8, "scale": 0.01, "init": "vv", "core": "shared"}
+    assert "shared by all blocks" in plan["recipe"]["reproduces"]
+    assert plan["lr"] == pytest.approx(official_efft(1e-3, 15), rel=1e-12, abs=1e-18)  # the same protocol
+    svhn = load_config(None, recipe="efft2-vtab-released:svhn").method_options
+    assert (svhn["rank"], svhn["scale"], svhn["init"]) == (32, 80.0, "vu")
 
 
 @pytest.mark.parametrize(
