@@ -159,6 +159,26 @@ FGVC_WARM_RESTARTS = {
 }
 
 
+# RLRR official FGVC with augmentation (train_fgvc_aug.py, "fellow SSF"): the FGVC per-dataset lr / drop path /
+# weight decay, Mixup 0.8 / CutMix 1.0 (timm Mixup, mode batch, prob 1, switch 0.5) with label smoothing 0.1 and
+# SoftTargetCrossEntropy, an EMA of the weights (decay 0.9998) that is evaluated (and here folded), and
+# CosineAnnealingWarmRestarts(T_0=10, T_mult=2, eta_min=0) stepped per epoch over create_scheduler's
+# 100 + 10 epochs, all of them on the restarts (cycles of 10, 20, 40, then 40 of an 80-epoch one).
+FGVC_AUG = {
+    "schedule": "warm-restarts",
+    "restart_epochs": 10,
+    "restart_mult": 2,
+    "epochs": 110,
+    "cooldown_epochs": 0,
+    "warmup_epochs": 0,
+    "min_lr": 0.0,
+    "mixup_alpha": 0.8,
+    "cutmix_alpha": 1.0,
+    "label_smoothing": 0.1,
+    "ema_decay": 0.9998,
+}
+
+
 def method_train_defaults(method: str) -> dict[str, Any]:
     """The paper's training settings for `method` (RLRR's official recipe for the baselines)."""
     return dict(METHOD_TRAIN.get(method, RLRR_TRAIN))
@@ -171,6 +191,8 @@ def method_train_defaults(method: str) -> dict[str, Any]:
 RECIPE_RUNS = {
     "rlrr-vtab": "the official RLRR VTAB-1k run (train_vtab.py, its per-task settings)",
     "rlrr-fgvc": "the official RLRR FGVC run (train_fgvc.py)",
+    "rlrr-fgvc-aug": "the official RLRR FGVC run with augmentation (train_fgvc_aug.py: Mixup/CutMix, label "
+    "smoothing, weight EMA, warm restarts T_0=10 T_mult=2); the EMA weights are folded",
     "efft1-vtab": "the paper's EFFT1 (no released code), the authors' per-task rank/scale/init",
     "efft2-vtab": "the paper's EFFT2: per-layer cores (core=layer) with the released per-task rank/scale/init",
     "efft2-vtab-released": "the released EFFT2 code: one core shared by all blocks (core=shared), its per-task "
@@ -189,24 +211,28 @@ def recipe_run(name: str) -> str:
 def resolve_recipe(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """`rlrr-vtab:<task>` | `efft1-vtab:<task>` | `efft2-vtab:<task>` (the paper's per-layer cores) |
     `efft2-vtab-released:<task>` (the released shared core) | `efft2-vtab-<size>:<task>` (size: vit-l, vit-h,
-    swin-s, swin-b, swin-l; the released setting for that backbone) | `rlrr-fgvc:<dataset>`
+    swin-s, swin-b, swin-l; the released setting for that backbone) | `rlrr-fgvc:<dataset>` |
+    `rlrr-fgvc-aug:<dataset>` (train_fgvc_aug.py)
     -> (method, train values, method options)."""
     family, _, task = name.partition(":")
     tables = {"rlrr-vtab": RLRR_VTAB, "efft1-vtab": EFFT1_VTAB, "efft2-vtab": EFFT2_VTAB, "rlrr-fgvc": RLRR_FGVC}
-    tables["efft2-vtab-released"] = EFFT2_VTAB
+    tables |= {"efft2-vtab-released": EFFT2_VTAB, "rlrr-fgvc-aug": RLRR_FGVC}
     tables |= {f"efft2-vtab-{size}": RLRR_VTAB for size in EFFT2_SIZES}  # every VTAB-1k task, one setting
     if family not in tables:
         raise VitfoldError(f"unknown recipe '{name}' (use {', '.join(f'{t}:<task>' for t in tables)})")
     table = tables[family]
     if task not in table:
-        benchmark = "FGVC dataset" if family == "rlrr-fgvc" else "VTAB-1k task"
+        benchmark = "FGVC dataset" if family.startswith("rlrr-fgvc") else "VTAB-1k task"
         raise VitfoldError(f"recipe '{name}': unknown {benchmark} '{task}' (known: {', '.join(sorted(table))})")
     method = family.split("-")[0]
     train = method_train_defaults(method)
-    if family == "rlrr-fgvc":
+    if family.startswith("rlrr-fgvc"):
         _, lr, drop_path, weight_decay = table[task]
         train.update(RLRR_PROTOCOL, epochs=50, lr=lr, drop_path=drop_path, weight_decay=weight_decay, hflip=True)
-        train.update(FGVC_WARM_RESTARTS if task in ("cub", "dogs") else {})
+        if family == "rlrr-fgvc-aug":
+            train.update(FGVC_AUG)
+        elif task in ("cub", "dogs"):
+            train.update(FGVC_WARM_RESTARTS)
         return method, train, {}
     if method == "rlrr":
         lr, drop_path, weight_decay, hflip = table[task]
