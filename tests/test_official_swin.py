@@ -369,3 +369,46 @@ def test_efft_swin_cores_start_with_the_released_spread():
     )
     # the released ViT code draws EFFTc1 on [r, r, 4] itself: fan_in = fan_out = 4r
     assert float(vit.efft.C1.detach().std()) == pytest.approx((6 / (8 * 64)) ** 0.5 / 3**0.5, rel=0.06)
+
+
+# -- Swin-B: the counts of what the import chose --------------------------------------------------------------
+
+SWIN_B = ("swin_base_patch4_window7_224", (128, 256, 512, 1024), (2, 2, 18, 2))
+
+
+def test_swin_b_imports_count_the_official_parameters(tmp_path):
+    """Official-layout Swin-B files (adapter tensors and head only: a Swin-B backbone is 350 MB): the options the
+    import picks give 358,144 for RLRR (with the reduction shift) and the released 291,728 less the 2,048
+    never-read core values for EFFT (set_Swin_EFFT, dim 2)."""
+    name, widths, depths = SWIN_B
+    rlrr, efft = {}, {}
+    for s, (c, depth) in enumerate(zip(widths, depths, strict=True)):
+        for b in range(depth):
+            p = f"layers.{s}.blocks.{b}."
+            for layer, (out, inp) in {"attn.qkv": (3 * c, c), "attn.proj": (c, c), "mlp.fc1": (4 * c, c)}.items():
+                rlrr |= {p + layer + ".scale_line": torch.ones(out, 1), p + layer + ".scale_col": torch.ones(1, inp)}
+                rlrr[p + layer + ".shift_bias"] = torch.zeros(1, out)
+            rlrr |= {p + "mlp.fc2.scale_line": torch.ones(c, 1), p + "mlp.fc2.scale_col": torch.ones(1, 4 * c)}
+            rlrr[p + "mlp.fc2.shift_bias"] = torch.zeros(1, c)
+            rlrr |= {p + f"ssf_{k}_norm{n}": torch.ones(c) for k in ("scale", "shift") for n in (1, 2)}
+        if s < 3:
+            p = f"layers.{s}.downsample.reduction."
+            rlrr |= {p + "scale_line": torch.ones(2 * c, 1), p + "scale_col": torch.ones(1, 4 * c)}
+            rlrr[p + "shift_bias"] = torch.zeros(1, 2 * c)
+        r = 2 * 2 << s  # dim 2: attention 4/8/16/32, FFN r1 2..16, r2 = 2 r1
+        efft |= {f"EFFT_{s + 1}_attn_u": torch.ones(c, r), f"EFFT_{s + 1}_attn_c": torch.ones(4, r, r)}
+        efft[f"EFFT_{s + 1}_attn_v"] = torch.ones(r, c)
+        k = 18 if s == 2 else 2
+        efft |= {f"EFFT_{s + 1}_mlp_u": torch.ones(c, r // 2), f"EFFT_{s + 1}_mlp_c": torch.ones(k, r // 2, r)}
+        efft[f"EFFT_{s + 1}_mlp_v"] = torch.ones(r, 4 * c)
+    rlrr |= {"ssf_scale_encode_norm": torch.ones(1024), "ssf_shift_encode_norm": torch.zeros(1024)}
+    head = {"head.weight": torch.zeros(10, 1024), "head.bias": torch.zeros(10)}
+    assert sum(t.numel() for t in efft.values()) == 291_728  # the released count
+    torch.save(rlrr | head, tmp_path / "rlrr.pth")
+    torch.save({"model_state_dict": efft | head}, tmp_path / "efft.pth")
+    for method, path, expected in (("rlrr", "rlrr.pth", 358_144), ("efft2", "efft.pth", 291_728 - 2_048)):
+        imported = read_official(method, tmp_path / path, {"scale": 1.0} if method == "efft2" else None)
+        with torch.device("meta"):
+            model = vitfold.adapt(make_vit(name), method, num_classes=10, **imported.options)
+        assert vitfold.parameter_counts(model)["adapter_params"] == expected, method
+        assert sum(t.numel() for k, t in imported.adapter.items() if not k.startswith("head")) == expected
