@@ -128,3 +128,26 @@ def test_mixing_gives_soft_targets_with_label_smoothing():
 def test_bad_training_settings_are_one_line_errors(key):
     with pytest.raises(VitfoldError, match=f"train.{key} must be"):
         load_config(None, train={key: "fp8" if key == "precision" else 1.5})
+
+
+def test_train_stage_saves_the_ema_adapter_and_the_report_says_so(tmp_path):
+    """With train.ema_decay the adapter file (what fold folds) is the EMA's, not the last step's weights."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from vitfold.pipeline.stages import RunDir, run_stage
+
+    config = {"backbone": NAME, "backbone_kwargs": KWARGS, "data": "digits:0-3", "method": "rlrr", "seed": 0}
+    config["train"] = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "warmup_epochs": 0, "ema_decay": 0.5}
+    (tmp_path / "ema.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(tmp_path / "ema.yaml")
+    (tmp_path / "run").mkdir()
+    RunDir(tmp_path / "run").write_config(cfg)  # as `vitfold train` writes it
+    run_stage("train", tmp_path / "run", settings=cfg, log=lambda _: None)
+    saved = load_file(str(tmp_path / "run" / "train" / "adapter.safetensors"))
+    state = torch.load(tmp_path / "run" / "train" / "last.ckpt", weights_only=False)
+    for key, value in saved.items():
+        torch.testing.assert_close(value, state["ema"][key], rtol=0, atol=0)
+    assert any(not torch.equal(saved[k], state["adapter"][k]) for k in saved)  # not the model's own weights
+    run_stage("report", tmp_path / "run", log=lambda _: None)
+    assert "folded weights: the EMA of the weights (decay 0.5)" in (tmp_path / "run" / "REPORT.md").read_text()
