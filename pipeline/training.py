@@ -138,7 +138,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def _rng_state() -> dict[str, Any]:
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    _, keys, pos, has_gauss, cached = np.random.get_state()  # ("MT19937", keys, ...): tensors and numbers only
+    numpy_state = {"keys": torch.from_numpy(keys.copy()), "pos": pos, "has_gauss": has_gauss, "cached": cached}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -150,7 +152,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "numpy" in state:  # timm's Mixup draws from numpy
-        np.random.set_state(state["numpy"])
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
