@@ -28,15 +28,21 @@ class TrainConfig:
     min_lr: float | None = None
     schedule: str = "step-cosine"  # step-cosine | epoch-cosine | warm-restarts (vitfold.pipeline.schedules)
     cooldown_epochs: int = 0  # epochs at min_lr after `epochs` (the official RLRR loop: 100 + 10)
-    restart_epochs: int = 5  # warm-restarts: epochs per cosine cycle (T_0)
+    restart_epochs: int = 5  # warm-restarts: epochs of the first cosine cycle (T_0)
+    restart_mult: int = 1  # warm-restarts: each cycle this many times the one before (T_mult)
     drop_last: bool = True  # drop the last partial batch of an epoch (RLRR's official loaders keep it)
     drop_path: float | None = None
-    drop_path_mode: str = "sample"  # sample: timm's DropPath | elementwise: RLRR's nn.Dropout on each branch
+    drop_path_mode: str = "sample"  # sample: timm's DropPath | elementwise: nn.Dropout on each branch | official:
+    # the official RLRR model's (elementwise on a ViT, sample on a Swin)
     select: str = "last"  # which epoch's adapter is folded: last | best-val (best on the validation split)
     hflip: bool | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # Mixup's Beta(α, α) per batch (0: off); timm Mixup with cutmix_alpha, soft targets
+    cutmix_alpha: float = 0.0  # CutMix's Beta(α, α) (0: off); with both on, each batch takes one (p = 0.5)
+    ema_decay: float | None = None  # an EMA of the weights (timm ModelEmaV3): what is evaluated and folded
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (with a GradScaler) | fp32
     eval_every: int = 1
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -149,6 +155,7 @@ def training_params(cfg: RunConfig) -> dict[str, Any]:
     return {k: data[k] for k in TRAINING_KEYS}
 
 
+TRAIN_PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # the training autocast (vitfold.pipeline.training)
 SELECT = ("last", "best-val")  # the epoch folded: the last one, or the best on the validation split
 
 SECTIONS = {"fold": FoldConfig, "export": ExportConfig, "verify": VerifyConfig, "bench": BenchConfig}
@@ -299,6 +306,11 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
         ("train.schedule", t.schedule, t.schedule in SCHEDULES, " | ".join(SCHEDULES)),
         ("train.cooldown_epochs", t.cooldown_epochs, _is_int(t.cooldown_epochs, 0), "a non-negative integer"),
         ("train.restart_epochs", t.restart_epochs, _is_int(t.restart_epochs, 1), "a positive integer"),
+        ("train.restart_mult", t.restart_mult, _is_int(t.restart_mult, 1), "a positive integer"),
+        ("train.mixup_alpha", t.mixup_alpha, _is_number(t.mixup_alpha, 0), "a number >= 0"),
+        ("train.cutmix_alpha", t.cutmix_alpha, _is_number(t.cutmix_alpha, 0), "a number >= 0"),
+        ("train.ema_decay", t.ema_decay, t.ema_decay is None or _is_number(t.ema_decay, 0, 1), "a number in [0, 1)"),
+        ("train.precision", t.precision, t.precision in TRAIN_PRECISIONS, " | ".join(TRAIN_PRECISIONS)),
         ("train.drop_last", t.drop_last, isinstance(t.drop_last, bool), "true or false"),
         ("train.drop_path", t.drop_path, t.drop_path is None or _is_number(t.drop_path, 0, 1), "a number in [0, 1)"),
         ("train.drop_path_mode", t.drop_path_mode, t.drop_path_mode in DROP_PATH_MODES, " | ".join(DROP_PATH_MODES)),

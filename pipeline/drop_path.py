@@ -8,6 +8,9 @@ Block i of L (all blocks in forward order, a Swin's across its stages) has rate 
 - `elementwise` (the official RLRR ViT, `nn.Dropout(p_i)` on each branch): every element of the branch
   output is kept or dropped on its own, kept ones scaled by 1 / (1 − p_i).
 
+`official` picks the official RLRR code's operator for the model's family: `elementwise` on a ViT (its
+`models/networks.py`), `sample` on a Swin (its `models/swin.py` uses timm's DropPath). The RLRR recipes use it.
+
 Both are the identity in eval mode, so the fold and the exported model do not depend on them.
 """
 
@@ -18,7 +21,8 @@ from torch import nn
 
 from vitfold.export.blocks import block_names
 
-DROP_PATH_MODES = ("sample", "elementwise")
+DROP_PATH_MODES = ("sample", "elementwise", "official")
+OFFICIAL_OPERATORS = {"vit": "elementwise", "swin": "sample"}  # family -> the official RLRR model's operator
 BRANCHES = ("drop_path1", "drop_path2")  # after the attention and after the MLP of a timm (Swin) block
 
 
@@ -39,12 +43,32 @@ def _operator(p: float, mode: str) -> nn.Module:
     return nn.Dropout(p) if mode == "elementwise" else DropPath(p)
 
 
+def resolve_mode(model: nn.Module, mode: str) -> str:
+    """`mode`, with `official` replaced by the official RLRR operator for `model`'s family."""
+    if mode != "official":
+        return mode
+    from vitfold.pipeline.adapters.targets import model_family
+
+    return OFFICIAL_OPERATORS[model_family(model)]
+
+
 def set_drop_path(model: nn.Module, rate: float, mode: str) -> None:
     """Give every block of `model` its drop path at the linear rate, with the `mode` operator, in place."""
-    blocks = _blocks(model)
+    blocks, mode = _blocks(model), resolve_mode(model, mode)
     for block, p in zip(blocks, linear_rates(rate, len(blocks)), strict=True):
         for branch in BRANCHES:
             setattr(block, branch, _operator(p, mode))
+
+
+def drop_path_operator(model: nn.Module) -> str:
+    """The operator `model`'s blocks drop their branches with, read from its modules: elementwise
+    (nn.Dropout), sample (timm's DropPath), or none."""
+    from timm.layers import DropPath
+
+    modules = [getattr(block, branch) for block in _blocks(model) for branch in BRANCHES]
+    if any(isinstance(m, nn.Dropout) for m in modules):
+        return "elementwise"
+    return "sample" if any(isinstance(m, DropPath) for m in modules) else "none"
 
 
 def drop_path_rates(model: nn.Module) -> list[float]:

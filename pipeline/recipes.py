@@ -19,8 +19,9 @@ from vitfold.errors import VitfoldError
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # RLRR official VTAB-1k: AdamW, batch 32, 100 epochs, 10 warm-up epochs from 1e-7, min lr 1e-8,
-# mean = std = 0.5; weight decay skipped for names containing "bias" or "norm"; drop path is nn.Dropout on
-# each residual branch (the per-task rates were tuned for that operator).
+# mean = std = 0.5; weight decay skipped for names containing "bias" or "norm"; drop path is the official
+# model's operator: nn.Dropout on each residual branch of its ViT (the per-task rates were tuned for that
+# operator), timm's per-sample DropPath in its Swin ("official" resolves it per family).
 RLRR_TRAIN = {
     "batch_size": 32,
     "epochs": 100,
@@ -30,7 +31,7 @@ RLRR_TRAIN = {
     "lr": 1e-3,
     "weight_decay": 5e-5,
     "drop_path": 0.1,
-    "drop_path_mode": "elementwise",
+    "drop_path_mode": "official",
     "mean": (0.5, 0.5, 0.5),
     "std": (0.5, 0.5, 0.5),
     "hflip": False,
@@ -158,30 +159,80 @@ FGVC_WARM_RESTARTS = {
 }
 
 
+# RLRR official FGVC with augmentation (train_fgvc_aug.py, "fellow SSF"): the FGVC per-dataset lr / drop path /
+# weight decay, Mixup 0.8 / CutMix 1.0 (timm Mixup, mode batch, prob 1, switch 0.5) with label smoothing 0.1 and
+# SoftTargetCrossEntropy, an EMA of the weights (decay 0.9998) that is evaluated (and here folded), and
+# CosineAnnealingWarmRestarts(T_0=10, T_mult=2, eta_min=0) stepped per epoch over create_scheduler's
+# 100 + 10 epochs, all of them on the restarts (cycles of 10, 20, 40, then 40 of an 80-epoch one).
+FGVC_AUG = {
+    "schedule": "warm-restarts",
+    "restart_epochs": 10,
+    "restart_mult": 2,
+    "epochs": 110,
+    "cooldown_epochs": 0,
+    "warmup_epochs": 0,
+    "min_lr": 0.0,
+    "mixup_alpha": 0.8,
+    "cutmix_alpha": 1.0,
+    "label_smoothing": 0.1,
+    "ema_decay": 0.9998,
+}
+
+
 def method_train_defaults(method: str) -> dict[str, Any]:
     """The paper's training settings for `method` (RLRR's official recipe for the baselines)."""
     return dict(METHOD_TRAIN.get(method, RLRR_TRAIN))
 
 
+# Which run each recipe family reproduces (`--print-plan` shows it). The two EFFT2 ViT-B families differ in
+# the core alone: `efft2-vtab:<task>` is the paper's (per-layer cores, the parameter counts of its Table 1),
+# `efft2-vtab-released:<task>` the released code's (one core shared by all blocks, on which the per-task
+# rank / scale / init of its configs/EFFT2.json were tuned).
+RECIPE_RUNS = {
+    "rlrr-vtab": "the official RLRR VTAB-1k run (train_vtab.py, its per-task settings)",
+    "rlrr-fgvc": "the official RLRR FGVC run (train_fgvc.py)",
+    "rlrr-fgvc-aug": "the official RLRR FGVC run with augmentation (train_fgvc_aug.py: Mixup/CutMix, label "
+    "smoothing, weight EMA, warm restarts T_0=10 T_mult=2); the EMA weights are folded",
+    "efft1-vtab": "the paper's EFFT1 (no released code), the authors' per-task rank/scale/init",
+    "efft2-vtab": "the paper's EFFT2: per-layer cores (core=layer) with the released per-task rank/scale/init",
+    "efft2-vtab-released": "the released EFFT2 code: one core shared by all blocks (core=shared), its per-task "
+    "rank/scale/init",
+}
+
+
+def recipe_run(name: str) -> str:
+    """What the recipe `name` reproduces, in words."""
+    family = name.partition(":")[0]
+    if family.removeprefix("efft2-vtab-") in EFFT2_SIZES:
+        return f"the released EFFT2 setting for {family.removeprefix('efft2-vtab-')} (one setting for every task)"
+    return RECIPE_RUNS[family]
+
+
 def resolve_recipe(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """`rlrr-vtab:<task>` | `efft1-vtab:<task>` | `efft2-vtab:<task>` | `efft2-vtab-<size>:<task>` (size: vit-l,
-    vit-h, swin-s, swin-b, swin-l; the released setting for that backbone) | `rlrr-fgvc:<dataset>`
+    """`rlrr-vtab:<task>` | `efft1-vtab:<task>` | `efft2-vtab:<task>` (the paper's per-layer cores) |
+    `efft2-vtab-released:<task>` (the released shared core) | `efft2-vtab-<size>:<task>` (size: vit-l, vit-h,
+    swin-s, swin-b, swin-l; the released setting for that backbone) | `rlrr-fgvc:<dataset>` |
+    `rlrr-fgvc-aug:<dataset>` (train_fgvc_aug.py)
     -> (method, train values, method options)."""
     family, _, task = name.partition(":")
     tables = {"rlrr-vtab": RLRR_VTAB, "efft1-vtab": EFFT1_VTAB, "efft2-vtab": EFFT2_VTAB, "rlrr-fgvc": RLRR_FGVC}
+    tables |= {"efft2-vtab-released": EFFT2_VTAB, "rlrr-fgvc-aug": RLRR_FGVC}
     tables |= {f"efft2-vtab-{size}": RLRR_VTAB for size in EFFT2_SIZES}  # every VTAB-1k task, one setting
     if family not in tables:
         raise VitfoldError(f"unknown recipe '{name}' (use {', '.join(f'{t}:<task>' for t in tables)})")
     table = tables[family]
     if task not in table:
-        benchmark = "FGVC dataset" if family == "rlrr-fgvc" else "VTAB-1k task"
+        benchmark = "FGVC dataset" if family.startswith("rlrr-fgvc") else "VTAB-1k task"
         raise VitfoldError(f"recipe '{name}': unknown {benchmark} '{task}' (known: {', '.join(sorted(table))})")
     method = family.split("-")[0]
     train = method_train_defaults(method)
-    if family == "rlrr-fgvc":
+    if family.startswith("rlrr-fgvc"):
         _, lr, drop_path, weight_decay = table[task]
         train.update(RLRR_PROTOCOL, epochs=50, lr=lr, drop_path=drop_path, weight_decay=weight_decay, hflip=True)
-        train.update(FGVC_WARM_RESTARTS if task in ("cub", "dogs") else {})
+        if family == "rlrr-fgvc-aug":
+            train.update(FGVC_AUG)
+        elif task in ("cub", "dogs"):
+            train.update(FGVC_WARM_RESTARTS)
         return method, train, {}
     if method == "rlrr":
         lr, drop_path, weight_decay, hflip = table[task]
@@ -189,7 +240,8 @@ def resolve_recipe(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         return method, train, {}
     train.update(EFFT_PROTOCOL)
     size = family.removeprefix("efft2-vtab").removeprefix("-")
-    if size:
+    if size in EFFT2_SIZES:
         return method, train, dict(EFFT2_SIZES[size])
     rank, scale, init = table[task]
-    return method, train, {"rank": rank, "scale": float(scale), "init": init}
+    core = {"core": "shared" if size == "released" else "layer"} if method == "efft2" else {}
+    return method, train, {"rank": rank, "scale": float(scale), "init": init, **core}

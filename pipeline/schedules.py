@@ -9,8 +9,10 @@ With T = `epochs`, W = `warmup_epochs`, lr, warmup_lr and min_lr from the traini
   first epochs instead of preceding it), a value per epoch t:
       t < W:  warmup_lr + (lr − warmup_lr) · t / W
       t < T:  min_lr + ½ (lr − min_lr) (1 + cos(π · t / T))
-- `warm-restarts` (torch's `CosineAnnealingWarmRestarts(T_0=restart_epochs, eta_min=min_lr)`, no warm-up):
-      min_lr + ½ (lr − min_lr) (1 + cos(π · (t mod T_0) / T_0))
+- `warm-restarts` (torch's `CosineAnnealingWarmRestarts(T_0=restart_epochs, T_mult=restart_mult,
+  eta_min=min_lr)`, no warm-up): cycle n lasts T_i = T_0 · T_mult^n epochs and starts at
+  T_0 (T_mult^n − 1) / (T_mult − 1) (n · T_0 when T_mult = 1); t_cur epochs into it,
+      min_lr + ½ (lr − min_lr) (1 + cos(π · t_cur / T_i))
 
 Every schedule is min_lr from t = T on, for the `cooldown_epochs` after the T epochs (the official RLRR
 loop: 100 + 10). The two per-epoch schedules run as the official loops run them: `scheduler.step(e)`
@@ -46,8 +48,15 @@ def _timm_cosine(tc: TrainConfig, t: int) -> float:
 
 
 def _warm_restarts(tc: TrainConfig, t: int) -> float:
-    """CosineAnnealingWarmRestarts(T_0=restart_epochs, T_mult=1, eta_min=min_lr) at epoch t < T."""
-    return _cosine(tc, (t % tc.restart_epochs) / tc.restart_epochs)
+    """CosineAnnealingWarmRestarts(T_0=restart_epochs, T_mult=restart_mult, eta_min=min_lr) at epoch t < T,
+    with torch's own arithmetic for the cycle (its `step(epoch)`)."""
+    first, mult = tc.restart_epochs, tc.restart_mult
+    if t < first:
+        return _cosine(tc, t / first)
+    if mult == 1:
+        return _cosine(tc, (t % first) / first)
+    n = int(math.log(t / first * (mult - 1) + 1, mult))  # the cycle t is in
+    return _cosine(tc, (t - first * (mult**n - 1) / (mult - 1)) / (first * mult**n))
 
 
 def _per_epoch(value: Callable[[TrainConfig, int], float], tc: TrainConfig, per_epoch: int) -> list[float]:

@@ -1,7 +1,11 @@
 """The training loop: a model and datasets in, a trained model and per-epoch metrics out. No files.
 
 AdamW with weight decay grouped by each method's official rule (`AdapterMethod.no_weight_decay`); the
-learning rate of every step from `train.schedule` (`vitfold.pipeline.schedules`). Batches are global:
+learning rate of every step from `train.schedule` (`vitfold.pipeline.schedules`). `train.precision`: the
+autocast dtype (auto: bf16 on CUDA, fp32 on CPU); fp16 scales the loss with `torch.amp.GradScaler` as both
+official loops do (a step whose gradients overflow is skipped and the scale halved). Optional Mixup/CutMix
+with soft targets (`vitfold.pipeline.mixing`) and an EMA of the weights (timm `ModelEmaV3`), which is then
+the model evaluated and the one whose adapter is folded (`Trainer.folded_model`). Batches are global:
 batch b of an epoch is the same set of images whatever the number of processes, so a DDP run takes the
 same steps as one process with the same global batch. `Trainer.state_dict()`
 is everything a resumed run needs (adapter, optimizer, RNG, counters, history); where it is stored is
@@ -29,7 +33,10 @@ from vitfold.errors import VitfoldError
 from vitfold.pipeline.adapters import get_method
 from vitfold.pipeline.adapting import adapter_record, adapter_state_dict, load_adapter, trainable_named_parameters
 from vitfold.pipeline.config import TrainConfig
+from vitfold.pipeline.mixing import Mixing, soft_target_loss
 from vitfold.pipeline.schedules import learning_rates, steps_per_epoch
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 METRIC_FIELDS = (
     "epoch",
@@ -120,28 +127,45 @@ def make_optimizer(model: nn.Module, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=0.0)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `train.precision` on `device` (None: fp32, no autocast); auto is bf16 on CUDA,
+    fp32 elsewhere."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return AUTOCAST[precision]
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    import numpy as np
+
+    _, keys, pos, has_gauss, cached = np.random.get_state()  # ("MT19937", keys, ...): tensors and numbers only
+    numpy_state = {"keys": torch.from_numpy(keys.copy()), "pos": pos, "has_gauss": has_gauss, "cached": cached}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "numpy" in state:  # timm's Mixup draws from numpy
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: bool) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy over the whole split."""
+def evaluate(model: nn.Module, loader: DataLoader, d: Dist, dtype: torch.dtype | None) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy over the whole split (autocast to `dtype` unless None)."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for x, y in loader:
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(d.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x)
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())
@@ -164,8 +188,9 @@ class Trainer:
     """Fine-tunes an adapted model's trainable tensors on `train_set`, evaluating on `eval_set` (and, for
     `tc.select == "best-val"`, on `select_set`, whose best epoch is the one to fold; else the last one).
 
-    bf16 autocast on CUDA, fp32 elsewhere; `tc.compile` wraps the step in `torch.compile` (the weights,
-    adapter state and checkpoints stay those of `model`)."""
+    Autocast per `tc.precision` (fp16 with a GradScaler); `tc.compile` wraps the step in `torch.compile`
+    (the weights, adapter state and checkpoints stay those of `model`); with `tc.ema_decay` an EMA copy of
+    the model is evaluated and is `folded_model`."""
 
     def __init__(
         self,
@@ -180,9 +205,17 @@ class Trainer:
         if (tc.select == "best-val") != (select_set is not None):
             raise VitfoldError("train.select best-val needs a validation split (and only best-val uses one)")
         self.model, self.tc, self.d = model, tc, d
-        self.amp = d.device.type == "cuda"
+        self.dtype = autocast_dtype(tc.precision, d.device)
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
+        self.mixing = Mixing(tc, model.get_classifier().out_features) if Mixing.wanted(tc) else None
+        self.ema = None
+        if tc.ema_decay is not None:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=tc.ema_decay)
+        cuda = d.device.type == "cuda"
         self.sampler = GlobalBatchSampler(len(train_set), tc.batch_size, seed, d, tc.drop_last)
-        self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=tc.num_workers, pin_memory=self.amp)
+        self.loader = DataLoader(train_set, batch_sampler=self.sampler, num_workers=tc.num_workers, pin_memory=cuda)
         self.eval_loaders = {"eval": self._eval_loader(eval_set)}
         if select_set is not None:
             self.eval_loaders["select"] = self._eval_loader(select_set)
@@ -198,6 +231,11 @@ class Trainer:
             dataset, batch_size=max(1, self.tc.batch_size // self.d.world), num_workers=self.tc.num_workers
         )
 
+    @property
+    def folded_model(self) -> nn.Module:
+        """The model whose adapter is saved and folded: the EMA of the weights when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
     def state_dict(self) -> dict[str, Any]:
         """Counters, metrics history, adapter and optimizer state and the RNG: all a resume needs."""
         return {
@@ -208,12 +246,18 @@ class Trainer:
             "history": self.history,
             "adapter": adapter_state_dict(self.model),
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": adapter_state_dict(self.ema.module) if self.ema is not None else None,
             "rng": _rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_adapter(self.model, state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            load_adapter(self.ema.module, state["ema"])
         _set_rng_state(state["rng"])
         self.epoch, self.step, self.best_acc = state["epoch"], state["step"], state["best_acc"]
         self.best_select = state["best_select"]
@@ -234,7 +278,7 @@ class Trainer:
             row = self._train_epoch(epoch)
             if (epoch + 1) % tc.eval_every == 0 or epoch + 1 == tc.total_epochs:
                 for split, loader in self.eval_loaders.items():
-                    loss, acc = evaluate(self.model, loader, d, self.amp)
+                    loss, acc = evaluate(self.folded_model, loader, d, self.dtype)
                     row.update({f"{split}_loss": round(loss, 6), f"{split}_acc": round(acc, 6)})
             if row["eval_acc"] != "" and row["eval_acc"] > self.best_acc:
                 self.best_acc = row["eval_acc"]
@@ -266,9 +310,13 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                logits = self.net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
+            inputs, targets = self.mixing(x, y) if self.mixing is not None else (x, y)
+            with torch.autocast(d.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                logits = self.net(inputs)
+                if self.mixing is not None:
+                    loss = soft_target_loss(logits.float(), targets)
+                else:
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=tc.label_smoothing)
             value = loss.item()
             if not math.isfinite(value):  # stop before a NaN step reaches the adapter
                 raise VitfoldError(
@@ -276,8 +324,11 @@ class Trainer:
                     "lower the learning rate or check the data and the adapter options"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()  # fp16: the scaled loss; else the loss itself
+            self.scaler.step(self.optimizer)  # fp16: skipped when a gradient is inf/NaN
+            self.scaler.update()  # fp16: halve the scale after an overflow, grow it after 2000 clean steps
+            if self.ema is not None:
+                self.ema.update(self.model)
             self.step += 1
             loss_sum += value * len(y)
             correct += int((logits.argmax(-1) == y).sum())

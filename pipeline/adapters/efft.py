@@ -29,6 +29,9 @@ slices per block, slabs 1 and 2, so Σ[2l+i]); the other layers stay the base's.
 new head) train. `init` names the factor that starts at zero ("u" or "v"; EFFT2 one letter for the
 attention factors and one for the FFN factors, e.g. "vu"); the others are Xavier-uniform, so the adapted
 model equals the base at step 0. Dropout acts on the factor tensors U, C, V themselves, in training only.
+EFFT2's cores are drawn in the released code's layout, so their initial spread is the released one: on a
+ViT [r, r, k] (the stored shape; bound √(6 / (2·r·k))), on a Swin [k, r1, r2], then the slice axis is
+moved last (bound √(6 / (r1·r2 + k·r2)); Swin-B's last stage: 0.072 attention, 0.10 FFN).
 
 Dropout masks follow the official code, where each layer's forward applies its own `nn.Dropout`: per
 block one mask on the attention factors (shared by q, k, v, o), and separate masks for the fc1 and fc2
@@ -212,10 +215,18 @@ class SharedFactors(AdapterModule):
         return nn.Identity()
 
 
-def _xavier_then_zero(tensors: dict[str, nn.Parameter], zero: str) -> None:
+def _xavier_then_zero(tensors: dict[str, nn.Parameter], zero: str, slices_first: tuple[str, ...] = ()) -> None:
+    """Zero `zero`, Xavier-uniform the others. A core named in `slices_first` is drawn as [k, r1, r2] (its
+    slice axis first, as the released Swin code lays it out) and stored as [r1, r2, k]: the bound
+    √(6 / (fan_in + fan_out)) is then the released one, fan_in = r1·r2 and fan_out = k·r2, instead of
+    fan_in = r2·k and fan_out = r1·k on the stored shape (the released ViT layout)."""
     for name, t in tensors.items():
         if name == zero:
             nn.init.zeros_(t)
+        elif name in slices_first:
+            drawn = nn.init.xavier_uniform_(torch.empty(t.shape[-1], *t.shape[:-1], device=t.device, dtype=t.dtype))
+            with torch.no_grad():
+                t.copy_(drawn.movedim(0, -1))  # [k, r1, r2] -> [r1, r2, k]
         else:
             nn.init.xavier_uniform_(t)
 
@@ -225,9 +236,17 @@ class EFFT2Factors(SharedFactors):
     core sets (L per-layer, or 1 shared)."""
 
     def __init__(
-        self, d: int, h: int, depth: int, ranks: tuple[int, int, int], opts: EFFTOptions, like: torch.Tensor
+        self,
+        d: int,
+        h: int,
+        depth: int,
+        ranks: tuple[int, int, int],
+        opts: EFFTOptions,
+        like: torch.Tensor,
+        slices_first: bool = False,
     ) -> None:
         super().__init__(opts, depth)
+        cores = ("C1", "C2") if slices_first else ()  # drawn in the released Swin layout [k, r1, r2]
         (r, r1, r2), sets, kw = ranks, self.core_sets, {"device": like.device, "dtype": like.dtype}
         if "attn" in self.kinds:
             self.U1, self.V1 = nn.Parameter(torch.empty(d, r, **kw)), nn.Parameter(torch.empty(r, d, **kw))
@@ -236,9 +255,13 @@ class EFFT2Factors(SharedFactors):
             self.U2, self.V2 = nn.Parameter(torch.empty(d, r1, **kw)), nn.Parameter(torch.empty(r2, h, **kw))
             self.C2 = nn.Parameter(torch.empty(r1, r2, 2 * sets, **kw))
         if "attn" in self.kinds:
-            _xavier_then_zero({"U1": self.U1, "C1": self.C1, "V1": self.V1}, zero=opts.init[0].upper() + "1")
+            _xavier_then_zero(
+                {"U1": self.U1, "C1": self.C1, "V1": self.V1}, zero=opts.init[0].upper() + "1", slices_first=cores
+            )
         if "fc1" in self.kinds:
-            _xavier_then_zero({"U2": self.U2, "C2": self.C2, "V2": self.V2}, zero=opts.init[1].upper() + "2")
+            _xavier_then_zero(
+                {"U2": self.U2, "C2": self.C2, "V2": self.V2}, zero=opts.init[1].upper() + "2", slices_first=cores
+            )
 
     def stacked_deltas(self, blocks, dtype, dropout):
         start, stop, _ = blocks.indices(self.depth)
@@ -327,12 +350,14 @@ class _EFFT(AdapterMethod):
         return False
 
     @abstractmethod
-    def make_factors(self, stage: Stage, halvings: int, like: torch.Tensor) -> SharedFactors:
-        """The method's factors for one stage, whose ranks are the last stage's halved `halvings` times."""
+    def make_factors(self, stage: Stage, halvings: int, like: torch.Tensor, family: str) -> SharedFactors:
+        """The method's factors for one stage of a `family` model, whose ranks are the last stage's halved
+        `halvings` times."""
 
     def attach(self, model: nn.Module) -> None:
         layers = [layer for kind in TARGETS[self.options.targets] for layer in LAYERS[kind]]
-        stages = find_targets(model, shifts=False).stages
+        targets = find_targets(model, shifts=False)
+        stages = targets.stages
         for index, stage in enumerate(stages):
             d, h = stage.width, stage.hidden
             expected = {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (h, d), "mlp.fc2": (d, h)}
@@ -345,7 +370,7 @@ class _EFFT(AdapterMethod):
                             f"the blocks of a stage and needs {expected[layer]} in every block"
                         )
             like = model.get_submodule(f"{stage.blocks[0]}.attn.qkv").weight
-            factors = self.make_factors(stage, len(stages) - 1 - index, like)
+            factors = self.make_factors(stage, len(stages) - 1 - index, like, targets.family)
             host = model.get_submodule(stage.host)
             host.efft = factors
             for b, block in enumerate(stage.blocks):
@@ -364,7 +389,7 @@ class EFFT1(_EFFT):
     name = "efft1"
     options_type = EFFTOptions
 
-    def make_factors(self, stage, halvings, like):
+    def make_factors(self, stage, halvings, like, family):
         if stage.hidden != 4 * stage.width:
             raise AdapterError(
                 f"layer '{stage.blocks[0]}.mlp.fc1' is {stage.hidden} wide; efft1's 4d×d slabs need an MLP of "
@@ -380,10 +405,13 @@ class EFFT2(_EFFT):
     name = "efft2"
     options_type = EFFT2Options
 
-    def make_factors(self, stage, halvings, like):
+    def make_factors(self, stage, halvings, like, family):
         o = self.options
         r1 = o.ffn_rank if o.ffn_rank is not None else o.rank
         r2 = o.ffn_rank2 if o.ffn_rank2 is not None else r1
         named = {"rank": o.rank, "ffn_rank": r1, "ffn_rank2": r2}
         ranks = tuple(stage_rank(value, halvings, option, self.name) for option, value in named.items())
-        return EFFT2Factors(stage.width, stage.hidden, len(stage.blocks), ranks, o, like=like)
+        slices_first = family == "swin"  # the released Swin code's core layout; its ViT code's is [r, r, k]
+        return EFFT2Factors(
+            stage.width, stage.hidden, len(stage.blocks), ranks, o, like=like, slices_first=slices_first
+        )

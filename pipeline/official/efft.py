@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from vitfold.errors import CheckpointError
+from vitfold.pipeline.official.efft_swin import convert_efft2_swin, is_efft_swin
 from vitfold.pipeline.official.state import OfficialImport, OfficialState
 
 PREFIXES = ("EFFT", "PoFT")  # the released names, and those of the per-layer version
@@ -43,6 +44,8 @@ def convert_efft2(state: OfficialState, options: dict[str, Any]) -> OfficialImpo
             f"{state.path}: the official EFFT code keeps the scale s out of its checkpoints; pass it as "
             "-o scale=S (the per-task value of its configs/EFFT2.json)"
         )
+    if is_efft_swin(state):
+        return convert_efft2_swin(state, options)
     prefix = next((p for p in PREFIXES if state.has(f"{p}u1")), PREFIXES[0])
     factors = {ours: state.take(f"{prefix}{theirs}") for theirs, ours in FACTORS.items()}
     state.take_matching(rf"blocks\.\d+\.(attn|mlp)\.{prefix}[ucv]")  # the per-block aliases of the same tensors

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from vitfold.pipeline.official.rlrr_swin import convert_rlrr_swin, is_rlrr_swin
 from vitfold.pipeline.official.state import OfficialImport, OfficialState
 
 BLOCK = "transformer.encoder.layer.{}."
@@ -96,7 +97,10 @@ def _backbone(state: OfficialState, depth: int) -> dict[str, torch.Tensor]:
 
 
 def convert_rlrr(state: OfficialState) -> OfficialImport:
-    """The official RLRR checkpoint as vitfold's `rlrr` (default options: the residual, both scales)."""
+    """The official RLRR checkpoint as vitfold's `rlrr` (default options: the residual, both scales); a Swin
+    checkpoint of its `models/swin.py` goes to `convert_rlrr_swin`."""
+    if is_rlrr_swin(state):
+        return convert_rlrr_swin(state)
     depth = state.count(r"transformer\.encoder\.layer\.(\d+)\.")
     adapter, backbone = _adapter(state, depth), _backbone(state, depth)
     state.finish()

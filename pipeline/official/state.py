@@ -24,6 +24,7 @@ class OfficialImport:
     options: dict[str, Any]
     num_classes: int
     depth: int
+    notes: tuple[str, ...] = ()  # what the import chose or dropped, for the user to read
 
 
 class OfficialState:
@@ -37,6 +38,10 @@ class OfficialState:
 
     def has(self, key: str) -> bool:
         return key in self._left
+
+    def names(self) -> list[str]:
+        """The names not taken yet."""
+        return list(self._left)
 
     def take(self, key: str) -> torch.Tensor:
         """The tensor `key`, removed from what is left; a `CheckpointError` naming it when it is absent."""

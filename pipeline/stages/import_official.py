@@ -50,6 +50,8 @@ def import_official(
     check_config(cfg, where="import-official")
     origin = {"path": str(checkpoint.resolve()), "sha256": sha256(checkpoint), "method": method}
     write_imported_run(rd, cfg, imported.adapter, origin, started, backbone=imported.backbone)
+    for note in imported.notes:
+        log(f"import-official: {note}")
     log(
         f"imported the official {method} checkpoint {checkpoint} ({imported.depth} blocks, "
         f"{imported.num_classes} classes) into {rd.adapter}; next: vitfold fold {rd.path}"

@@ -239,7 +239,24 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
         f"- training: {cfg.train.total_epochs} epochs ({cfg.train.cooldown_epochs} of them cool-down), "
         f"batch {cfg.train.batch_size}, lr {cfg.train.lr} ({cfg.train.schedule}), "
         f"weight decay {cfg.train.weight_decay}, warm-up {cfg.train.warmup_epochs} epochs, "
-        f"drop-path {cfg.train.drop_path} ({cfg.train.drop_path_mode}); folded epoch: {cfg.train.select}",
+        f"drop-path {cfg.train.drop_path} ({cfg.train.drop_path_mode}); precision {cfg.train.precision}; "
+        f"folded epoch: {cfg.train.select}",
+        *(
+            [
+                f"- augmentation: mixup {cfg.train.mixup_alpha}, cutmix {cfg.train.cutmix_alpha}, "
+                f"label smoothing {cfg.train.label_smoothing}"
+            ]
+            if cfg.train.mixup_alpha or cfg.train.cutmix_alpha
+            else []
+        ),
+        *(
+            [
+                f"- folded weights: the EMA of the weights (decay {cfg.train.ema_decay}), not the last step's: "
+                "the EMA is what was evaluated and what the fold, export and verify use"
+            ]
+            if cfg.train.ema_decay is not None
+            else []
+        ),
         f"- export: {', '.join(cfg.export.formats)} ({cfg.export.precision}, opset {cfg.export.opset})",
         "",
         "## Stages",

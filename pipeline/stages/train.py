@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -84,6 +85,7 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
     d = init_distributed(cfg.train.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    np.random.seed(cfg.seed)  # timm's Mixup draws its λ from numpy
     backbone = build_backbone(cfg)
     validation = cfg.train.select == "best-val"
     splits = build_splits(parse_data_spec(cfg.data), data_transform(cfg, backbone), validation)  # no random draw
@@ -106,9 +108,10 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
             return
         extra = {"epoch": row["epoch"], "eval_acc": row["eval_acc"], "select_acc": row["select_acc"], "base": base}
         meta = run_adapter_metadata(cfg, {**extra, "select": cfg.train.select, "splits": json.dumps(described)})
-        save_adapter(model, rd.adapter_last, backbone=cfg.backbone, **meta)
+        trained = trainer.folded_model  # the EMA of the weights when train.ema_decay is set
+        save_adapter(trained, rd.adapter_last, backbone=cfg.backbone, **meta)
         if chosen:
-            save_adapter(model, rd.adapter, backbone=cfg.backbone, **meta)
+            save_adapter(trained, rd.adapter, backbone=cfg.backbone, **meta)
         buffer = io.BytesIO()
         torch.save({**trainer.state_dict(), "config": training_params(cfg)}, buffer)
         atomic_replace(rd.last_ckpt, buffer.getvalue())

@@ -7,9 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
 
 from vitfold.errors import VitfoldError
+from vitfold.export.blocks import block_names
 from vitfold.pipeline.config import load_config
+from vitfold.pipeline.drop_path import BRANCHES, drop_path_operator, drop_path_rates
 from vitfold.pipeline.models import build_backbone
 
 from helpers import TINY_RUN
@@ -30,11 +34,42 @@ def _official_block(block, x: torch.Tensor, p: float) -> torch.Tensor:
     return x + F.dropout(block.mlp(block.norm2(x)), p, training=True)
 
 
-def test_rlrr_recipes_and_defaults_use_the_elementwise_operator():
-    assert load_config(None, recipe="rlrr-vtab:clevr_count").train.drop_path_mode == "elementwise"
-    assert load_config(None, recipe="rlrr-fgvc:nabirds").train.drop_path_mode == "elementwise"
-    assert load_config(None, method="rlrr").train.drop_path_mode == "elementwise"
+def test_rlrr_recipes_and_defaults_use_the_official_operator():
+    assert load_config(None, recipe="rlrr-vtab:clevr_count").train.drop_path_mode == "official"
+    assert load_config(None, recipe="rlrr-fgvc:nabirds").train.drop_path_mode == "official"
+    assert load_config(None, method="rlrr").train.drop_path_mode == "official"
     assert load_config(None, recipe="efft2-vtab:dtd").train.drop_path_mode == "sample"  # timm's drop_path_rate
+
+
+SWIN_KW = {"img_size": 32, "embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 2, 4], "window_size": 4}
+
+
+@pytest.mark.parametrize(
+    ("backbone", "kwargs", "operator"),
+    [
+        (TINY_RUN["backbone"], TINY_RUN["backbone_kwargs"], nn.Dropout),  # the official RLRR ViT: nn.Dropout
+        ("swin_tiny_patch4_window7_224", SWIN_KW, DropPath),  # its models/swin.py: timm's DropPath
+    ],
+    ids=["vit-elementwise", "swin-per-sample"],
+)
+def test_rlrr_drop_path_is_the_official_models_operator_per_family(backbone, kwargs, operator):
+    cfg = load_config(None, backbone=backbone, backbone_kwargs=kwargs, recipe="rlrr-vtab:clevr_count")
+    model = build_backbone(cfg)
+    branches = [getattr(model.get_submodule(name), b) for name in block_names(model) for b in BRANCHES]
+    assert all(isinstance(m, operator) for m in branches[2:]), branches  # the first block's rate is 0
+    assert isinstance(branches[0], nn.Identity) and drop_path_rates(model)[-1] == pytest.approx(0.5)  # the recipe's
+    other = nn.Dropout if operator is DropPath else DropPath
+    assert not any(isinstance(m, other) for m in branches)
+
+
+def test_swin_rlrr_config_plan_shows_per_sample_drop_path():
+    """The shipped Swin RLRR config's resolved operator (the plan lists it from the built model)."""
+    from vitfold.pipeline.config import config_file
+
+    cfg = load_config(config_file("swinb_in22k_rlrr_vtab_dtd"), backbone="swin_tiny_patch4_window7_224")
+    cfg.backbone_kwargs, cfg.pretrained = SWIN_KW, False
+    model = build_backbone(cfg)
+    assert cfg.train.drop_path_mode == "official" and drop_path_operator(model) == "sample"
 
 
 def test_elementwise_drop_path_is_the_official_dropout_in_training():

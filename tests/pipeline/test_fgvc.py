@@ -104,7 +104,7 @@ def test_rlrr_fgvc_recipes_are_table_2s(dataset, lr, drop_path, schedule):
         60,
         True,
         False,
-        "elementwise",
+        "official",
     )
     assert (
         (t.restart_epochs, t.warmup_epochs, t.min_lr) == (5, 0, 0.0) if schedule == "warm-restarts" else t.epochs == 50

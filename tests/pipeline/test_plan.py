@@ -101,6 +101,18 @@ def test_efft2_vtab_plan_is_the_official_schedule(dtd):
     assert plan["epochs"] == 100 and plan["eval_every"] == 10
     assert plan["lr"] == pytest.approx(official_efft(1e-3, 15), rel=1e-12, abs=1e-18)
     assert plan["drop_path"]["mode"] == "sample" and plan["head_init"].startswith("random")
+    assert plan["method_options"]["core"] == "layer" and "per-layer cores" in plan["recipe"]["reproduces"]
+
+
+def test_efft2_released_recipe_is_the_shared_core_with_the_released_scales(dtd):
+    """The released run of each task: the same rank/scale/init as configs/EFFT2.json, one shared core; the plan
+    says which run each recipe reproduces and its groups hold the shared core's 4 + 2 slices."""
+    plan = _plan("efft2-vtab-released:dtd", f"vtab:{dtd}")
+    assert plan["method_options"] == {"rank": 8, "scale": 0.01, "init": "vv", "core": "shared"}
+    assert "shared by all blocks" in plan["recipe"]["reproduces"]
+    assert plan["lr"] == pytest.approx(official_efft(1e-3, 15), rel=1e-12, abs=1e-18)  # the same protocol
+    svhn = load_config(None, recipe="efft2-vtab-released:svhn").method_options
+    assert (svhn["rank"], svhn["scale"], svhn["init"]) == (32, 80.0, "vu")
 
 
 @pytest.mark.parametrize(
@@ -114,11 +126,34 @@ def test_rlrr_fgvc_plan_is_the_official_schedule(tmp_path, dataset, folder, lr, 
     assert plan["lr"] == pytest.approx(official_rlrr(lr, 50, 2, warm_restarts=restarts), rel=1e-12, abs=1e-18)
 
 
+def official_fgvc_aug(lr: float, steps: int) -> list[float]:
+    """train_fgvc_aug.py: create_scheduler gives 100 + 10 epochs, then CosineAnnealingWarmRestarts(T_0=10,
+    T_mult=2, eta_min=0) replaces it; `lr_scheduler.step(epoch)` after each epoch."""
+    optimizer = _optimizer(lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=10, T_mult=2, eta_min=0)
+    return _official_loop(optimizer, scheduler, 110, steps, step_update=False)
+
+
+def test_rlrr_fgvc_aug_plan_is_the_official_augmented_protocol(tmp_path):
+    root = write_fgvc(tmp_path, "CUB_200_2011", {"train": 30, "val": 10, "test": 6})
+    plan = _plan("rlrr-fgvc-aug:cub", f"fgvc:{root}")
+    assert plan["steps_per_epoch"] == 2 and plan["epochs"] == 110 and len(plan["lr"]) == 220
+    assert plan["lr"] == pytest.approx(official_fgvc_aug(3e-3, 2), rel=1e-12, abs=1e-18)
+    assert plan["lr"] != pytest.approx(official_rlrr(3e-3, 50, 2, warm_restarts=True) + [0.0] * 100)  # not T_0 = 5
+    assert plan["restarts"] == {"T_0": 10, "T_mult": 2, "eta_min": 0.0} and plan["schedule"] == "warm-restarts"
+    mixup = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mode": "batch", "prob": 1.0, "switch_prob": 0.5}
+    assert plan["augmentation"] == {"mixup": mixup, "label_smoothing": 0.1, "loss": "SoftTargetCrossEntropy"}
+    assert plan["ema"] == {"decay": 0.9998, "folded": "the EMA weights"}
+    assert "train_fgvc_aug.py" in plan["recipe"]["reproduces"] and plan["drop_path"]["operator"] == "elementwise"
+    plain = _plan("rlrr-fgvc:cub", f"fgvc:{root}")
+    assert plain["ema"] is None and plain["augmentation"]["mixup"] is None
+
+
 def test_plan_lists_best_val_selection_and_drop_path_rates(dtd):
     plan = _plan("rlrr-vtab:clevr_count", f"vtab:{dtd}", select="best-val")
     assert plan["splits"]["train"] == {"split": "train800", "images": 800}
     assert plan["splits"]["select"] == {"split": "val200", "images": 200}
-    assert plan["steps_per_epoch"] == 25 and plan["drop_path"]["mode"] == "elementwise"
+    assert plan["steps_per_epoch"] == 25 and plan["drop_path"]["operator"] == "elementwise"
     assert plan["drop_path"]["rates"] == pytest.approx([0.0, 0.5])  # depth 2: linspace(0, 0.5, 2)
 
 
@@ -161,7 +196,7 @@ def test_print_plan_rlrr_groups_are_the_official_ones_and_nothing_is_written(tmp
     assert len(scales) == 12 * 8 and len(shifts) == 12 * 4
     for name, wd in decay.items():
         assert wd == (0.0 if _official_rlrr_exempt(name) else 0.05), name
-    assert plan["head_init"] == "zero" and plan["drop_path"]["mode"] == "elementwise"
+    assert plan["head_init"] == "zero" and plan["drop_path"]["operator"] == "elementwise"
     assert plan["steps_per_epoch"] == 1347 // 32 and len(plan["lr"]) == plan["epochs"] * plan["steps_per_epoch"]
 
 

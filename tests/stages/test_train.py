@@ -202,7 +202,7 @@ def test_recipes_fill_published_settings_and_flags_win(tmp_path):
     )
     assert cfg.train.batch_size == 32 and cfg.train.warmup_epochs == 10 and cfg.train.mean == (0.5, 0.5, 0.5)
     cfg = load_config(None, recipe="efft2-vtab:svhn")
-    assert cfg.method == "efft2" and cfg.method_options == {"rank": 32, "scale": 80.0, "init": "vu"}
+    assert cfg.method == "efft2" and cfg.method_options == {"rank": 32, "scale": 80.0, "init": "vu", "core": "layer"}
     assert cfg.train.batch_size == 64 and cfg.train.weight_decay == 1e-4
     path = tmp_path / "c.yaml"
     path.write_text("recipe: rlrr-vtab:dtd\ntrain: {lr: 0.5, epochs: 7}\n")
