@@ -240,7 +240,7 @@ MUTANTS = (
            '"split_top1_agreement": float((predicted == reference).double().mean()),',
            '"split_top1_agreement": accuracy,',
            ("tests/export/test_precisions.py::test_split_stats_count_agreement_and_accuracy_change",)),
-    # -- the official code, all of it (issue 25)
+    # -- the official code, all of it
     Mutant("official EFFT Swin cores kept in the released [k, r1, r2] order", "pipeline/official/efft_swin.py",
            "c[:used].movedim(0, -1).contiguous()", "c[:used].reshape(c.shape[1], c.shape[2], used)",
            ("tests/pipeline/official/test_official_swin.py::test_official_efft_swin_checkpoint_is_the_official_function_after_the_fold",)),
