@@ -279,9 +279,8 @@ def check_config(cfg: RunConfig, where: str = "config") -> None:
     from vitfold.export import FORMATS, PRECISIONS
     from vitfold.export.comparison import tolerances_for
     from vitfold.export.int8 import INT8_MODES
-    from vitfold.names import ARTIFACT_BACKENDS, BACKENDS
+    from vitfold.names import ARTIFACT_BACKENDS, BACKENDS, DROP_PATH_MODES
     from vitfold.pipeline.adapters import get_method
-    from vitfold.pipeline.drop_path import DROP_PATH_MODES
     from vitfold.pipeline.schedules import SCHEDULES
 
     t, f, e, v, b = cfg.train, cfg.fold, cfg.export, cfg.verify, cfg.bench

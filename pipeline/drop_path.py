@@ -21,7 +21,6 @@ from torch import nn
 
 from vitfold.export.blocks import block_names
 
-DROP_PATH_MODES = ("sample", "elementwise", "official")
 OFFICIAL_OPERATORS = {"vit": "elementwise", "swin": "sample"}  # family -> the official RLRR model's operator
 BRANCHES = ("drop_path1", "drop_path2")  # after the attention and after the MLP of a timm (Swin) block
 

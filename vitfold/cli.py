@@ -15,7 +15,7 @@ import click
 
 from vitfold.errors import VitfoldError
 from vitfold.export import DEFAULT_FORMATS, FORMATS, PRECISIONS, format_names
-from vitfold.names import ARTIFACT_BACKENDS, BACKENDS, FOLDED
+from vitfold.names import ARTIFACT_BACKENDS, BACKENDS, DROP_PATH_MODES, FOLDED
 from vitfold.names import METHODS as METHOD_NAMES
 from vitfold.names import OFFICIAL_METHODS as OFFICIAL_NAMES
 from vitfold.names import STAGES as STAGE_NAMES
@@ -184,24 +184,43 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--backbone", required=True, help="timm model name, e.g. vit_base_patch16_224.")
+@click.option("--backbone", help="timm model name, e.g. vit_base_patch16_224.")
 @click.option("--method", type=click.Choice(METHOD_NAMES), default="rlrr", show_default=True, help="Adapter method.")
 @click.option("--num-classes", type=click.IntRange(min=1), help="Replace the head with a new one of N classes.")
 @click.option("--rank", type=click.IntRange(min=1), help="Rank of the EFFT factors (efft1, efft2).")
 @method_options
+@click.option(
+    "--run", "run_dir", type=click.Path(file_okay=False), help="The backbone, method and options of a run instead."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(
-    backbone: str, method: str, num_classes: int | None, rank: int | None, options: tuple[str, ...], as_json: bool
+    backbone: str | None,
+    method: str,
+    num_classes: int | None,
+    rank: int | None,
+    options: tuple[str, ...],
+    run_dir: str | None,
+    as_json: bool,
 ) -> None:
-    """Parameter counts of BACKBONE with an adapter attached (no weights are made or downloaded)."""
+    """Parameter counts of BACKBONE with an adapter attached, or of a run's model (--run: a trained or
+    imported run); no weights are made or downloaded."""
     import torch
 
     from vitfold.pipeline.adapting import adapt, parameter_counts
     from vitfold.pipeline.backbones import create_backbone
 
+    kwargs: dict[str, Any] = {}
     method_opts = _parse_options(options) | ({"rank": rank} if rank is not None else {})
+    if run_dir is not None:
+        from vitfold.pipeline.stages import RunDir
+
+        cfg = RunDir(run_dir).config
+        backbone, method, num_classes = cfg.backbone, cfg.method, cfg.num_classes
+        kwargs, method_opts = cfg.backbone_kwargs, {**cfg.method_options, **method_opts}
+    elif backbone is None:
+        raise VitfoldError("vitfold info needs --backbone NAME (or --run RUN_DIR)")
     with torch.device("meta"):  # shapes only: instant, even for ViT-H
-        model = adapt(create_backbone(backbone), method, num_classes=num_classes, **method_opts)
+        model = adapt(create_backbone(backbone, **kwargs), method, num_classes=num_classes, **method_opts)
     counts = {"backbone": backbone, "method": method, **parameter_counts(model)}
     if as_json:
         click.echo(json.dumps(counts, indent=2))
@@ -219,8 +238,8 @@ def info(
 @click.option("--method", type=click.Choice(METHOD_NAMES), help="Adapter method (default: the config's, rlrr).")
 @click.option(
     "--recipe",
-    help="rlrr-vtab:<task> | efft1-vtab:<task> | efft2-vtab[-vit-l|-vit-h|-swin-s|-swin-b|-swin-l]:<task> | "
-    "rlrr-fgvc:<dataset>",
+    help="rlrr-vtab:<task> | efft1-vtab:<task> | efft2-vtab[-released|-vit-l|-vit-h|-swin-s|-swin-b|-swin-l]:<task> | "
+    "rlrr-fgvc[-aug]:<dataset>",
 )
 @click.option("--rank", type=click.IntRange(min=1), help="Rank (efft1, efft2, lora).")
 @method_options
@@ -230,7 +249,11 @@ def info(
 @click.option("--lr", type=float)
 @click.option("--weight-decay", type=float)
 @click.option("--drop-path", type=float)
-@click.option("--drop-path-mode", type=click.Choice(["sample", "elementwise"]), help="Drop path operator.")
+@click.option(
+    "--drop-path-mode",
+    type=click.Choice(DROP_PATH_MODES),
+    help="Drop path operator (official: the official RLRR model's for the family).",
+)
 @click.option("--select", type=click.Choice(["last", "best-val"]), help="The epoch to fold (default: last).")
 @click.option("--eval-every", type=click.IntRange(min=1))
 @click.option("--num-workers", type=click.IntRange(min=0))

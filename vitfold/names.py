@@ -6,6 +6,7 @@ registries are checked against these (tests/cli/test_cli_guidance.py). A new bac
 METHODS = ("rlrr", "efft1", "efft2", "lora", "linear", "full")
 OFFICIAL_METHODS = ("rlrr", "efft2")  # the official codes import-official reads
 STAGES = ("pretrain", "train", "compare", "fold", "export", "verify", "bench", "report")
+DROP_PATH_MODES = ("sample", "elementwise", "official")  # vitfold.pipeline.drop_path
 
 UNMERGED, FOLDED, BASE = "torch-unmerged", "torch-folded", "torch-base"
 FOLDED_FP16, FOLDED_BF16 = "torch-folded-fp16", "torch-folded-bf16"

@@ -7,6 +7,7 @@ and verified."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -322,6 +323,10 @@ def test_cli_imports_an_rlrr_swin_adapter_file_then_fold_export_verify(tmp_path)
     result = vitfold_cli(*args, "--checkpoint", str(tmp_path / "backbone.pth"), "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     assert "reduction_shift=true" in result.stdout + result.stderr
+    info = vitfold_cli("info", "--run", str(tmp_path / "run"), "--json")  # the run's model: every official tensor
+    assert info.returncode == 0, info.stderr
+    official_adapter = sum(t.numel() for k, t in saved.items() if not k.startswith("head"))
+    assert json.loads(info.stdout)["adapter_params"] == official_adapter
     x = _inputs()
     _verify_onnx(tmp_path / "run", in_float64(official_rlrr_swin_forward, state, x), x)
     folded = load_file(str(tmp_path / "run" / "fold" / "model.safetensors"))
