@@ -268,4 +268,15 @@ def _params(settings: ExportConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(settings).items() if k != "triton_force"}
 
 
-EXPORT = Stage("export", section="export", inputs=lambda rd, s: [rd.folded, rd.folded_config], run=_run, params=_params)
+def _check(rd: RunDir, settings: ExportConfig) -> None:
+    check_formats(settings.formats, settings.precision, settings.device)
+
+
+EXPORT = Stage(
+    "export",
+    section="export",
+    inputs=lambda rd, s: [rd.folded, rd.folded_config],
+    run=_run,
+    params=_params,
+    check=_check,
+)

@@ -49,6 +49,9 @@ class Stage:
     inputs: Callable[[RunDir, Any], list[Path]]  # the files it reads (absent optional ones are skipped)
     run: Callable[[RunDir, Any, Context], StageResult]
     params: Callable[[Any], dict[str, Any]] = _as_params  # the settings as recorded and compared
+    # refuses settings this machine cannot run (a missing runtime, a format's dependency) before the stage is
+    # marked running, so that a refused call leaves the run's record as it was
+    check: Callable[[RunDir, Any], None] | None = None
 
     def settings(self, cfg: RunConfig, **overrides: Any) -> Any:
         """The stage's settings in `cfg`, with `overrides` (checked like the config file's values)."""
@@ -78,6 +81,8 @@ def execute(
     """Run `stage` on `rd` with `settings` (default: its section of the run's config); record it in the
     manifest when done (unless `record=False`: a DDP process other than rank 0, a read-only run)."""
     settings = stage.settings(rd.config) if settings is None else settings
+    if stage.check is not None:
+        stage.check(rd, settings)
     if record:
         start_stage(rd, stage.name)
     started = time.perf_counter()

@@ -174,6 +174,9 @@ def test_vit_base_onnx_matches_folded_at_batch_1_and_5(tmp_path):
 
 
 def test_export_cli_errors_are_one_line_exit_2(run, tmp_path):
+    """One line and exit 2, and the run's record left as it was: a format this machine cannot build is
+    refused before the export stage is marked running."""
+    manifest = (run / "manifest.json").read_bytes()
     for args, message in [
         (["export", str(run), "--format", "onnxx"], "--format onnxx: unknown format (choose from"),
         (["export", str(run), "--format", "tensorrt"], "tensorrt"),
@@ -184,6 +187,7 @@ def test_export_cli_errors_are_one_line_exit_2(run, tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         lines = [line for line in result.stderr.strip().splitlines() if line and "torch.onnx" not in line]
         assert len(lines) == 1 and message in lines[0], (args, result.stderr)
+    assert (run / "manifest.json").read_bytes() == manifest
 
 
 def test_fp16_onnx_export_stays_close(run, tmp_path):
