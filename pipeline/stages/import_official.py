@@ -5,7 +5,8 @@ Writes RUN/config.yaml, RUN/import/backbone.safetensors when the checkpoint carr
 the run's `checkpoint`; otherwise the run's `--pretrained` or `--checkpoint` weights are the base) and
 RUN/train/adapter.safetensors, and records them in the manifest as the train stage's outputs, with
 `imported_from` (the official file and its sha256) in place of training. The key mapping:
-`vitfold.pipeline.official`. A failed import leaves nothing behind.
+`vitfold.pipeline.official`. A failed, interrupted or terminated import leaves nothing behind (not even
+`.vitfold.lock` or `import/`): `removed_on_failure`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from vitfold.pipeline.config import RunConfig, check_config, training_params
 from vitfold.pipeline.models import build_model
 from vitfold.pipeline.official import read_official
 from vitfold.pipeline.stages.manifest import record_stage
+from vitfold.pipeline.stages.rollback import removed_on_failure
 from vitfold.pipeline.stages.rundir import RunDir, sha256
 from vitfold.pipeline.stages.stage import Log
 from vitfold.pipeline.stages.train import TRAIN, base_identity, run_adapter_metadata
@@ -55,26 +57,20 @@ def import_official(
     options = {**imported.options, **config.method_options}
     cfg = replace(config, method=method, method_options=options, num_classes=imported.num_classes)
     check_config(cfg, where="import-official")
-    with rd.locked():
-        written = [rd.imported_backbone, rd.config_file, rd.adapter, rd.manifest_file]
-        try:
-            if imported.backbone:
-                meta = {"format": "vitfold-imported-backbone/1", "imported_from": str(checkpoint)}
-                atomic_replace(rd.imported_backbone, safetensors_bytes(imported.backbone, meta))
-                cfg = replace(cfg, checkpoint=str(rd.imported_backbone.resolve()))
-            model = load_adapter(build_model(cfg, imported.num_classes), imported.adapter)
-            rd.write_config(cfg)
-            origin = {"path": str(checkpoint.resolve()), "sha256": sha256(checkpoint), "method": method}
-            extra = {"base": base_identity(rd, cfg), "imported_from": origin["path"]}
-            save_adapter(model, rd.adapter, backbone=cfg.backbone, **run_adapter_metadata(cfg, extra))
-            seconds = time.perf_counter() - started
-            record_stage(
-                rd, "train", training_params(cfg), TRAIN.inputs(rd, cfg), [rd.adapter], seconds, imported_from=origin
-            )
-        except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise
+    with removed_on_failure(rd.path), rd.locked():  # a failure or a kill leaves nothing of the import behind
+        if imported.backbone:
+            meta = {"format": "vitfold-imported-backbone/1", "imported_from": str(checkpoint)}
+            atomic_replace(rd.imported_backbone, safetensors_bytes(imported.backbone, meta))
+            cfg = replace(cfg, checkpoint=str(rd.imported_backbone.resolve()))
+        model = load_adapter(build_model(cfg, imported.num_classes), imported.adapter)
+        rd.write_config(cfg)
+        origin = {"path": str(checkpoint.resolve()), "sha256": sha256(checkpoint), "method": method}
+        extra = {"base": base_identity(rd, cfg), "imported_from": origin["path"]}
+        save_adapter(model, rd.adapter, backbone=cfg.backbone, **run_adapter_metadata(cfg, extra))
+        seconds = time.perf_counter() - started
+        record_stage(
+            rd, "train", training_params(cfg), TRAIN.inputs(rd, cfg), [rd.adapter], seconds, imported_from=origin
+        )
     log(
         f"imported the official {method} checkpoint {checkpoint} ({imported.depth} blocks, "
         f"{imported.num_classes} classes) into {rd.adapter}; next: vitfold fold {rd.path}"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vitfold.errors import VitfoldError
-from vitfold.pipeline.atomic import atomic_write_json
+from vitfold.pipeline.atomic import atomic_replace, atomic_write_json
 from vitfold.pipeline.stages.rundir import RunDir
 
 PACKAGES = ("vitfold", "torch", "timm", "onnx", "onnxruntime", "safetensors")
@@ -67,6 +67,20 @@ def read_manifest(rd: RunDir) -> dict[str, Any]:
         raise VitfoldError(
             f"{rd.manifest_file} is not valid JSON ({e}); delete it to rebuild the run's record"
         ) from None
+
+
+def read_manifest_bytes(rd: RunDir) -> bytes | None:
+    """The manifest file as it is now (None: there is none), for `restore_manifest`."""
+    return rd.manifest_file.read_bytes() if rd.manifest_file.is_file() else None
+
+
+def restore_manifest(rd: RunDir, before: bytes | None) -> None:
+    """Put the manifest back to `before` (`read_manifest_bytes`): a stage that failed on its input records
+    nothing, not even that it started."""
+    if before is None:
+        rd.manifest_file.unlink(missing_ok=True)
+    elif read_manifest_bytes(rd) != before:
+        atomic_replace(rd.manifest_file, before)
 
 
 def _hashes(rd: RunDir, paths: list[Path]) -> dict[str, str]:

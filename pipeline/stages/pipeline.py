@@ -37,15 +37,18 @@ def stages_for(cfg: RunConfig) -> list[Stage]:
 def run_pipeline(
     rd: RunDir, config: RunConfig, force: str | None = None, log: Log = print, trust: bool = False
 ) -> dict[str, str]:
-    """Save `config` as the run's config and run every out-of-date stage, holding the run's lock;
+    """Run every out-of-date stage of `config`, holding the run's lock, and save it as the run's config
+    once a stage has resolved it (a failing first stage leaves config.yaml as it was);
     returns {stage: "ran: why" | "up to date"}. `trust`: as for `run_stage`."""
     pipeline = stages_for(config)
     names = [s.name for s in pipeline]
     if force is not None and force not in names:
         raise VitfoldError(f"--force {force}: not a stage of this run (stages: {', '.join(names)})")
     with rd.locked():
-        rd.write_config(config)
-        return _run_stages(rd, pipeline, force, log, trust)
+        rd.use_config(config)  # saved by the first stage that runs, once it has resolved it
+        outcome = _run_stages(rd, pipeline, force, log, trust)
+        rd.save_config()
+        return outcome
 
 
 def _run_stages(rd: RunDir, pipeline: list[Stage], force: str | None, log: Log, trust: bool) -> dict[str, str]:
@@ -64,8 +67,7 @@ def _run_stages(rd: RunDir, pipeline: list[Stage], force: str | None, log: Log, 
             outcome[stage.name] = "up to date"
             continue
         log(f"== {stage.name}: running ({why})")
-        execute(
-            stage, rd, settings, log=log, resume=why.resumable, trust=trust
-        )  # a killed training resumes from last.ckpt
+        # a killed training resumes from last.ckpt
+        execute(stage, rd, settings, log=log, resume=why.resumable, trust=trust, settled=rd.save_config)
         outcome[stage.name] = f"ran: {why}"
     return outcome
