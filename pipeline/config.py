@@ -7,7 +7,7 @@ saves says exactly what ran.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +196,8 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, train: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
-    """Defaults < method's paper recipe < `recipe` < config file < non-None `overrides` (and `train`)."""
+    """Defaults < method's paper recipe < `recipe` < config file < non-None `overrides` (and `train`); an
+    override of a section (`export`, `verify`, ...) may be a mapping of some of its fields."""
     data = _read_yaml(path) if path is not None else {}
     where = f"config {path}" if path is not None else "config"
     _check_keys(data, RunConfig, where)
@@ -208,6 +209,10 @@ def load_config(path: str | Path | None = None, train: dict[str, Any] | None = N
         data[key] = cls(**section)
     user_train = dict(data.pop("train", None) or {})
     _check_keys(user_train, TrainConfig, f"{where}: train")
+    for key, value in overrides.items():
+        if key in SECTIONS and isinstance(value, dict):  # a section's mapping changes the file's section
+            _check_keys(value, SECTIONS[key], f"{where}: {key}")
+            overrides[key] = replace(data[key], **value)
     data.update({k: v for k, v in overrides.items() if v is not None})
     user_train.update({k: v for k, v in (train or {}).items() if v is not None})
 

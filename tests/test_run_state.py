@@ -67,7 +67,10 @@ def test_a_stage_records_the_settings_it_ran_with_not_the_config_file(tmp_path):
 def test_an_executable_artifact_not_exported_here_needs_trust(exported_run, tmp_path, monkeypatch):
     run = copy_run(exported_run, tmp_path / "run")
     args = ("verify", str(run), "--backends", "aoti", "--samples", "2", "--batch-sizes", "2")
-    elsewhere = {"VITFOLD_CACHE": str(tmp_path / "another-machine")}
+    other_cache = tmp_path / "another-machine"  # a real cache, trusting what that machine exported
+    (other_cache / "trusted").mkdir(parents=True)
+    (other_cache / "trusted" / ("0" * 64)).touch()
+    elsewhere = {"VITFOLD_CACHE": str(other_cache)}
     refused = vitfold_cli(*args, env=elsewhere)
     assert refused.returncode == 2 and "runs native code when loaded" in refused.stderr, refused.stderr
     assert not (run / "verify").exists()

@@ -296,11 +296,9 @@ def train(  # one parameter per option, as click passes them
         click.echo(json.dumps(training_plan(cfg), indent=1))
         return
     result = run_stage("train", rd, settings=cfg, config=cfg, resume=resume, log=_echo)
-    chosen = result["selected"]
-    _echo(
-        f"epoch {chosen['epoch']} to fold ({cfg.train.select}): eval accuracy {chosen['eval_acc']:.4f} "
-        f"(best over epochs {result['best_acc']:.4f}); adapter: {rd.adapter}"
-    )
+    chosen = result["selected"]  # best-val: the best epoch on the validation split, not on the evaluation one
+    why = f"best-val: val accuracy {chosen['select_acc']:.4f}" if cfg.train.select == "best-val" else "last"
+    _echo(f"epoch {chosen['epoch']} to fold ({why}): eval accuracy {chosen['eval_acc']:.4f}; adapter: {rd.adapter}")
 
 
 @main.command("import-official")
@@ -618,8 +616,7 @@ def report(run_dir: str) -> None:
 def run(config_path: str | None, out: str, force: str | None, trust: bool) -> None:
     """Run every stage of --config that is out of date into the run directory OUT (exit 1 if verify fails)."""
     from vitfold.pipeline.stages import RunDir
-    from vitfold.pipeline.stages.manifest import read_manifest
-    from vitfold.pipeline.stages.pipeline import run_pipeline
+    from vitfold.pipeline.stages.manifest import pipeline_unchanged, read_manifest
     from vitfold.pipeline.stages.pretrain import pretrained_path
 
     rd = RunDir(out)
@@ -636,7 +633,16 @@ def run(config_path: str | None, out: str, force: str | None, trust: bool) -> No
         cfg.checkpoint = str(pretrained_path(cfg))
     _echo(f"run directory: {rd.path}  (backbone {cfg.backbone}, method {cfg.method}, data {cfg.data})")
     started = time.perf_counter()
-    outcome = run_pipeline(rd, cfg, force, log=_echo, trust=trust)
+    with rd.locked():  # nothing to do is told without importing the stages (torch, timm, ONNX)
+        unchanged = pipeline_unchanged(rd, cfg.to_yaml()) if force is None else None
+    if unchanged is not None:
+        for name in unchanged:
+            _echo(f"== {name}: up to date, skipped")
+        outcome = dict.fromkeys(unchanged, "up to date")
+    else:
+        from vitfold.pipeline.stages.pipeline import run_pipeline
+
+        outcome = run_pipeline(rd, cfg, force, log=_echo, trust=trust)
     ran = [name for name, what in outcome.items() if what != "up to date"]
     _echo(
         f"done in {time.perf_counter() - started:.1f} s; ran: {', '.join(ran) or 'nothing (all up to date)'}; "

@@ -17,7 +17,7 @@ from vitfold.pipeline.stages.bench import BENCH
 from vitfold.pipeline.stages.compare_methods import COMPARE
 from vitfold.pipeline.stages.export import EXPORT
 from vitfold.pipeline.stages.fold import FOLD
-from vitfold.pipeline.stages.manifest import Stale, Staleness, staleness
+from vitfold.pipeline.stages.manifest import Stale, Staleness, record_pipeline, staleness
 from vitfold.pipeline.stages.pretrain import PRETRAIN
 from vitfold.pipeline.stages.report import REPORT
 from vitfold.pipeline.stages.rundir import RunDir
@@ -48,6 +48,8 @@ def run_pipeline(
         rd.use_config(config)  # saved by the first stage that runs, once it has resolved it
         outcome = _run_stages(rd, pipeline, force, log, trust)
         rd.save_config()
+        watched = {stage.name: stage.inputs(rd, stage.settings(rd.config)) for stage in pipeline}
+        record_pipeline(rd, rd.config.to_yaml(), watched)  # a rerun with nothing to do: pipeline_unchanged
         return outcome
 
 

@@ -20,9 +20,7 @@ from vitfold.pipeline.atomic import atomic_replace, atomic_write_text
 from vitfold.pipeline.config import RunConfig, load_config
 from vitfold.pipeline.stages.rundir import RunDir, sha256
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult, execute
-from vitfold.pipeline.stages.train import TRAIN
 from vitfold.pipeline.stages.trust import cache_root
-from vitfold.pipeline.tensor_files import safetensors_bytes
 
 PRETRAIN_KEYS = ("data", "train")
 
@@ -76,6 +74,9 @@ def _cached(path: Path, log) -> bool:
 def pretrain(cfg: RunConfig, log=print) -> Path:
     """The cached pre-trained backbone for `cfg`, training it first when it is not cached (or changed).
     An interrupted pre-training resumes from its last epoch (its scratch run lives beside the cache)."""
+    from vitfold.pipeline.stages.train import TRAIN  # torch: only when there is something to train
+    from vitfold.pipeline.tensor_files import safetensors_bytes
+
     path = pretrained_path(cfg)
     if _cached(path, log):
         log(f"pre-trained backbone: {path} (cached)")
