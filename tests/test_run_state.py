@@ -171,7 +171,7 @@ def test_a_corrupt_run_file_is_one_line_exit_2(exported_run, tmp_path, damage, a
 
 
 def test_num_classes_smaller_than_the_data_and_resume_without_a_run_are_refused(tmp_path):
-    with pytest.raises(VitfoldError, match="num_classes 3 is smaller than the 5 classes of digits:0-4"):
+    with pytest.raises(VitfoldError, match=f"num_classes 3 is smaller than the 5 classes of {TINY_RUN['data']}"):
         run_stage("train", tmp_path / "run", settings=load_config(None, **{**TINY_RUN, "num_classes": 3}), **QUIET)
     result = vitfold_cli("train", "--out", str(tmp_path / "nothing"), "--resume")
     assert result.returncode == 2 and "holds no run to resume" in result.stderr

@@ -128,11 +128,12 @@ def base_options(command: Callable) -> Callable:
     return command
 
 
-def _read_config(config_path: str | None, **overrides: Any) -> Any:
-    """The run config: `config_path` (a file, or a shipped config's name) with the non-None `overrides`."""
+def _read_config(config_path: str | None, check: bool = True, **overrides: Any) -> Any:
+    """The run config: `config_path` (a file, or a shipped config's name) with the non-None `overrides`
+    (`check=False`: see `load_config`)."""
     from vitfold.pipeline.config import config_file, load_config
 
-    return load_config(None if config_path is None else config_file(config_path), **overrides)
+    return load_config(None if config_path is None else config_file(config_path), check=check, **overrides)
 
 
 trust_option: Decorator = click.option(
@@ -626,22 +627,26 @@ def run(config_path: str | None, out: str, force: str | None, trust: bool) -> No
             "(the offline demo), or copy and edit a shipped config (vitfold configs)"
             + (f"; to rerun this run: --config {rd.config_file}" if rd.config_file.is_file() else "")
         )
-    cfg = _read_config(config_path)
+    cfg = _read_config(config_path, check=False)  # checked below unless it is the config a complete run ran
     if cfg.pretrain:
         if cfg.checkpoint or cfg.pretrained:
             raise VitfoldError("config: 'pretrain' makes the backbone weights; drop 'checkpoint'/'pretrained'")
         cfg.checkpoint = str(pretrained_path(cfg))
     _echo(f"run directory: {rd.path}  (backbone {cfg.backbone}, method {cfg.method}, data {cfg.data})")
     started = time.perf_counter()
-    with rd.locked():  # nothing to do is told without importing the stages (torch, timm, ONNX)
-        unchanged = pipeline_unchanged(rd, cfg.to_yaml()) if force is None else None
+    unchanged = None
+    if force is None and rd.manifest_file.is_file():  # nothing to do is told without torch, timm or ONNX
+        with rd.locked():
+            unchanged = pipeline_unchanged(rd, cfg.to_yaml())
     if unchanged is not None:
         for name in unchanged:
             _echo(f"== {name}: up to date, skipped")
         outcome = dict.fromkeys(unchanged, "up to date")
     else:
+        from vitfold.pipeline.config import check_config, config_file
         from vitfold.pipeline.stages.pipeline import run_pipeline
 
+        check_config(cfg, f"config {config_file(config_path)}")
         outcome = run_pipeline(rd, cfg, force, log=_echo, trust=trust)
     ran = [name for name, what in outcome.items() if what != "up to date"]
     _echo(

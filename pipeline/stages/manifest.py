@@ -196,7 +196,7 @@ def record_pipeline(rd: RunDir, config_text: str, watched: dict[str, list[Path]]
     manifest = read_manifest(rd)
     record = {
         "config": _digest(config_text),
-        "vitfold": versions().get("vitfold"),
+        "vitfold": _vitfold_version(),
         "stages": {
             name: {"entry": _digest(manifest["stages"][name]), "watched": sorted({rd.key(p) for p in paths})}
             for name, paths in watched.items()
@@ -213,7 +213,7 @@ def pipeline_unchanged(rd: RunDir, config_text: str) -> list[str] | None:
     with its recorded sha256 (an absent optional input still absent). None: let `staleness` decide."""
     manifest = read_manifest(rd)
     record = manifest.get(PIPELINE)
-    if not record or record["config"] != _digest(config_text) or record.get("vitfold") != versions().get("vitfold"):
+    if not record or record["config"] != _digest(config_text) or record.get("vitfold") != _vitfold_version():
         return None
     if not rd.config_file.is_file() or rd.config_file.read_text() != config_text:
         return None
@@ -228,6 +228,10 @@ def pipeline_unchanged(rd: RunDir, config_text: str) -> list[str] | None:
         if not all(_same(rd, rd.path / key, digest) for key, digest in entry["outputs"].items()):
             return None
     return list(record["stages"])
+
+
+def _vitfold_version() -> str:
+    return metadata.version("vitfold")
 
 
 def _same(rd: RunDir, path: Path, digest: str) -> bool:

@@ -29,7 +29,7 @@ def cache_dir() -> Path:
     return cache_root() / "pretrained"
 
 
-def pretrain_config(cfg: RunConfig) -> RunConfig:
+def pretrain_config(cfg: RunConfig, check: bool = True) -> RunConfig:
     spec = cfg.pretrain or {}
     unknown = sorted(set(spec) - set(PRETRAIN_KEYS))
     if unknown or "data" not in spec:
@@ -43,13 +43,14 @@ def pretrain_config(cfg: RunConfig) -> RunConfig:
         method="full",
         seed=cfg.seed,
         train=spec.get("train") or {},
+        check=check,
     )
 
 
 def pretrained_path(cfg: RunConfig) -> Path:
     """Where the backbone pre-trained as `cfg.pretrain` says is (or will be) cached: a file directly in the
     cache folder, whatever the backbone name holds (no path separator or `..` gets through)."""
-    spec: dict[str, Any] = pretrain_config(cfg).to_dict()
+    spec: dict[str, Any] = pretrain_config(cfg, check=False).to_dict()  # names a file: the run checks it
     spec = {k: spec[k] for k in ("backbone", "backbone_kwargs", "data", "method", "seed", "train")}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_-]", "_", cfg.backbone)
