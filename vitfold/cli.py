@@ -136,6 +136,13 @@ def _read_config(config_path: str | None, check: bool = True, **overrides: Any) 
     return load_config(None if config_path is None else config_file(config_path), check=check, **overrides)
 
 
+def _check_config(cfg: Any, config_path: str) -> None:
+    """`check_config` on a config read with `check=False`, naming its file as `load_config` would."""
+    from vitfold.pipeline.config import check_config, config_file
+
+    check_config(cfg, f"config {config_file(config_path)}")
+
+
 trust_option: Decorator = click.option(
     "--trust", is_flag=True, help="Load .pt2/.plan/.pt artifacts that this machine's vitfold did not export."
 )
@@ -628,6 +635,9 @@ def run(config_path: str | None, out: str, force: str | None, trust: bool) -> No
             + (f"; to rerun this run: --config {rd.config_file}" if rd.config_file.is_file() else "")
         )
     cfg = _read_config(config_path, check=False)  # checked below unless it is the config a complete run ran
+    may_be_unchanged = force is None and rd.manifest_file.is_file()
+    if not may_be_unchanged:
+        _check_config(cfg, config_path)
     if cfg.pretrain:
         if cfg.checkpoint or cfg.pretrained:
             raise VitfoldError("config: 'pretrain' makes the backbone weights; drop 'checkpoint'/'pretrained'")
@@ -635,7 +645,7 @@ def run(config_path: str | None, out: str, force: str | None, trust: bool) -> No
     _echo(f"run directory: {rd.path}  (backbone {cfg.backbone}, method {cfg.method}, data {cfg.data})")
     started = time.perf_counter()
     unchanged = None
-    if force is None and rd.manifest_file.is_file():  # nothing to do is told without torch, timm or ONNX
+    if may_be_unchanged:  # nothing to do is told without torch, timm or ONNX
         with rd.locked():
             unchanged = pipeline_unchanged(rd, cfg.to_yaml())
     if unchanged is not None:
@@ -643,10 +653,10 @@ def run(config_path: str | None, out: str, force: str | None, trust: bool) -> No
             _echo(f"== {name}: up to date, skipped")
         outcome = dict.fromkeys(unchanged, "up to date")
     else:
-        from vitfold.pipeline.config import check_config, config_file
         from vitfold.pipeline.stages.pipeline import run_pipeline
 
-        check_config(cfg, f"config {config_file(config_path)}")
+        if may_be_unchanged:  # not checked above
+            _check_config(cfg, config_path)
         outcome = run_pipeline(rd, cfg, force, log=_echo, trust=trust)
     ran = [name for name, what in outcome.items() if what != "up to date"]
     _echo(

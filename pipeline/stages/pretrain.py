@@ -31,6 +31,8 @@ def cache_dir() -> Path:
 
 def pretrain_config(cfg: RunConfig, check: bool = True) -> RunConfig:
     spec = cfg.pretrain or {}
+    if not isinstance(spec, dict):
+        raise VitfoldError(f"config: pretrain must be a mapping, got {spec!r}")
     unknown = sorted(set(spec) - set(PRETRAIN_KEYS))
     if unknown or "data" not in spec:
         problem = f"unknown key '{unknown[0]}'" if unknown else "no 'data'"
