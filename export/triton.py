@@ -89,7 +89,13 @@ def check_repository(
     repo_dir: Path, names: Collection[str], replaceable: Collection[str] = (), force: bool = False
 ) -> None:
     """Refuse (one line) a model folder `names` would replace: one that exists and is not `replaceable`,
-    unless `force`."""
+    unless `force`; and, even with `force`, one that is not a real folder (a symbolic link: replacing it
+    would write through it, or fail half-way)."""
+    for name in names:
+        folder = repo_dir / name
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            kind = f"a symbolic link to {os.readlink(folder)}" if folder.is_symlink() else "not a folder"
+            raise VitfoldError(f"Triton model folder {folder} is {kind}: remove it, or choose another --triton")
     taken = [n for n in names if (repo_dir / n).exists() and n not in replaceable]
     if taken and not force:
         raise VitfoldError(f"Triton model folder {repo_dir / taken[0]} exists already: pass --force to replace it")

@@ -66,6 +66,11 @@ def create_backbone(name: str, *, pretrained: bool = False, **kwargs: Any) -> nn
 
     from vitfold.pipeline.adapters.targets import model_family
 
+    if "/" in name or ":" in name:  # timm would read it as a hub repository or a folder
+        raise BackboneError(
+            f"backbone '{name}': a timm model name has no '/' or ':' (hub or local weights: --pretrained with the "
+            "timm name, or --checkpoint PATH)"
+        )
     if not timm.is_model(name.split(".")[0]):
         raise BackboneError(f"unknown backbone '{name}' (see timm.list_models('vit_*') and ('swin_*'))")
     if pretrained and not hub_offline() and not hub_weights_cached(name) and not hub_reachable():
@@ -143,7 +148,10 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - empty, truncated, or a pickle under a .safetensors name
+            raise CheckpointError(f"cannot read checkpoint {path} as safetensors: {first_line(e)}") from None
     if suffix in (".pth", ".pt", ".bin", ".ckpt"):
         import torch
 
@@ -154,6 +162,10 @@ def read_state_dict(path: Path) -> dict[str, Any]:
         for key in ("state_dict", "model", "module", "model_state_dict"):  # training-checkpoint wrappers
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
+        if not isinstance(state, dict):
+            raise CheckpointError(
+                f"checkpoint {path} holds a {type(state).__name__}, not a state dict (tensors by name)"
+            )
         return state
     raise CheckpointError(f"checkpoint {path}: unknown format '{suffix}' (use .safetensors, .pth/.bin or .npz)")
 

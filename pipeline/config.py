@@ -7,7 +7,7 @@ saves says exactly what ran.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +204,12 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, train: dict[str, Any] | None = None, **overrides: Any) -> RunConfig:
-    """Defaults < method's paper recipe < `recipe` < config file < non-None `overrides` (and `train`)."""
+def load_config(
+    path: str | Path | None = None, train: dict[str, Any] | None = None, check: bool = True, **overrides: Any
+) -> RunConfig:
+    """Defaults < method's paper recipe < `recipe` < config file < non-None `overrides` (and `train`); an
+    override of a section (`export`, `verify`, ...) may be a mapping of some of its fields. `check=False`
+    leaves out `check_config` (it imports torch): only for a config compared with one checked before."""
     data = _read_yaml(path) if path is not None else {}
     where = f"config {path}" if path is not None else "config"
     _check_keys(data, RunConfig, where)
@@ -217,6 +221,10 @@ def load_config(path: str | Path | None = None, train: dict[str, Any] | None = N
         data[key] = cls(**section)
     user_train = dict(data.pop("train", None) or {})
     _check_keys(user_train, TrainConfig, f"{where}: train")
+    for key, value in overrides.items():
+        if key in SECTIONS and isinstance(value, dict):  # a section's mapping changes the file's section
+            _check_keys(value, SECTIONS[key], f"{where}: {key}")
+            overrides[key] = replace(data[key], **value)
     data.update({k: v for k, v in overrides.items() if v is not None})
     user_train.update({k: v for k, v in (train or {}).items() if v is not None})
 
@@ -239,7 +247,8 @@ def load_config(path: str | Path | None = None, train: dict[str, Any] | None = N
         raise VitfoldError(f"{where}: method_options must be a mapping, got {data['method_options']!r}")
     data["method_options"] = {**options, **(data.get("method_options") or {})}
     cfg = RunConfig(**data, train=TrainConfig(**train_values))
-    check_config(cfg, where)
+    if check:
+        check_config(cfg, where)
     return cfg
 
 

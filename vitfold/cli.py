@@ -146,11 +146,19 @@ def base_options(command: Callable) -> Callable:
     return command
 
 
-def _read_config(config_path: str | None, **overrides: Any) -> Any:
-    """The run config: `config_path` (a file, or a shipped config's name) with the non-None `overrides`."""
+def _read_config(config_path: str | None, check: bool = True, **overrides: Any) -> Any:
+    """The run config: `config_path` (a file, or a shipped config's name) with the non-None `overrides`
+    (`check=False`: see `load_config`)."""
     from vitfold.pipeline.config import config_file, load_config
 
-    return load_config(None if config_path is None else config_file(config_path), **overrides)
+    return load_config(None if config_path is None else config_file(config_path), check=check, **overrides)
+
+
+def _check_config(cfg: Any, config_path: str) -> None:
+    """`check_config` on a config read with `check=False`, naming its file as `load_config` would."""
+    from vitfold.pipeline.config import check_config, config_file
+
+    check_config(cfg, f"config {config_file(config_path)}")
 
 
 trust_option: Decorator = click.option(
@@ -337,11 +345,9 @@ def train(  # one parameter per option, as click passes them
         click.echo(json.dumps(training_plan(cfg), indent=1))
         return
     result = run_stage("train", rd, settings=cfg, config=cfg, resume=resume, log=_echo)
-    chosen = result["selected"]
-    _echo(
-        f"epoch {chosen['epoch']} to fold ({cfg.train.select}): eval accuracy {chosen['eval_acc']:.4f} "
-        f"(best over epochs {result['best_acc']:.4f}); adapter: {rd.adapter}"
-    )
+    chosen = result["selected"]  # best-val: the best epoch on the validation split, not on the evaluation one
+    why = f"best-val: val accuracy {chosen['select_acc']:.4f}" if cfg.train.select == "best-val" else "last"
+    _echo(f"epoch {chosen['epoch']} to fold ({why}): eval accuracy {chosen['eval_acc']:.4f}; adapter: {rd.adapter}")
 
 
 @main.command("import-official")
@@ -728,8 +734,7 @@ def report(run_dir: str) -> None:
 def run(config_path: str | None, out: str, force: str | None, trust: bool) -> None:
     """Run every stage of --config that is out of date into the run directory OUT (exit 1 if verify fails)."""
     from vitfold.pipeline.stages import RunDir
-    from vitfold.pipeline.stages.manifest import read_manifest
-    from vitfold.pipeline.stages.pipeline import run_pipeline
+    from vitfold.pipeline.stages.manifest import pipeline_unchanged, read_manifest
     from vitfold.pipeline.stages.pretrain import pretrained_path
 
     rd = RunDir(out)
@@ -739,14 +744,30 @@ def run(config_path: str | None, out: str, force: str | None, trust: bool) -> No
             "(the offline demo), or copy and edit a shipped config (vitfold configs)"
             + (f"; to rerun this run: --config {rd.config_file}" if rd.config_file.is_file() else "")
         )
-    cfg = _read_config(config_path)
+    cfg = _read_config(config_path, check=False)  # checked below unless it is the config a complete run ran
+    may_be_unchanged = force is None and rd.manifest_file.is_file()
+    if not may_be_unchanged:
+        _check_config(cfg, config_path)
     if cfg.pretrain:
         if cfg.checkpoint or cfg.pretrained:
             raise VitfoldError("config: 'pretrain' makes the backbone weights; drop 'checkpoint'/'pretrained'")
         cfg.checkpoint = str(pretrained_path(cfg))
     _echo(f"run directory: {rd.path}  (backbone {cfg.backbone}, method {cfg.method}, data {cfg.data})")
     started = time.perf_counter()
-    outcome = run_pipeline(rd, cfg, force, log=_echo, trust=trust)
+    unchanged = None
+    if may_be_unchanged:  # nothing to do is told without torch, timm or ONNX
+        with rd.locked():
+            unchanged = pipeline_unchanged(rd, cfg.to_yaml())
+    if unchanged is not None:
+        for name in unchanged:
+            _echo(f"== {name}: up to date, skipped")
+        outcome = dict.fromkeys(unchanged, "up to date")
+    else:
+        from vitfold.pipeline.stages.pipeline import run_pipeline
+
+        if may_be_unchanged:  # not checked above
+            _check_config(cfg, config_path)
+        outcome = run_pipeline(rd, cfg, force, log=_echo, trust=trust)
     ran = [name for name, what in outcome.items() if what != "up to date"]
     _echo(
         f"done in {time.perf_counter() - started:.1f} s; ran: {', '.join(ran) or 'nothing (all up to date)'}; "

@@ -38,6 +38,16 @@ def check_finite(named_tensors: Iterator[tuple[str, torch.Tensor]], what: str = 
             raise FoldError(f"refusing to fold: {what} '{name}' has {bad} non-finite value(s) (NaN or inf)")
 
 
+def check_rank(rank: int, limit: int, option: str, method: str, layer: str) -> None:
+    """A factor's rank fits the layer it adapts: r ≤ `limit` (the layer's smaller side), checked before any
+    factor is allocated (a rank of 100000 would ask for terabytes)."""
+    if rank > limit:
+        raise AdapterError(
+            f"option '{option}' ({rank}) of method '{method}' is larger than the layer it adapts, "
+            f"'{layer}' (at most {limit})"
+        )
+
+
 class AdapterModule(nn.Module):
     """A module vitfold adds to a model; its direct parameters are adapter tensors."""
 

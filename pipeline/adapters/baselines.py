@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vitfold.errors import AdapterError
-from vitfold.pipeline.adapters.base import AdapterMethod, AdditiveLinear, is_number
+from vitfold.pipeline.adapters.base import AdapterMethod, AdditiveLinear, check_rank, is_number
 from vitfold.pipeline.adapters.targets import find_targets
 
 
@@ -94,4 +94,6 @@ class LoRA(AdapterMethod):
         rank = self.options.rank
         alpha = float(self.options.alpha if self.options.alpha is not None else rank)
         for target in find_targets(model, shifts=False).linears:
+            base = model.get_submodule(target.name)
+            check_rank(rank, min(base.in_features, base.out_features), "rank", self.name, target.name)
             model.set_submodule(target.name, LoRALinear(model.get_submodule(target.name), rank, alpha))

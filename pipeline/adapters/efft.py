@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitfold.errors import AdapterError
-from vitfold.pipeline.adapters.base import AdapterMethod, AdapterModule, AdditiveLinear, is_number
+from vitfold.pipeline.adapters.base import AdapterMethod, AdapterModule, AdditiveLinear, check_rank, is_number
 from vitfold.pipeline.adapters.targets import Stage, find_targets
 
 TARGETS = {"all": ("attn", "fc1", "fc2"), "attention": ("attn",), "ffn": ("fc1", "fc2")}  # deltas per option
@@ -396,6 +396,7 @@ class EFFT1(_EFFT):
                 f"4·{stage.width}"
             )
         rank = stage_rank(self.options.rank, halvings, "rank", self.name)
+        check_rank(rank, stage.width, "rank", self.name, f"{stage.blocks[0]}.attn.qkv")  # V [d, r]
         return EFFT1Factors(stage.width, len(stage.blocks), rank, self.options, like=like)
 
 
@@ -411,6 +412,14 @@ class EFFT2(_EFFT):
         r2 = o.ffn_rank2 if o.ffn_rank2 is not None else r1
         named = {"rank": o.rank, "ffn_rank": r1, "ffn_rank2": r2}
         ranks = tuple(stage_rank(value, halvings, option, self.name) for option, value in named.items())
+        # U1 [d, r], U2 [d, r1], V2 [r2, h]: each rank at most the side it factors
+        limits = {
+            "rank": (stage.width, "attn.qkv"),
+            "ffn_rank": (stage.width, "mlp.fc1"),
+            "ffn_rank2": (stage.hidden, "mlp.fc2"),
+        }
+        for (option, (limit, layer)), rank in zip(limits.items(), ranks, strict=True):
+            check_rank(rank, limit, option, self.name, f"{stage.blocks[0]}.{layer}")
         slices_first = family == "swin"  # the released Swin code's core layout; its ViT code's is [r, r, k]
         return EFFT2Factors(
             stage.width, stage.hidden, len(stage.blocks), ranks, o, like=like, slices_first=slices_first

@@ -14,7 +14,7 @@ from vitfold.names import OFFICIAL_METHODS
 from vitfold.pipeline.backbones import read_state_dict
 from vitfold.pipeline.official.efft import convert_efft2
 from vitfold.pipeline.official.rlrr import convert_rlrr
-from vitfold.pipeline.official.state import OfficialImport, OfficialState
+from vitfold.pipeline.official.state import OfficialImport, OfficialState, check_imported
 
 
 def read_official(method: str, path: str | Path, options: dict[str, Any] | None = None) -> OfficialImport:
@@ -28,7 +28,8 @@ def read_official(method: str, path: str | Path, options: dict[str, Any] | None 
     if not path.is_file():
         raise CheckpointError(f"official checkpoint not found: {path}")
     state = OfficialState(read_state_dict(path), path, method)
-    return convert_rlrr(state) if method == "rlrr" else convert_efft2(state, dict(options or {}))
+    imported = convert_rlrr(state) if method == "rlrr" else convert_efft2(state, dict(options or {}))
+    return check_imported(imported, path)
 
 
 __all__ = ["OFFICIAL_METHODS", "OfficialImport", "read_official"]

@@ -72,3 +72,20 @@ class OfficialState:
                 f"{self.path}: '{left[0]}' is not part of an official {self.method} checkpoint "
                 f"({len(left)} tensor(s) not mapped)"
             )
+
+
+def check_imported(imported: OfficialImport, path: str | Path) -> OfficialImport:
+    """`imported`, once every tensor it carries (adapter, head and backbone) is floating point and finite;
+    else a `CheckpointError` naming the first that is not (the fold would refuse it much later)."""
+    for name, tensor in {**imported.adapter, **imported.backbone}.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{path}: tensor '{name}' is {tensor.dtype}, not floating point: refusing to import it"
+            )
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise CheckpointError(
+                f"{path}: tensor '{name}' has {bad} non-finite value(s) (NaN or inf): refusing to import it"
+            )
+    return imported

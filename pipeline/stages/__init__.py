@@ -27,22 +27,25 @@ def run_stage(
     **overrides: Any,
 ) -> Any:
     """Run stage `name` on the run directory, with its config section changed by `overrides` (or with
-        `settings` whole), holding the run's lock; the manifest records the settings it ran with. `config`
-        is saved as the run's config first. With `out_dir` the stage writes its files there and nothing into
-        the run (no lock, no manifest: a read-only run). `trust` loads artifacts that run code though this
-    machine's vitfold did not write them. Returns the stage's value."""
+    `settings` whole), holding the run's lock; the manifest records the settings it ran with. `config` is
+    saved as the run's config once the stage has resolved it. With `out_dir` the stage writes its files there
+    and nothing into the run (no lock, no manifest: a read-only run). `trust` loads artifacts that run code
+    though this machine's vitfold did not write them. Returns the stage's value."""
     from vitfold.pipeline.stages.pipeline import STAGES
 
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     stage = STAGES[name]
     writer = out_dir is None and int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
     with rd.locked() if writer else nullcontext():
-        if config is not None and writer:
-            rd.write_config(config)
+        if config is not None:
+            rd.use_config(config)  # saved once the stage has resolved it (nothing written before)
         if settings is None:
-            settings = stage.settings(config or rd.config, **overrides)
+            settings = stage.settings(rd.config, **overrides)
         out = Path(out_dir) if out_dir is not None else None
-        return execute(stage, rd, settings, log=log, resume=resume, record=writer, out_dir=out, trust=trust)
+        settled = rd.save_config if config is not None and writer else lambda: None
+        return execute(
+            stage, rd, settings, log=log, resume=resume, record=writer, out_dir=out, trust=trust, settled=settled
+        )
 
 
 __all__ = ["RunDir", "run_stage"]

@@ -4,7 +4,9 @@ mean ± std over `seeds`, so a reader sees which differences are noise).
 
 `compare: {linear: {}, full: {train: {lr: 5e-4}}, efft2: {method_options: {rank: 8}}}` and
 `seeds: [0, 1, 2]` in a run config: each method trains with each seed into RUN/compare/<method>/seed-<s>/
-(its own run directory, resumable; the run itself stands for its own method and seed), and
+(its own run directory, resumable; the run itself stands for its own method and seed when it trained with
+the same settings; an entry for the run's own method, e.g. `rlrr: {train: {epochs: 4}}`, compares it with
+other training settings, as the other methods' entries do), and
 RUN/compare/compare.json lists every method's runs and statistics, the run's method first.
 """
 
@@ -113,16 +115,20 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
     """Train every method over every seed (the run itself stands for its own method and seed; unfinished
     runs resume); write compare/compare.json, the run's method first."""
     seeds = cfg.seeds or [cfg.seed]
+    own = dict(cfg.compare.get(cfg.method) or {})  # the run's method may compare with other training settings
+    own["method_options"] = {**cfg.method_options, **(own.get("method_options") or {})}
+    own_is_the_run = not own.get("train") and own["method_options"] == cfg.method_options
     others = {method: entry for method, entry in cfg.compare.items() if method != cfg.method}
-    methods = {cfg.method: {"method_options": cfg.method_options}, **others}
+    methods = {cfg.method: own, **others}
     summaries = []
     for method, entry in methods.items():
         runs = []
         for seed in seeds:
             sub_cfg = method_config(cfg, method, entry, seed)
-            same_as_run = method == cfg.method and seed == cfg.seed
+            same_as_run = method == cfg.method and seed == cfg.seed and own_is_the_run
             runs.append((seed, rd if same_as_run else _train(rd, sub_cfg, ctx)))
-        summaries.append(method_summary(method_config(cfg, method, entry, seeds[0]), runs))
+        summary = method_summary(method_config(cfg, method, entry, seeds[0]), runs)
+        summaries.append({**summary, "includes_this_run": any(run is rd for _, run in runs)})
     atomic_write_json(rd.compare_summary, {"seeds": seeds, "methods": summaries})
     for r in summaries:
         ctx.log(

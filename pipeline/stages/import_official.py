@@ -5,7 +5,8 @@ Writes RUN/config.yaml, RUN/import/backbone.safetensors when the checkpoint carr
 the run's `checkpoint`; otherwise the run's `--pretrained` or `--checkpoint` weights are the base) and
 RUN/train/adapter.safetensors, and records them in the manifest as the train stage's outputs, with
 `imported_from` (the official file and its sha256) in place of training (`imported_run`). The key mapping:
-`vitfold.pipeline.official`. A failed import leaves nothing behind.
+`vitfold.pipeline.official`. A failed, interrupted or terminated import leaves nothing behind (not even
+`.vitfold.lock` or `import/`).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from vitfold.pipeline.atomic import atomic_replace
 from vitfold.pipeline.config import RunConfig, training_params
 from vitfold.pipeline.models import build_model
 from vitfold.pipeline.stages.manifest import record_stage
+from vitfold.pipeline.stages.rollback import removed_on_failure
 from vitfold.pipeline.stages.rundir import RunDir
 from vitfold.pipeline.stages.train import TRAIN, base_identity, run_adapter_metadata
 from vitfold.pipeline.tensor_files import safetensors_bytes
@@ -45,23 +46,17 @@ def write_imported_run(
     """Write the run `rd` of `cfg` (its method, options and `num_classes` those of `adapter`, vitfold's names)
     from `origin` ({"path", "sha256", ...}, recorded as `imported_from`); `backbone`: timm tensors that become
     the run's base weights (its `checkpoint`, in place of --pretrained). `started`: the import's perf_counter
-    start. A failure leaves none of its files."""
-    with rd.locked():
-        written = [rd.imported_backbone, rd.config_file, rd.adapter, rd.manifest_file]
-        try:
-            if backbone:
-                meta = {"format": "vitfold-imported-backbone/1", "imported_from": origin["path"]}
-                atomic_replace(rd.imported_backbone, safetensors_bytes(backbone, meta))
-                cfg = replace(cfg, checkpoint=str(rd.imported_backbone.resolve()), pretrained=False)
-            model = load_adapter(build_model(cfg, cfg.num_classes), adapter)
-            rd.write_config(cfg)
-            extra = {"base": base_identity(rd, cfg), "imported_from": origin["path"]}
-            save_adapter(model, rd.adapter, backbone=cfg.backbone, **run_adapter_metadata(cfg, extra))
-            seconds = time.perf_counter() - started
-            record_stage(
-                rd, "train", training_params(cfg), TRAIN.inputs(rd, cfg), [rd.adapter], seconds, imported_from=origin
-            )
-        except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise
+    start. A failure, Ctrl-C or SIGTERM leaves none of its files (`removed_on_failure`)."""
+    with removed_on_failure(rd.path), rd.locked():  # a failure or a kill leaves nothing of the import behind
+        if backbone:
+            meta = {"format": "vitfold-imported-backbone/1", "imported_from": origin["path"]}
+            atomic_replace(rd.imported_backbone, safetensors_bytes(backbone, meta))
+            cfg = replace(cfg, checkpoint=str(rd.imported_backbone.resolve()), pretrained=False)
+        model = load_adapter(build_model(cfg, cfg.num_classes), adapter)
+        rd.write_config(cfg)
+        extra = {"base": base_identity(rd, cfg), "imported_from": origin["path"]}
+        save_adapter(model, rd.adapter, backbone=cfg.backbone, **run_adapter_metadata(cfg, extra))
+        seconds = time.perf_counter() - started
+        record_stage(
+            rd, "train", training_params(cfg), TRAIN.inputs(rd, cfg), [rd.adapter], seconds, imported_from=origin
+        )

@@ -17,7 +17,7 @@ from vitfold.pipeline.stages.bench import BENCH
 from vitfold.pipeline.stages.compare_methods import COMPARE
 from vitfold.pipeline.stages.export import EXPORT
 from vitfold.pipeline.stages.fold import FOLD
-from vitfold.pipeline.stages.manifest import Stale, Staleness, staleness
+from vitfold.pipeline.stages.manifest import Stale, Staleness, record_pipeline, staleness
 from vitfold.pipeline.stages.pretrain import PRETRAIN
 from vitfold.pipeline.stages.report import REPORT
 from vitfold.pipeline.stages.rundir import RunDir
@@ -37,15 +37,20 @@ def stages_for(cfg: RunConfig) -> list[Stage]:
 def run_pipeline(
     rd: RunDir, config: RunConfig, force: str | None = None, log: Log = print, trust: bool = False
 ) -> dict[str, str]:
-    """Save `config` as the run's config and run every out-of-date stage, holding the run's lock;
+    """Run every out-of-date stage of `config`, holding the run's lock, and save it as the run's config
+    once a stage has resolved it (a failing first stage leaves config.yaml as it was);
     returns {stage: "ran: why" | "up to date"}. `trust`: as for `run_stage`."""
     pipeline = stages_for(config)
     names = [s.name for s in pipeline]
     if force is not None and force not in names:
         raise VitfoldError(f"--force {force}: not a stage of this run (stages: {', '.join(names)})")
     with rd.locked():
-        rd.write_config(config)
-        return _run_stages(rd, pipeline, force, log, trust)
+        rd.use_config(config)  # saved by the first stage that runs, once it has resolved it
+        outcome = _run_stages(rd, pipeline, force, log, trust)
+        rd.save_config()
+        watched = {stage.name: stage.inputs(rd, stage.settings(rd.config)) for stage in pipeline}
+        record_pipeline(rd, rd.config.to_yaml(), watched)  # a rerun with nothing to do: pipeline_unchanged
+        return outcome
 
 
 def _run_stages(rd: RunDir, pipeline: list[Stage], force: str | None, log: Log, trust: bool) -> dict[str, str]:
@@ -64,8 +69,7 @@ def _run_stages(rd: RunDir, pipeline: list[Stage], force: str | None, log: Log, 
             outcome[stage.name] = "up to date"
             continue
         log(f"== {stage.name}: running ({why})")
-        execute(
-            stage, rd, settings, log=log, resume=why.resumable, trust=trust
-        )  # a killed training resumes from last.ckpt
+        # a killed training resumes from last.ckpt
+        execute(stage, rd, settings, log=log, resume=why.resumable, trust=trust, settled=rd.save_config)
         outcome[stage.name] = f"ran: {why}"
     return outcome

@@ -20,9 +20,7 @@ from vitfold.pipeline.atomic import atomic_replace, atomic_write_text
 from vitfold.pipeline.config import RunConfig, load_config
 from vitfold.pipeline.stages.rundir import RunDir, sha256
 from vitfold.pipeline.stages.stage import Context, Stage, StageResult, execute
-from vitfold.pipeline.stages.train import TRAIN
 from vitfold.pipeline.stages.trust import cache_root
-from vitfold.pipeline.tensor_files import safetensors_bytes
 
 PRETRAIN_KEYS = ("data", "train")
 
@@ -31,8 +29,10 @@ def cache_dir() -> Path:
     return cache_root() / "pretrained"
 
 
-def pretrain_config(cfg: RunConfig) -> RunConfig:
+def pretrain_config(cfg: RunConfig, check: bool = True) -> RunConfig:
     spec = cfg.pretrain or {}
+    if not isinstance(spec, dict):
+        raise VitfoldError(f"config: pretrain must be a mapping, got {spec!r}")
     unknown = sorted(set(spec) - set(PRETRAIN_KEYS))
     if unknown or "data" not in spec:
         problem = f"unknown key '{unknown[0]}'" if unknown else "no 'data'"
@@ -45,13 +45,14 @@ def pretrain_config(cfg: RunConfig) -> RunConfig:
         method="full",
         seed=cfg.seed,
         train=spec.get("train") or {},
+        check=check,
     )
 
 
 def pretrained_path(cfg: RunConfig) -> Path:
     """Where the backbone pre-trained as `cfg.pretrain` says is (or will be) cached: a file directly in the
     cache folder, whatever the backbone name holds (no path separator or `..` gets through)."""
-    spec: dict[str, Any] = pretrain_config(cfg).to_dict()
+    spec: dict[str, Any] = pretrain_config(cfg, check=False).to_dict()  # names a file: the run checks it
     spec = {k: spec[k] for k in ("backbone", "backbone_kwargs", "data", "method", "seed", "train")}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9_-]", "_", cfg.backbone)
@@ -76,6 +77,9 @@ def _cached(path: Path, log) -> bool:
 def pretrain(cfg: RunConfig, log=print) -> Path:
     """The cached pre-trained backbone for `cfg`, training it first when it is not cached (or changed).
     An interrupted pre-training resumes from its last epoch (its scratch run lives beside the cache)."""
+    from vitfold.pipeline.stages.train import TRAIN  # torch: only when there is something to train
+    from vitfold.pipeline.tensor_files import safetensors_bytes
+
     path = pretrained_path(cfg)
     if _cached(path, log):
         log(f"pre-trained backbone: {path} (cached)")

@@ -70,7 +70,7 @@ def _accuracy(compare: dict[str, Any]) -> list[str]:
     where = f"{evaluated['split']}, {evaluated['images']:,} images"
     rows = [
         [
-            r["method"] + (" (this run)" if i == 0 else ""),
+            r["method"] + (" (this run)" if r.get("includes_this_run") else " (this run's method)" if i == 0 else ""),
             f"{r['trainable_params']:,}",
             _share_of_backbone(r),
             _pm(r["acc_mean"], r["acc_std"]),

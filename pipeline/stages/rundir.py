@@ -84,8 +84,14 @@ class RunDir:
             finally:
                 self._lock_depth -= 1
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError as e:
+            raise VitfoldError(
+                f"{self.path} is read-only for you ({e.strerror}: {e.filename}): nothing can be written into it; "
+                "verify a read-only run with --output DIR"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -103,10 +109,19 @@ class RunDir:
             os.close(fd)  # releases the lock
 
     def _remove_leftovers(self) -> None:
-        for tmp in self.path.rglob(".*.tmp"):  # atomic writes cut short
-            tmp.unlink(missing_ok=True)
-        for staging in self.export_dir.glob(".export-*"):  # exports cut short
-            shutil.rmtree(staging, ignore_errors=True)
+        """Remove what writes cut short left: `.*.tmp` files (atomic writes) anywhere in the run and
+        `export/.export-*` folders (exports). The sweep never leaves the run: a symbolic link inside it
+        (a linked `export/`, a linked subfolder) is not followed; at most the link itself is a leftover."""
+        for folder, _, files in os.walk(self.path):  # followlinks=False: linked folders are not entered
+            for name in files:  # a linked file is listed here too: unlink removes the link, not its target
+                if name.startswith(".") and name.endswith(".tmp"):
+                    Path(folder, name).unlink(missing_ok=True)
+        if self.export_dir.is_dir() and not self.export_dir.is_symlink():
+            for staging in self.export_dir.glob(".export-*"):  # exports cut short
+                if staging.is_symlink():
+                    staging.unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(staging, ignore_errors=True)
 
     def artifact(self, fmt: str) -> Path:
         """The file export format `fmt` writes (a key of `vitfold.export.FILES`)."""
@@ -122,12 +137,21 @@ class RunDir:
             raise VitfoldError(f"{self.path} is not a run directory: {self.config_file} not found")
         return load_config(self.config_file)
 
-    def write_config(self, cfg: RunConfig) -> None:
-        """Save `cfg` as the run's config.yaml (rewritten only when it changes) and use it from now on."""
-        text = cfg.to_yaml()
+    def use_config(self, cfg: RunConfig) -> None:
+        """Use `cfg` as the run's config from now on, without saving it yet (`save_config` does, once the
+        stage that resolves it has found its backbone, data and options)."""
+        self.__dict__["config"] = cfg
+
+    def save_config(self) -> None:
+        """Save the config in use as the run's config.yaml (rewritten only when it changes)."""
+        text = self.config.to_yaml()
         if not self.config_file.is_file() or self.config_file.read_text() != text:
             atomic_write_text(self.config_file, text)
-        self.__dict__["config"] = cfg
+
+    def write_config(self, cfg: RunConfig) -> None:
+        """Save `cfg` as the run's config.yaml (rewritten only when it changes) and use it from now on."""
+        self.use_config(cfg)
+        self.save_config()
 
     def sha256(self, path: Path) -> str:
         """The file's sha256, computed once per (size, mtime) in the life of this object."""

@@ -1,6 +1,10 @@
 """A stage is one declaration: its config section, the files it reads, and its run function. Its own
 command (`vitfold fold RUN`, ...) and `vitfold run` both execute it through `execute`, which marks it
-running, runs it, and records the settings it ran with, its inputs and its outputs in the manifest."""
+running, runs it, and records the settings it ran with, its inputs and its outputs in the manifest.
+
+Nothing is recorded before the settings are found valid: a stage that fails with a `VitfoldError` leaves
+the manifest as it was, and the run's config is saved only once the stage has resolved it (`Context.settled`,
+which the train stage calls when its backbone, data and options are built) or has finished."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any
 
 from vitfold.errors import VitfoldError
 from vitfold.pipeline.config import RunConfig, check_config
-from vitfold.pipeline.stages.manifest import record_stage, start_stage
+from vitfold.pipeline.stages.manifest import read_manifest_bytes, record_stage, restore_manifest, start_stage
 from vitfold.pipeline.stages.rundir import RunDir
 
 Log = Callable[[str], None]
@@ -27,6 +31,7 @@ class Context:
     resume: bool = False
     out_dir: Path | None = None
     trust: bool = False  # load artifacts that run code though this machine's vitfold did not write them
+    settled: Callable[[], None] = lambda: None  # the config is resolved: save it (config.yaml) now
 
 
 @dataclass
@@ -77,16 +82,26 @@ def execute(
     record: bool = True,
     out_dir: Path | None = None,
     trust: bool = False,
+    settled: Callable[[], None] = lambda: None,
 ) -> Any:
     """Run `stage` on `rd` with `settings` (default: its section of the run's config); record it in the
-    manifest when done (unless `record=False`: a DDP process other than rank 0, a read-only run)."""
+    manifest when done (unless `record=False`: a DDP process other than rank 0, a read-only run).
+    `settled` saves the run's config: called by the stage once it has resolved it, else when it is done.
+    A `VitfoldError` (an input error) puts the manifest back as it was before the stage started."""
     settings = stage.settings(rd.config) if settings is None else settings
     if stage.check is not None:
         stage.check(rd, settings)
+    before = read_manifest_bytes(rd) if record else None
     if record:
         start_stage(rd, stage.name)
     started = time.perf_counter()
-    result = stage.run(rd, settings, Context(log, resume, out_dir, trust))
+    try:
+        result = stage.run(rd, settings, Context(log, resume, out_dir, trust, settled))
+    except VitfoldError:
+        if record:
+            restore_manifest(rd, before)
+        raise
+    settled()
     if record:
         seconds = time.perf_counter() - started
         record_stage(

@@ -95,6 +95,8 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
             f"num_classes {cfg.num_classes} is smaller than the {splits.num_classes} classes of {cfg.data}"
         )
     model = build_model(cfg, splits.num_classes, backbone).to(d.device)
+    if d.main:
+        ctx.settled()  # backbone, data and options resolved: the run's config.yaml may now say so
     trainer = Trainer(model, cfg.train, d, splits.train, splits.eval, cfg.seed, splits.select)
     if ctx.resume:
         _resume(rd, cfg, trainer, ctx.log)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitfold.errors import VitfoldError
+from vitfold.errors import VitfoldError, first_line
 from vitfold.export.artifact_precision import artifact_precision
 from vitfold.export.gate import Inputs, gate_result, judge, loosened_tolerances, random_images
 from vitfold.export.runners import EXECUTABLE_RUNTIMES, file_sha256, open_hashed, open_runner, runtime_of
@@ -70,7 +70,10 @@ def reference_model(
         if not Path(reference.removeprefix(LOCAL_DIR), "config.json").is_file():
             raise VitfoldError(f"--reference {reference}: no config.json in that folder (a timm model folder)")
         extra = {"num_classes": num_classes} if num_classes else {}
-        return timm.create_model(reference, pretrained=True, **extra, **kwargs).eval()
+        try:
+            return timm.create_model(reference, pretrained=True, **extra, **kwargs).eval()
+        except Exception as e:  # noqa: BLE001 - weights a user's folder holds: a blocked pickle, a bad file
+            raise VitfoldError(f"--reference {reference}: cannot load the model folder: {first_line(e)}") from None
     if reference.endswith(".safetensors"):
         path = Path(reference)
         meta = RunDir(path.parent).metadata(path)  # a missing or unreadable file: one line naming it

@@ -97,6 +97,28 @@ def test_second_run_changes_nothing(first, tmp_path):
     assert snapshot(run) == before
 
 
+def test_a_rerun_with_nothing_to_do_imports_no_torch(first, tmp_path):
+    """The rerun is told from the manifest and the hashes alone (the stages, torch, timm, ONNX not imported)."""
+    config, run, cache, _ = first
+    run = copy_run(run, tmp_path / "run")
+    args = [sys.executable, "-X", "importtime", "-m", "vitfold", "run", "--config", str(config), "--out", str(run)]
+    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "VITFOLD_CACHE": str(cache)})
+    assert done.returncode == 0, done.stderr
+    assert re.findall(r"^== (\w+): up to date, skipped", done.stderr, re.M) == ALL
+    imported = re.findall(r"^import time:.*\| +([\w.]+)$", done.stderr, re.M)
+    assert "click" in imported and not {"torch", "timm", "onnx"} & set(imported)
+
+
+def test_a_stage_run_alone_after_the_pipeline_is_seen_by_the_next_run(first, tmp_path):
+    config, run, cache, _ = first
+    run = copy_run(run, tmp_path / "run")
+    alone = ["bench", str(run), "--min-iters", "4", "--batch-sizes", "1,2"]
+    assert vitfold_cli(*alone, env={"VITFOLD_CACHE": str(cache)}).returncode == 0
+    code, ran, log = vitfold_run(config, run, cache)  # the config says min_iters 3: bench runs again
+    assert code == 0 and ran == ["bench", "report"], log
+    assert "== bench: running (its settings changed (min_iters))" in log
+
+
 def test_changed_bench_setting_reruns_bench_and_report_only(first, tmp_path):
     _, run, cache, _ = first
     run = copy_run(run, tmp_path / "run")

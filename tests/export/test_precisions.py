@@ -22,11 +22,17 @@ from vitfold.export.isa import cpu_has_bf16
 from vitfold.pipeline.config import load_config
 from vitfold.pipeline.stages import RunDir, run_stage
 
-from helpers import QUIET, TINY_RUN, copy_run, rel, vitfold_cli
+from helpers import CALIBRATION_SAMPLES, QUIET, TINY_RUN, copy_run, rel, vitfold_cli
 
 # a tiny run whose predictions have margins (full fine-tuning, ~86% on digits 0-4): on a near-chance
 # model, any quantization flips near-ties and no int8 artifact could pass
-CONFIDENT_RUN = {**TINY_RUN, "method": "full", "train": {**TINY_RUN["train"], "epochs": 6, "lr": 1e-3}}
+CONFIDENT_RUN = {
+    **TINY_RUN,
+    "data": "digits:0-4",
+    "method": "full",
+    "train": {**TINY_RUN["train"], "epochs": 6, "lr": 1e-3},
+    "export": {"calibration_samples": 200},  # fewer than the 225 evaluation images, as in TINY_RUN
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +92,7 @@ def test_int8_onnx_is_qdq_with_per_channel_int8_weights(int8_run):
         assert scale.ndim == 1 and len(scale) > 1 and len(scale) in weight.shape
     assert "Conv" in ops and "LayerNormalization" in ops and "Softmax" in ops  # left in float
     summary = json.loads((int8_run / "export" / "export.json").read_text())
-    assert summary["int8"]["calibration"] == {"split": "train", "images": 256, "seed": 0}
+    assert summary["int8"]["calibration"] == {"split": "train", "images": 200, "seed": 0}
 
 
 def test_int8_row_is_judged_by_agreement_and_accuracy_on_the_whole_split(int8_run, tmp_path):
@@ -168,14 +174,37 @@ def test_a_bar_without_its_statistic_fails_closed():
 
 
 def test_split_stats_count_agreement_and_accuracy_change():
+    """Four different values (agreement 5/8, accuracy 7/8, the reference's 6/8, a change of +12.5 points),
+    so that any two swapped shows."""
     labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
     reference = torch.tensor([0, 1, 2, 3, 0, 0, 1, 1])  # 6 of 8 right
-    predicted = torch.tensor([0, 1, 2, 3, 4, 0, 2, 2])  # 7 of 8 right; 5 of 8 agree with the reference
+    predicted = torch.tensor([0, 1, 2, 3, 4, 0, 2, 2])  # 7 of 8 right; agrees with the reference on 5 of 8
     stats = split_stats(predicted, reference, labels)
-    assert stats["split_top1_agreement"] == 0.625 and stats["split_accuracy"] == 0.875
-    assert stats["reference_accuracy"] == 0.75 and stats["accuracy_delta"] == pytest.approx(12.5)
+    assert stats["split_top1_agreement"] == 5 / 8 and stats["split_accuracy"] == 7 / 8
+    assert stats["reference_accuracy"] == 6 / 8 and stats["accuracy_delta"] == pytest.approx(12.5)
     assert stats["split_images"] == 8
     assert split_stats(labels, reference, labels)["accuracy_delta"] == pytest.approx(25.0)
+
+
+def test_calibration_images_are_distinct_images_of_the_training_split(exported_run):
+    """int8 calibrates on training images only: each of the CALIBRATION_SAMPLES images is one of the training
+    split's (by its index there), none is an evaluation image, and none is taken twice."""
+    from vitfold.pipeline.data import build_splits, parse_data_spec
+    from vitfold.pipeline.models import data_transform
+    from vitfold.pipeline.stages.backends import folded_model
+    from vitfold.pipeline.stages.export import calibration_images
+
+    rd = RunDir(exported_run)
+    model = folded_model(rd)
+    splits = build_splits(parse_data_spec(rd.config.data), data_transform(rd.config, model))
+    train = torch.stack([splits.train[i][0] for i in range(len(splits.train))]).flatten(1)  # [671, 3·16·16]
+    held_out = torch.stack([splits.eval[i][0] for i in range(len(splits.eval))]).flatten(1)  # [225, 3·16·16]
+    assert len(held_out) > CALIBRATION_SAMPLES  # an evaluation draw could fill the count: the test can tell
+    images = calibration_images(rd, model, CALIBRATION_SAMPLES).flatten(1)  # [64, 3·16·16]
+    assert len(images) == CALIBRATION_SAMPLES
+    indices = [int((train == x).all(1).nonzero()[0]) for x in images]  # fails if an image is not a training one
+    assert len(set(indices)) == CALIBRATION_SAMPLES
+    assert not any(bool((held_out == x).all(1).any()) for x in images)
 
 
 def test_bf16_is_refused_in_one_line_on_a_cpu_without_native_bf16(monkeypatch):

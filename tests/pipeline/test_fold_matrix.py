@@ -19,7 +19,7 @@ from vitfold.pipeline.backbones import add_missing_biases
 from helpers import images, make_vit, randomize_trainable, rel
 from reference_folds import reference_fold
 
-VIT_B = ("vit_base_patch16_224", ())
+VIT_B = ("vit_base_patch16_224", (("depth", 3),))  # ViT-B: its width, heads, MLP and 224² input; 3 of its 12 blocks
 TINY_KW = (("img_size", 32), ("patch_size", 8))
 SLOW = pytest.mark.slow
 EFFT_OPTS = (("rank", 8), ("scale", 0.7))

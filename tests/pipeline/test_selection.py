@@ -21,7 +21,7 @@ from vitfold.pipeline.config import load_config
 from vitfold.pipeline.models import build_model
 from vitfold.pipeline.stages import RunDir, run_stage
 
-from helpers import QUIET, TINY_RUN, vitfold_cli, write_vtab
+from helpers import MEAN, QUIET, STD, TINY_RUN, vitfold_cli, write_vtab
 
 SIZES = {"train800": 24, "val200": 9, "test": 12}
 TRAIN = {"epochs": 5, "batch_size": 8, "lr": 0.05, "warmup_epochs": 0, "weight_decay": 0.0, "drop_path": 0.0}
@@ -53,13 +53,14 @@ def _accuracy_on_list(cfg, adapter: Path, vtab: Path, split: str) -> float:
 
     model = load_adapter(build_model(cfg, 3), load_file(adapter)).eval()
     correct = 0
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)  # the run's, per channel
     lines = (vtab / f"{split}.txt").read_text().split("\n")
     pairs = [line.split() for line in lines if line]
     for name, label in pairs:
         image = Image.open(vtab / name).convert("RGB").resize((16, 16), Image.BICUBIC)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255  # [3, 16, 16]
         with torch.no_grad():
-            correct += int(model(((x - 0.5) / 0.5)[None]).argmax(-1)) == int(label)
+            correct += int(model(((x - mean) / std)[None]).argmax(-1)) == int(label)
     return correct / len(pairs)
 
 
@@ -130,3 +131,38 @@ def test_compare_over_seeds_reports_mean_std_and_the_selecting_split(tmp_path, v
         assert entry["acc_mean"] == pytest.approx(mean) and entry["acc_std"] == pytest.approx(std)
         assert f"{mean:.3f} ± {std:.3f}" in report
     assert "best on val200 (9 images)" in report and "test, 12 images" in report and "2 seed(s)" in report
+
+
+@pytest.fixture(scope="module")
+def vtab_val_disagrees(tmp_path_factory) -> Path:
+    """A VTAB-1k folder whose val200 list mislabels its first five images (class + 1), so the best epoch on
+    val200 is not the best one on the test list."""
+    root = write_vtab(tmp_path_factory.mktemp("vtab"), SIZES)
+    pairs = [line.split() for line in (root / "val200.txt").read_text().splitlines()]
+    relabelled = [f"{name} {(int(label) + 1) % 3 if i < 5 else label}\n" for i, (name, label) in enumerate(pairs)]
+    (root / "val200.txt").write_text("".join(relabelled))
+    return root
+
+
+def test_train_with_best_val_prints_and_returns_the_best_val_epoch(tmp_path, vtab_val_disagrees):
+    """The epoch `vitfold train` names as the one it folds, and the one `run_stage` returns as selected, is the
+    best on val200 (read from metrics.csv here), not the best on the test list."""
+    import re
+
+    from click.testing import CliRunner
+
+    from vitfold.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(_config(vtab_val_disagrees, select="best-val").to_yaml())
+    result = CliRunner().invoke(main, ["train", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    rows = _metrics(tmp_path / "run")
+    val, test = ([float(r[key]) for r in rows] for key in ("select_acc", "eval_acc"))
+    best_val, best_test = val.index(max(val)) + 1, test.index(max(test)) + 1
+    assert best_val != best_test, "the best val200 epoch is the best test epoch: this test could not tell them apart"
+    ((printed, accuracy),) = re.findall(r"epoch (\d+) to fold \(best-val: val accuracy ([\d.]+)\)", result.output)
+    assert int(printed) == best_val and float(accuracy) == pytest.approx(max(val), abs=1e-4)
+    again = _config(vtab_val_disagrees, select="best-val")
+    returned = run_stage("train", tmp_path / "again", settings=again, **QUIET)
+    assert returned["selected"]["epoch"] == best_val  # the same seed, the same epochs

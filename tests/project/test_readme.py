@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from vitfold.cli import main
 from vitfold.pipeline.data import ImageTransform, build_splits, parse_data_spec
 
-from helpers import ROOT
+from helpers import CLASS_NAMES, ROOT
 
 README = (ROOT / "README.md").read_text()
 
@@ -74,7 +74,7 @@ def test_readme_timm_recipe_loads_a_finished_run_folder(exported_run):
     (recipe,) = [b for b in _blocks("python") if "local-dir:" in b]
     namespace: dict = {}
     exec(recipe.replace("runs/demo", str(exported_run)), namespace)  # noqa: S102 - the README's own code
-    assert namespace["model"].num_classes == 5 and namespace["names"] == ["0", "1", "2", "3", "4"]
+    assert namespace["model"].num_classes == 5 and namespace["names"] == CLASS_NAMES
     assert namespace["config"]["input_size"] == (3, 16, 16)
     assert namespace["transform"] is not None
 

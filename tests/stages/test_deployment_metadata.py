@@ -24,17 +24,17 @@ from vitfold.pipeline.data import ImageTransform
 from vitfold.pipeline.stages import RunDir, run_stage
 from vitfold.pipeline.stages.backends import folded_model
 
-from helpers import QUIET, TINY_RUN, copy_run
+from helpers import CLASS_NAMES, MEAN, QUIET, STD, TINY_RUN, copy_run
 
-# What the tiny run (conftest's exported_run: digits 0-4, RLRR, 16x16) must record, written out here
-# rather than read from the code under test: the digits name themselves; TINY_RUN normalises with a mean and
-# a std that differ (so a swap shows); the digits are upscaled to the model's input (bicubic, no crop).
-CLASS_NAMES = ["0", "1", "2", "3", "4"]
+# What the tiny run (conftest's exported_run: digits 5-9, RLRR, 16x16) must record, written out here
+# rather than read from the code under test: the digits name themselves (not by their indices); the run's
+# own per-channel mean and std (all different, so a swap shows); the digits are upscaled to the model's
+# input (bicubic, no crop).
 PREPROCESSING = {
     "input_size": [3, 16, 16],
     "interpolation": "bicubic",
-    "mean": [0.4, 0.45, 0.5],
-    "std": [0.2, 0.25, 0.3],
+    "mean": list(MEAN),
+    "std": list(STD),
     "crop_pct": 1.0,
     "crop_mode": "squash",
 }

@@ -88,6 +88,25 @@ def test_artifacts_match_the_folded_model(run, batch):
         _close(package(x).numpy(), ref)
 
 
+def test_the_onnx_file_holds_the_folded_weights_not_the_base_and_an_adapter(run):
+    """The artifacts compute what the fold computes, and what the unmerged model computes too (within 1e-4):
+    only the weights tell an export of the fold from an export of the unmerged model. Each folded tensor is
+    an initializer of the ONNX file (a linear weight transposed), and the file holds nothing more (no s_in,
+    s_out, f beside base weights)."""
+    from onnx import numpy_helper
+
+    adapter = load_file(run / "train" / "adapter.safetensors")
+    assert all(float(adapter[f"blocks.0.attn.qkv.{k}"].abs().min()) > 0 for k in ("s_in", "s_out"))  # not W' = W
+    folded = {k: v.numpy() for k, v in load_file(run / "fold" / "model.safetensors").items()}
+    initializers = [numpy_helper.to_array(t) for t in onnx.load(str(run / "export" / "model.onnx")).graph.initializer]
+
+    def held(value: np.ndarray) -> bool:
+        return any(np.array_equal(a, value) or np.array_equal(a, value.T) for a in initializers)
+
+    assert [k for k, v in folded.items() if not held(v)] == []
+    assert sum(a.size for a in initializers) < sum(v.size for v in folded.values()) + 64  # + shape constants
+
+
 def test_triton_repository_lists_the_built_artifacts(run):
     configs = sorted(p.relative_to(run / "triton").as_posix() for p in (run / "triton").rglob("config.pbtxt"))
     assert configs == ["vit_tiny_patch16_224_onnx/config.pbtxt", "vit_tiny_patch16_224_torchscript/config.pbtxt"]
@@ -160,8 +179,9 @@ def test_onnx_of_folded_model_is_the_base_architecture(tmp_path, method):
 def test_vit_base_onnx_matches_folded_at_batch_1_and_5(tmp_path):
     import onnxruntime as ort
 
-    torch.manual_seed(0)
-    adapted = vitfold.adapt(timm.create_model("vit_base_patch16_224").eval(), "rlrr", num_classes=10)
+    torch.manual_seed(0)  # ViT-B's width, heads, MLP and 224² input; 3 of its 12 blocks (the graph repeats them)
+    base = timm.create_model("vit_base_patch16_224", depth=3).eval()
+    adapted = vitfold.adapt(base, "rlrr", num_classes=10)
     randomize_trainable(adapted, std=0.05)
     folded = vitfold.fold(adapted).eval()
     path = tmp_path / "model.onnx"
