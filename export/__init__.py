@@ -12,6 +12,7 @@ package imports neither torch nor onnx.
 
 from collections.abc import Iterable
 from importlib import import_module
+from pathlib import Path
 from typing import Any
 
 FORMATS = ("onnx", "torchscript", "aoti", "tensorrt", "openvino")
@@ -32,6 +33,17 @@ FILES = {
     "openvino-bf16": "model.bf16.xml",
     "openvino-int8": "model.int8.xml",
 }
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of the file at `path` (hex), read in 1 MiB chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def format_names(formats: Iterable[str]) -> list[str]:
@@ -55,7 +67,7 @@ _API = {
     "Tolerance": "vitfold.export.comparison",
 }
 
-__all__ = ["DEFAULT_FORMATS", "FILES", "FORMATS", "PRECISIONS", "format_names", *sorted(_API)]
+__all__ = ["DEFAULT_FORMATS", "FILES", "FORMATS", "PRECISIONS", "file_sha256", "format_names", *sorted(_API)]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,6 @@ spin settings, which bench.json records.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from vitfold.errors import VitfoldError, first_line
+from vitfold.export import file_sha256
 from vitfold.export.artifacts import INPUT_NAME, OUTPUT_NAME
 from vitfold.export.blocks import block_names
 
@@ -424,15 +424,6 @@ def open_runner(
 
 
 EXECUTABLE_RUNTIMES = ("torchscript", "aoti", "tensorrt")  # loading their files runs the code they hold
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of the file at `path` (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def open_hashed(

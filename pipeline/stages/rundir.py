@@ -7,7 +7,6 @@ RUN/bench/  RUN/REPORT.md  (RUN/import/: the backbone an official checkpoint car
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -18,19 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from vitfold.errors import VitfoldError
-from vitfold.export import FILES
+from vitfold.export import FILES, file_sha256
 from vitfold.pipeline.atomic import atomic_write_text
 from vitfold.pipeline.config import RunConfig, load_config
 
 CONFIG, MANIFEST, LOCK = "config.yaml", "manifest.json", ".vitfold.lock"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256 = file_sha256  # a run's files are hashed as any artifact is
 
 
 def _lock_holder(path: Path) -> str:

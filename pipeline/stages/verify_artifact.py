@@ -32,9 +32,10 @@ import torch
 from torch import nn
 
 from vitfold.errors import VitfoldError, first_line
+from vitfold.export import file_sha256
 from vitfold.export.artifact_precision import artifact_precision
 from vitfold.export.gate import Inputs, gate_result, judge, loosened_tolerances, random_images
-from vitfold.export.runners import EXECUTABLE_RUNTIMES, file_sha256, open_hashed, open_runner, runtime_of
+from vitfold.export.runners import EXECUTABLE_RUNTIMES, open_hashed, open_runner, runtime_of
 from vitfold.pipeline.backbones import create_backbone, load_checkpoint, load_folded
 from vitfold.pipeline.config import VerifyConfig, load_config
 from vitfold.pipeline.models import model_transform

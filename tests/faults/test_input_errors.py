@@ -12,7 +12,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
-from test_official_import import KWARGS, NAME, SCALE, official_efft_state
 
 import vitfold
 from vitfold.cli import main
@@ -24,6 +23,7 @@ from vitfold.pipeline.stages.import_official import import_official
 from vitfold.pipeline.stages.rollback import removed_on_failure
 
 from helpers import QUIET, copy_run, make_vit
+from official_states import KWARGS, NAME, SCALE, official_efft_state
 
 
 def snapshot(root: Path) -> dict[str, bytes | str]:

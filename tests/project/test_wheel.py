@@ -16,21 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from vitfold.cli import COMMAND_ORDER
 
-SUBCOMMANDS = (
-    "train",
-    "import-official",
-    "import-peft",
-    "fold",
-    "export",
-    "verify",
-    "bench",
-    "report",
-    "run",
-    "info",
-    "configs",
-)
+from helpers import ROOT
 
 
 def _source_modules() -> set[str]:
@@ -132,7 +120,7 @@ def test_the_installed_commands_answer(venv, tmp_path):
     vitfold = str(venv / "bin" / "vitfold")
     top = _run(venv, vitfold, "--help", cwd=tmp_path)
     assert top.returncode == 0, top.stderr
-    for command in SUBCOMMANDS:
+    for command in COMMAND_ORDER:
         assert command in top.stdout
         done = _run(venv, vitfold, command, "--help", cwd=tmp_path)
         assert done.returncode == 0 and "Usage:" in done.stdout, (command, done.stderr)
