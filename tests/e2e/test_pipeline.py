@@ -78,7 +78,8 @@ def test_first_run_writes_report_verify_and_bench(first):
     for heading in ("## Accuracy on the target task", "## Equivalence", "## Latency", "bench/latency.png"):
         assert heading in report
     assert "| rlrr (this run) |" in report and "| linear |" in report
-    assert "Export rows compare each artifact with the folded model" in report and "max rel = max |Δ logit|" in report
+    explained = "export and artifact rows compare the artifact with the folded model"  # the gate renderer's words
+    assert explained in report and "max_rel = max |Δ| / max |reference logit|" in report
     compared = [line for line in log.splitlines() if re.search(r"epoch 1/1", line)]
     assert len(compared) == 3 and sum(line.startswith("compare linear seed 0: epoch 1/1") for line in compared) == 1
     manifest = read_manifest(RunDir(run))["stages"]

@@ -18,7 +18,7 @@ from vitfold.cli import main
 from vitfold.errors import AdapterError, CheckpointError
 from vitfold.pipeline.config import load_config
 from vitfold.pipeline.stages import RunDir
-from vitfold.pipeline.stages import import_official as import_stage
+from vitfold.pipeline.stages import imported_run as import_stage
 from vitfold.pipeline.stages.import_official import import_official
 from vitfold.pipeline.stages.rollback import removed_on_failure
 
@@ -79,7 +79,7 @@ def _export_over_a_linked_triton_folder(run: Path) -> list[str]:
     (target / "keep.txt").write_text("not vitfold's")
     (run.parent / "triton").mkdir()
     (run.parent / "triton" / "vit_tiny_patch16_224_onnx").symlink_to(target)
-    return ["export", str(run), "--format", "onnx", "--triton", str(run.parent / "triton"), "--force"]
+    return ["export", str(run), "--format", "onnx", "--triton", str(run.parent / "triton"), "--replace-triton"]
 
 
 def _verify_tampered_onnx(run: Path) -> list[str]:
