@@ -24,7 +24,7 @@ from vitfold.export.triton import write_triton_repository
 from vitfold.pipeline.config import load_config
 from vitfold.pipeline.stages import RunDir, run_stage
 
-from helpers import QUIET, TINY, TINY_RUN, copy_run, images, make_vit, vitfold_cli
+from helpers import CALIBRATION_SAMPLES, QUIET, TINY, TINY_RUN, copy_run, images, make_vit, vitfold_cli
 
 pytest.importorskip("openvino", reason="the [openvino] extra is not installed")
 ov = pytest.importorskip("openvino")
@@ -132,12 +132,12 @@ def _split(run: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_int8_ir_is_nncf_quantized_and_judged_by_the_int8_gate_on_the_whole_split(ov_run, tmp_path):
     run = copy_run(ov_run, tmp_path / "run")
     summary = json.loads((run / "export" / "export.json").read_text())
-    assert summary["int8"]["calibration"] == {"split": "train", "images": 256, "seed": 0}
+    assert summary["int8"]["calibration"] == {"split": "train", "images": CALIBRATION_SAMPLES, "seed": 0}
     assert summary["int8"]["openvino"] == {
         "quantizer": "nncf",
         "model_type": "transformer",
         "preset": "mixed",
-        "subset_size": 256,
+        "subset_size": CALIBRATION_SAMPLES,
         "fast_bias_correction": True,
     }
     model = ov.Core().read_model(str(run / "export" / "model.int8.xml"))
