@@ -14,6 +14,12 @@ recorded after a synchronise.
 `latency_stats` turns the rounds into the numbers a reader can trust: mean, p50, p90, p99 (only from
 100 calls or more), and the spread of the per-round means (their IQR over their median), which flags a
 row as unstable when it is above a threshold.
+
+On a shared or virtual machine most of that spread is the machine's, not the backend's: every backend of a
+round slows down together (a 2-core VM measured 2026-12-04 drifted by up to 1.8x within 20 s, all backends
+alike, while a fixed matmul loop held within 3 % in most 100 ms windows). `machine_drift` estimates that
+shared factor per round from three or more backends, and `own_spread` is a backend's spread with it divided
+out: what a ratio between two rows of the same rounds carries.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from vitfold.export.runners import Runner
 
 MIN_WARMUP_CALLS, MIN_TIMED_CALLS = 2, 5
 MIN_CALLS_FOR_P99 = 100
+MIN_BACKENDS_FOR_DRIFT = 3  # a round's machine speed is the median over at least this many backends
 Key = TypeVar("Key", bound=Hashable)
 
 
@@ -133,8 +140,31 @@ def round_means(round_times_ms: list[list[float]]) -> np.ndarray:
 
 def round_spread(round_times_ms: list[list[float]]) -> float:
     """How much the rounds disagree: (q75 - q25) / q50 of the per-round means (0 with a single round)."""
-    q25, q50, q75 = np.percentile(round_means(round_times_ms), [25, 50, 75])
+    return rel_iqr(round_means(round_times_ms))
+
+
+def rel_iqr(values: np.ndarray) -> float:
+    """(q75 - q25) / q50 of `values`."""
+    q25, q50, q75 = np.percentile(values, [25, 50, 75])
     return float((q75 - q25) / q50)
+
+
+def machine_drift(medians: Mapping[Key, np.ndarray]) -> np.ndarray | None:
+    """The machine's own speed in each round, which every backend of the round shares: per round, the
+    median over the backends of (the backend's median that round / its median over all rounds); 1 is the
+    usual speed, 1.3 a round in which the machine ran everything 30 % slower. None with fewer than
+    `MIN_BACKENDS_FOR_DRIFT` backends, which cannot tell the machine from one backend."""
+    rows = list(medians.values())
+    if len(rows) < MIN_BACKENDS_FOR_DRIFT or len({len(r) for r in rows}) != 1:
+        return None
+    relative = np.stack([r / np.median(r) for r in rows])  # (backends, rounds)
+    return np.median(relative, axis=0)
+
+
+def own_spread(medians: np.ndarray, drift: np.ndarray) -> float:
+    """How much a backend's per-round medians disagree once each round's machine drift is divided out:
+    the rel IQR of medians / drift."""
+    return rel_iqr(medians / drift)
 
 
 def machine(device: str = "cpu") -> dict[str, Any]:

@@ -5,8 +5,11 @@ Every runnable backend is opened at once; per batch size each is warmed up, then
 times them in rounds that alternate the backends (A B C, A B C, ...), at a fixed thread count (torch and
 onnxruntime alike), at least `min_iters` calls and `min_seconds` seconds per row. Each row: mean, p50,
 p90 and p99 latency (ms; p99 only from 100 calls), throughput (images/s = batch size / mean), the
-rounds, the spread of the per-round means (`rel_iqr`, IQR / median) and `unstable` when that spread
-is above `unstable_above`. A ratio built from an unstable row is marked unreliable.
+rounds, the spread of the per-round means (`rel_iqr`, IQR / median), the row's own spread once the
+machine's drift is divided out (`own_rel_iqr`; with three or more backends, the drift is the per-round speed
+factor they share, `machine_drift` in bench.json; with fewer, it is `rel_iqr`) and `unstable` when the own
+spread is above `unstable_above`. A ratio built from an unstable row is marked unreliable. The machine's
+drift moves every row's milliseconds alike, which the ratios cancel; a drifting machine is reported as such.
 
 Each round of a backend starts with an untimed call (`Timing.round_warmup`), and ONNX Runtime's idle
 threads do not spin (`spin`, off by default): a spinning pool keeps the cores busy after its calls, and
@@ -38,7 +41,7 @@ from vitfold.export.aoti import package_cpu_isa
 from vitfold.export.charts import latency_chart
 from vitfold.export.isa import inductor_vec_isa
 from vitfold.export.runners import Runner
-from vitfold.export.timing import Timing, latency_stats, machine, round_medians
+from vitfold.export.timing import Timing, latency_stats, machine, machine_drift, own_spread, rel_iqr, round_medians
 from vitfold.pipeline.atomic import atomic_replace, atomic_write_json, atomic_write_text
 from vitfold.pipeline.config import BenchConfig
 from vitfold.pipeline.stages.backends import (
@@ -68,6 +71,7 @@ ROW_KEYS = (
     "p90_ms",
     "p99_ms",
     "rel_iqr",
+    "own_rel_iqr",
     "unstable",
     "throughput_ips",
     "gflop_per_s",
@@ -105,8 +109,11 @@ def _run(rd: RunDir, b: BenchConfig, ctx: Context) -> StageResult:
         f"{b.rounds} interleaved rounds"
     )
     runtimes: dict[str, dict[str, Any]] = {}
+    drifts: dict[str, dict[str, Any] | None] = {}
     try:
-        rows, medians = _bench_all(rd, runnable, b, threads, batch_sizes, image_size, timing, skipped, runtimes, ctx)
+        rows, medians = _bench_all(
+            rd, runnable, b, threads, batch_sizes, image_size, timing, skipped, runtimes, drifts, ctx
+        )
         roofline = _roofline(rd, rows, threads, image_size, ctx) if b.roofline and b.device == "cpu" else None
     finally:
         torch.set_num_threads(previous_threads)
@@ -126,6 +133,7 @@ def _run(rd: RunDir, b: BenchConfig, ctx: Context) -> StageResult:
         "machine": found,
         "timing": asdict(timing),
         "unstable_above": b.unstable_above,
+        "machine_drift": drifts,
         "rows": rows,
         "skipped": skipped,
         "ratios": ratios,
@@ -179,11 +187,12 @@ def _bench_all(
     timing: Timing,
     skipped: dict[str, str],
     runtimes: dict[str, dict[str, Any]],
+    drifts: dict[str, dict[str, Any] | None],
     ctx: Context,
 ) -> tuple[list[dict], dict[tuple[str, int], np.ndarray]]:
     """Rows for each backend that opens on `b.device` (one that does not is added to `skipped`; each one
-    that does has its thread and spin settings put in `runtimes`), and each row's per-round medians (for
-    the ratios' spread), keyed by (backend, batch size).
+    that does has its thread and spin settings put in `runtimes`, and each batch size's machine drift is put
+    in `drifts`), and each row's per-round medians (for the ratios' spread), keyed by (backend, batch size).
 
     Every runner stays open for the whole bench so that the rounds can alternate them: memory holds all
     the backends' copies of the model at once, which is acceptable at bench scale (one model, a handful
@@ -203,14 +212,25 @@ def _bench_all(
             for batch in batch_sizes:
                 bar.set_postfix_str(f"b{batch}")
                 cases = {name: (r, r.to_device(_images(batch, image_size))) for name, r in runners.items()}
-                for name, per_round in timing.measure(cases).items():
+                measured = timing.measure(cases)
+                now = {name: round_medians(per_round) for name, per_round in measured.items()}
+                drift = machine_drift(now)
+                drifts[str(batch)] = None if drift is None else _drift_summary(drift)
+                for name, per_round in measured.items():
                     stats = latency_stats(per_round, b.unstable_above)
+                    own = stats["rel_iqr"] if drift is None else own_spread(now[name], drift)
+                    stats |= {"own_rel_iqr": own, "unstable": bool(own > b.unstable_above)}
                     rows.append(_row(name, backend_precision(rd, name), runners[name], batch, stats))
-                    medians[name, batch] = round_medians(per_round)
+                    medians[name, batch] = now[name]
                     with tqdm.external_write_mode():
                         ctx.log(_describe(rows[-1]))
                 bar.update()
     return rows, medians
+
+
+def _drift_summary(drift: np.ndarray) -> dict[str, Any]:
+    """bench.json's `machine_drift` at one batch size: the machine's speed factor per round and its spread."""
+    return {"per_round": [round(float(v), 4) for v in drift], "rel_iqr": round(rel_iqr(drift), 4)}
 
 
 def _open(
@@ -244,6 +264,7 @@ def _row(name: str, precision: str, runner: Runner, batch: int, stats: dict[str,
         "throughput_ips": round(batch * 1e3 / stats["mean_ms"], 2),
         **{key: value if value is None else round(value, 4) for key, value in stats.items() if key.endswith("_ms")},
         "rel_iqr": round(stats["rel_iqr"], 4),
+        "own_rel_iqr": round(stats["own_rel_iqr"], 4),
         **{key: stats[key] for key in ("iterations", "rounds", "unstable")},
         "gflop_per_s": None,  # filled in by `_roofline` on the CPU
         "of_peak": None,

@@ -137,6 +137,15 @@ def _roofline_note(bench: dict[str, Any]) -> list[str]:
     ]
 
 
+def _drift_note(bench: dict[str, Any]) -> str:
+    """'; the machine drifted by ...' per batch size where bench measured a drift (from three backends)."""
+    drifts = {b: d["rel_iqr"] for b, d in (bench.get("machine_drift") or {}).items() if d is not None}
+    if not drifts:
+        return ""
+    found = ", ".join(f"b{b} {v:.1%}" for b, v in drifts.items())
+    return f"; the machine's own speed drifted across rounds by (IQR / median) {found}, every row alike"
+
+
 def _latency(bench: dict[str, Any]) -> list[str]:
     if any("unstable" not in r for r in bench["rows"]):
         return ["bench/bench.json predates interleaved rounds and stability flags: rerun `vitfold bench`."]
@@ -147,7 +156,7 @@ def _latency(bench: dict[str, Any]) -> list[str]:
             r["precision"],
             r["batch_size"],
             f"{r['p50_ms']:.3f}",
-            f"{r['rel_iqr']:.1%}",
+            f"{r['rel_iqr']:.1%}" + (f" ({r['own_rel_iqr']:.1%})" if "own_rel_iqr" in r else ""),
             *("–" if r[k] is None else f"{r[k]:.3f}" for k in ("p90_ms", "p99_ms")),
             f"{r['throughput_ips']:.1f}",
             f"{r['iterations']} / {r['rounds']}",
@@ -162,7 +171,9 @@ def _latency(bench: dict[str, Any]) -> list[str]:
     lines = [
         f"{found.get('gpu') or found['cpu']} ({' '.join(found.get('cpu_isa', [])) or 'ISA unknown'}), "
         f"{bench['threads']} threads on {bench['device']}; calls in rounds that alternate the backends, "
-        f"a row unstable when its rounds' means spread (IQR / median) above {bench['unstable_above']:.0%}"
+        f"a row unstable when its rounds spread (IQR / median; in brackets: its own, the machine's drift shared "
+        f"by all backends of a round divided out) above {bench['unstable_above']:.0%}"
+        + _drift_note(bench)
         + (f"; AOTInductor compiled {compiled} (inductor here: {found['inductor_vec_isa']})" if compiled else "")
         + ("" if "spin" not in bench else f"; ONNX Runtime's idle threads {'spin' if bench['spin'] else 'do not spin'}")
         + ".",

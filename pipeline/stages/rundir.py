@@ -40,6 +40,16 @@ def _lock_holder(path: Path) -> str:
     return ""
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (None when `path` exists)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing = folder
+    return missing
+
+
 class RunDir:
     """The files of the run at `path`. Reading `config` fails with one line when there is no config.yaml."""
 
@@ -78,6 +88,7 @@ class RunDir:
             finally:
                 self._lock_depth -= 1
             return
+        created = _first_missing(self.path)  # the folder this call makes (None: the run existed)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
@@ -98,9 +109,22 @@ class RunDir:
         try:
             self._remove_leftovers()
             yield self
+        except BaseException:
+            if created is not None:
+                self._remove_if_untouched(created)
+            raise
         finally:
             self._lock_depth = 0
             os.close(fd)  # releases the lock
+
+    def _remove_if_untouched(self, created: Path) -> None:
+        """After a failed call that created the run's folder (and `created`, its first new ancestor): remove
+        them again when nothing but the lock and empty folders was written, so that a refused
+        `vitfold train --out NEW` leaves no run behind. A run that wrote anything (a checkpoint to resume
+        from) is kept."""
+        written = [p for p in self.path.rglob("*") if not p.is_dir() and p.name != LOCK]
+        if not written:
+            shutil.rmtree(created, ignore_errors=True)
 
     def _remove_leftovers(self) -> None:
         """Remove what writes cut short left: `.*.tmp` files (atomic writes) anywhere in the run and

@@ -14,7 +14,7 @@ import torch
 
 from vitfold.export.isa import cpu_isa
 from vitfold.export.runners import Runner
-from vitfold.export.timing import Timing, latency_stats
+from vitfold.export.timing import Timing, latency_stats, machine_drift, own_spread
 
 rng = np.random.default_rng(0)
 QUIET = [list(1.0 + 0.01 * rng.standard_normal(12)) for _ in range(10)]  # ~1 ms, 1% jitter, same every round
@@ -25,6 +25,33 @@ def _spread(rounds: list[list[float]]) -> float:
     means = [sum(r) / len(r) for r in rounds]
     q25, q50, q75 = np.percentile(means, [25, 50, 75])
     return (q75 - q25) / q50
+
+
+# The machine's speed per round (shared by every backend of the round: a VM's host taking its cores), and three
+# backends of distinct speeds; the third also has its own scatter, which the drift does not explain.
+DRIFT = np.array([1.0, 1.6, 1.0, 1.3, 0.9, 1.0, 1.8, 1.0, 1.1, 1.0])
+OWN = np.array([1.0, 1.0, 1.3, 1.0, 0.7, 1.0, 1.0, 1.4, 1.0, 0.8])
+
+
+def _medians() -> dict[str, np.ndarray]:
+    return {"a": 2.0 * DRIFT, "b": 5.0 * DRIFT, "c": 0.5 * DRIFT * OWN}
+
+
+def _rel_iqr(values) -> float:
+    q25, q50, q75 = np.percentile(values, [25, 50, 75])
+    return (q75 - q25) / q50
+
+
+def test_the_machine_drift_is_the_speed_every_backend_of_a_round_shares():
+    drift = machine_drift(_medians())
+    assert drift == pytest.approx(DRIFT / np.median(DRIFT))  # a and b carry the drift alone; c's own part is outvoted
+    assert _rel_iqr(DRIFT) >= 0.2  # each row's raw spread is the machine's: all three would be unstable at 10 %
+    assert own_spread(_medians()["a"], drift) == pytest.approx(0.0, abs=1e-12)
+    assert own_spread(_medians()["c"], drift) == pytest.approx(_rel_iqr(OWN))  # what is the backend's own stays
+
+
+def test_two_backends_cannot_tell_the_machine_from_a_backend():
+    assert machine_drift({k: v for k, v in _medians().items() if k != "c"}) is None
 
 
 @pytest.mark.parametrize("rounds", [QUIET, BURSTY], ids=["quiet", "bursty"])

@@ -114,6 +114,16 @@ def test_a_failing_command_leaves_the_run_byte_identical(run, command):
         assert sorted(p.name for p in (run.parent / "elsewhere").iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.parametrize("out", ["new", "runs/deeper/new"])
+def test_a_refused_train_into_a_new_folder_leaves_no_folder_behind(run, out):
+    """`--out` that did not exist, and its new parents, are gone again after an input error; the folder
+    that held them is as it was."""
+    before = snapshot(run.parent)
+    target = run.parent / out
+    one_line_error([*_train_bad_backbone(run)[:-4], "--out", str(target), "--backbone", "vit_nope_xx"], "vit_nope_xx")
+    assert snapshot(run.parent) == before
+
+
 def test_train_writes_its_config_once_backbone_and_data_resolve(run):
     """The repro of the bug: the rewritten config said `backbone: vit_nope_xx`; a good call still saves it."""
     one_line_error(["train", "--config", str(run / "config.yaml"), "--out", str(run), "--data", "digits:7-3"], "digits")
