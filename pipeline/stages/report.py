@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,13 @@ def _roofline_note(bench: dict[str, Any]) -> list[str]:
         f"% of peak is the row's GFLOP/s over the best square matmul of its precision measured by the same bench "
         f"at the same threads (GFLOP/s: {peaks})."
     ]
+
+
+def _export_line(manifest: dict[str, Any], cfg: RunConfig) -> str:
+    """The formats, precision and opset the export stage ran with (a `vitfold export --format ...` overrides
+    the config's), as its manifest entry recorded them; the config's before any export."""
+    ran = manifest["stages"].get("export", {}).get("params") or asdict(cfg.export)
+    return f"- export: {', '.join(ran['formats'])} ({ran['precision']}, opset {ran['opset']})"
 
 
 def _drift_note(bench: dict[str, Any]) -> str:
@@ -268,7 +276,7 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
             if cfg.train.ema_decay is not None
             else []
         ),
-        f"- export: {', '.join(cfg.export.formats)} ({cfg.export.precision}, opset {cfg.export.opset})",
+        _export_line(manifest, cfg),
         "",
         "## Stages",
         "",
