@@ -33,6 +33,7 @@ def test_the_report_states_the_machine_drift_the_bench_measured(exported_run, tm
     assert len(ran) >= 3 and bench["machine_drift"]["1"] is not None  # three backends or more: a drift
     run_stage("report", run, **QUIET)
     drift = bench["machine_drift"]["1"]["rel_iqr"]
-    assert f"the machine's own speed drifted across rounds by (IQR / median) b1 {drift:.1%}" in (
-        run / "REPORT.md"
-    ).read_text()
+    assert (
+        f"the machine's own speed drifted across rounds by (IQR / median) b1 {drift:.1%}"
+        in (run / "REPORT.md").read_text()
+    )
