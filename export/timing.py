@@ -108,13 +108,17 @@ def _cuda_times(runner: Runner, x: torch.Tensor, more: Callable[[int, float], bo
     return [start.elapsed_time(end) for start, end in pairs]
 
 
-def latency_stats(round_times_ms: list[list[float]], unstable_above: float) -> dict[str, Any]:
+def latency_stats(
+    round_times_ms: list[list[float]], unstable_above: float, drift: np.ndarray | None = None
+) -> dict[str, Any]:
     """Over all calls of all rounds: mean and p50/p90 (ms), p99 only from 100 calls on (None below), and
-    `iterations` (the calls). Over the rounds: `rounds`, `rel_iqr` (the IQR of the per-round means over their median)
-    and `unstable` (rel_iqr above `unstable_above`)."""
+    `iterations` (the calls). Over the rounds: `rounds`, `rel_iqr` (the IQR of the per-round means over their median),
+    `own_rel_iqr` (with the machine's `drift` of those rounds: the `own_spread` of the per-round medians; without
+    one: `rel_iqr`) and `unstable` (own_rel_iqr above `unstable_above`)."""
     times = np.concatenate([np.asarray(r, dtype=np.float64) for r in round_times_ms])
     p50, p90, p99 = np.percentile(times, [50, 90, 99])
     spread = round_spread(round_times_ms)
+    own = spread if drift is None else own_spread(round_medians(round_times_ms), drift)
     return {
         "iterations": int(times.size),
         "mean_ms": float(times.mean()),
@@ -123,7 +127,8 @@ def latency_stats(round_times_ms: list[list[float]], unstable_above: float) -> d
         "p99_ms": float(p99) if times.size >= MIN_CALLS_FOR_P99 else None,
         "rounds": len(round_times_ms),
         "rel_iqr": spread,
-        "unstable": bool(spread > unstable_above),
+        "own_rel_iqr": own,
+        "unstable": bool(own > unstable_above),
     }
 
 

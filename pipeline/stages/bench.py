@@ -41,7 +41,7 @@ from vitfold.export.aoti import package_cpu_isa
 from vitfold.export.charts import latency_chart
 from vitfold.export.isa import inductor_vec_isa
 from vitfold.export.runners import Runner
-from vitfold.export.timing import Timing, latency_stats, machine, machine_drift, own_spread, rel_iqr, round_medians
+from vitfold.export.timing import Timing, latency_stats, machine, machine_drift, rel_iqr, round_medians
 from vitfold.pipeline.atomic import atomic_replace, atomic_write_json, atomic_write_text
 from vitfold.pipeline.config import BenchConfig
 from vitfold.pipeline.stages.backends import (
@@ -217,9 +217,7 @@ def _bench_all(
                 drift = machine_drift(now)
                 drifts[str(batch)] = None if drift is None else _drift_summary(drift)
                 for name, per_round in measured.items():
-                    stats = latency_stats(per_round, b.unstable_above)
-                    own = stats["rel_iqr"] if drift is None else own_spread(now[name], drift)
-                    stats |= {"own_rel_iqr": own, "unstable": bool(own > b.unstable_above)}
+                    stats = latency_stats(per_round, b.unstable_above, drift)
                     rows.append(_row(name, backend_precision(rd, name), runners[name], batch, stats))
                     medians[name, batch] = now[name]
                     with tqdm.external_write_mode():
