@@ -285,12 +285,17 @@ def _roofline(
     for row in rows:
         achieved = row["batch_size"] * gflop / (row["p50_ms"] / 1e3)
         row["gflop_per_s"] = round(achieved, 2)
-        row["of_peak"] = round(achieved / peaks[row["precision"]], 4) if row["precision"] in peaks else None
+        peak = peaks.get(row["precision"])
+        row["of_peak"] = None if peak is None else round(achieved / peak.gflop_per_s, 4)
     ctx.log(
         f"roofline: {gflop:.3f} GFLOP per image; matmul peaks here at {threads} threads: "
-        + ", ".join(f"{p} {v:.1f} GFLOP/s" for p, v in peaks.items())
+        + ", ".join(f"{p} {v.gflop_per_s:.1f} GFLOP/s ({v.by})" for p, v in peaks.items())
     )
-    return {"gflop_per_image": round(gflop, 4), "peak_gflop_per_s": {p: round(v, 1) for p, v in peaks.items()}}
+    return {
+        "gflop_per_image": round(gflop, 4),
+        "peak_gflop_per_s": {p: round(v.gflop_per_s, 1) for p, v in peaks.items()},
+        "peak_by": {p: v.by for p, v in peaks.items()},
+    }
 
 
 def _ms(value: float | None) -> str:

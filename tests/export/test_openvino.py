@@ -17,9 +17,11 @@ from tritonclient.grpc import model_config_pb2
 
 import vitfold.pipeline.stages.export as export_stage
 from vitfold.cli import main
+from vitfold.errors import VitfoldError
 from vitfold.export import export, open_runner
 from vitfold.export.isa import cpu_has_bf16
 from vitfold.export.model_info import ModelInfo
+from vitfold.export.roofline import peak_variants
 from vitfold.export.triton import write_triton_repository
 from vitfold.pipeline.config import load_config
 from vitfold.pipeline.stages import RunDir, run_stage
@@ -66,6 +68,24 @@ def test_fp32_ir_computes_the_folded_model_at_fp32_noise(tiny_irs):
             assert runner.settings["threads"] == 1 and runner.settings["performance_hint"] == "LATENCY"
         assert out.shape == reference.shape and out.dtype == torch.float32
         assert _max_rel(out, reference) <= 1e-5
+
+
+def test_one_runner_serves_every_batch_size_compiled_for_each_shape(tiny_irs):
+    """The runner compiles the IR per input shape (static shapes run faster): a batch size seen before, one
+    dropped from its cache and one it has not seen all give the folded model's logits."""
+    from vitfold.export.openvino_runner import STATIC_SHAPES_KEPT
+
+    model, files = tiny_irs
+    batches = [1, 3, 1, *range(4, 4 + STATIC_SHAPES_KEPT), 1]  # batch 1 is dropped, then compiled again
+    with open_runner("openvino", files["openvino"], threads=1) as runner:
+        for batch in batches:
+            x = images(model, batch)
+            with torch.no_grad():
+                reference = model(x)
+            assert _max_rel(runner(x), reference) <= 1e-5, batch
+        assert list(runner.requests) == [(b, 3, 32, 32) for b in batches[-STATIC_SHAPES_KEPT:]]
+        with pytest.raises(VitfoldError, match=r"model\.xml: does not take input shape \[2, 3, 16, 16\]"):
+            runner(images(model, 2)[..., :16, :16])
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="the CPU has no native BF16 (AVX512_BF16 or AMX)")
@@ -239,6 +259,9 @@ def test_bench_times_openvino_and_records_every_runtimes_thread_and_spin_setting
     assert bench["roofline"]["gflop_per_image"] == pytest.approx(flops / 1e9, rel=1e-3)
     peaks = bench["roofline"]["peak_gflop_per_s"]
     assert set(peaks) >= {"fp32", "int8"} and min(peaks.values()) > 0
+    # each peak names the matmul that set it, of its own precision; OpenVINO's are among the candidates
+    assert all(f" {p} n=" in by for p, by in bench["roofline"]["peak_by"].items())
+    assert {"matmul openvino int8 n=1024", "matmul openvino fp32 n=2048"} <= set(peak_variants(1, bf16=False))
     for row in bench["rows"]:
         achieved = row["batch_size"] * flops / 1e9 / (row["p50_ms"] / 1e3)
         assert row["gflop_per_s"] == pytest.approx(achieved, rel=1e-2)
