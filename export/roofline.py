@@ -131,13 +131,16 @@ class Peak(NamedTuple):
     by: str
 
 
-def matmul_peaks(threads: int, rounds: int = 3, iters: int = 1) -> dict[str, Peak]:
-    """precision -> the best of its matmuls here (median GFLOP/s over `rounds` alternating rounds)."""
+def matmul_peaks(threads: int, rounds: int = 3, iters: int = 2) -> dict[str, Peak]:
+    """precision -> the best of its matmuls here (median GFLOP/s over `rounds` alternating rounds, each turn
+    after one untimed call: a runtime's first call after another's runs up to 3x slower on a 2-core VM)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         variants = peak_variants(threads)
-        samples = interleaved_rounds({k: v[2] for k, v in variants.items()}, warmup=1, iters=iters, rounds=rounds)
+        samples = interleaved_rounds(
+            {k: v[2] for k, v in variants.items()}, warmup=1, iters=iters, rounds=rounds, round_warmup=1
+        )
     finally:
         torch.set_num_threads(previous)
     peaks: dict[str, Peak] = {}

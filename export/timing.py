@@ -187,10 +187,18 @@ def machine(device: str = "cpu") -> dict[str, Any]:
 
 
 def interleaved_rounds(
-    variants: dict[str, Callable[[], object]], *, warmup: int = 2, iters: int = 3, rounds: int = 5, device: str = "cpu"
+    variants: dict[str, Callable[[], object]],
+    *,
+    warmup: int = 2,
+    iters: int = 3,
+    rounds: int = 5,
+    round_warmup: int = 0,
+    device: str = "cpu",
 ) -> dict[str, list[float]]:
     """Per variant, the mean ms per call of each round. Rounds alternate the variants (so drift on a busy
-    machine hits all alike): compare them as ratios of medians within one call, with the spread."""
+    machine hits all alike), each variant's turn starting with `round_warmup` untimed calls (what the switch
+    from the previous variant costs its first call): compare them as ratios of medians within one call, with
+    the spread."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for fn in variants.values():
         for _ in range(warmup):
@@ -198,6 +206,8 @@ def interleaved_rounds(
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
+            for _ in range(round_warmup):
+                fn()
             sync()
             start = time.perf_counter()
             for _ in range(iters):

@@ -14,7 +14,7 @@ import torch
 
 from vitfold.export.isa import cpu_isa
 from vitfold.export.runners import Runner
-from vitfold.export.timing import Timing, latency_stats, machine_drift, own_spread
+from vitfold.export.timing import Timing, interleaved_rounds, latency_stats, machine_drift, own_spread
 
 rng = np.random.default_rng(0)
 QUIET = [list(1.0 + 0.01 * rng.standard_normal(12)) for _ in range(10)]  # ~1 ms, 1% jitter, same every round
@@ -110,6 +110,29 @@ def test_timing_needs_both_its_calls_and_its_seconds():
     assert sum(len(r) for r in times["A"]) > 4  # the seconds, not the 4 calls, ended it
     times = Timing(min_iters=40, min_seconds=0.0, warmup_seconds=0.0, rounds=2).measure({"A": (runner, torch.zeros(1))})
     assert [len(r) for r in times["A"]] == [20, 20]  # the calls, not the 0 seconds, ended it
+
+
+def test_interleaved_rounds_leave_each_turns_first_call_untimed_when_asked():
+    """A variant whose first call after another variant's turn is slow (20 ms against 1 ms): timed with
+    `round_warmup=1` its rounds show the 1 ms calls; without, the switch's 20 ms sits in every round."""
+    log: list[str] = []
+
+    def variant(name: str):
+        def call() -> None:
+            switched = bool(log) and log[-1] != name
+            log.append(name)
+            time.sleep(0.020 if switched else 0.001)
+
+        return call
+
+    variants = {name: variant(name) for name in "AB"}
+    kept = interleaved_rounds(variants, warmup=1, iters=4, rounds=3, round_warmup=1)
+    blocks = [(name, len(list(calls))) for name, calls in itertools.groupby(log)]
+    assert blocks == [("A", 1), ("B", 1)] + [("A", 5), ("B", 5)] * 3
+    assert all(1.0 <= ms < 4.0 for rounds in kept.values() for ms in rounds)  # ~1 ms a call
+    log.clear()
+    mixed = interleaved_rounds(variants, warmup=1, iters=4, rounds=3)
+    assert all(ms >= (20 + 3 * 1) / 4 for rounds in mixed.values() for ms in rounds)  # the switch in every mean
 
 
 def test_cpu_isa_reads_the_flags_of_proc_cpuinfo(tmp_path: Path):
