@@ -7,7 +7,11 @@ in each of which every runner in turn makes its share of the calls: at least `mi
 *and* `min_seconds / rounds` seconds, after `round_warmup` untimed calls. So in all at least `min_iters` calls
 and `min_seconds` seconds per runner, and drift on a busy machine hits every runner alike. The untimed
 calls at the start of each round absorb what the switch from the previous runner costs the first call
-(its thread pool waking up, its weights back into the caches), which is not the runner's latency. On
+(its thread pool waking up, its weights back into the caches), which is not the runner's latency. Python's
+cyclic garbage collector is paused while the rounds run (after one collection), as `timeit` does: a full
+collection walks the whole process's heap, and in a bench process that holds torch, timm and every
+backend it took about 0.1 s, landing on whichever call happened to allocate at that moment (seven of them
+in one demo bench on a 2-core VM, 2026-12-04). On
 CPU each call is timed with `time.perf_counter`; on CUDA with a pair of CUDA events around each call,
 recorded after a synchronise.
 
@@ -24,11 +28,13 @@ out: what a ratio between two rows of the same rounds carries.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import platform
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -53,6 +59,7 @@ class Timing:
     warmup_seconds: float = 0.2
     rounds: int = 10
     round_warmup: int = 1  # untimed calls at the start of each round (the switch from the previous runner)
+    gc_paused: bool = True  # Python's garbage collector off while the rounds run
 
     def measure(self, cases: Mapping[Key, tuple[Runner, torch.Tensor]]) -> dict[Key, list[list[float]]]:
         """Per case, the per-call latencies (ms) of each round: every runner warmed up, then rounds in which
@@ -60,12 +67,14 @@ class Timing:
         for runner, x in cases.values():
             self._warm_up(runner, x)
         times: dict[Key, list[list[float]]] = {key: [] for key in cases}
-        for _ in range(self.rounds):
-            for key, (runner, x) in cases.items():
-                for _ in range(self.round_warmup):
-                    runner(x)
-                runner.synchronize()
-                times[key].append((_cuda_times if runner.device.type == "cuda" else _cpu_times)(runner, x, self.more))
+        with gc_paused(self.gc_paused):
+            for _ in range(self.rounds):
+                for key, (runner, x) in cases.items():
+                    for _ in range(self.round_warmup):
+                        runner(x)
+                    runner.synchronize()
+                    timed = _cuda_times if runner.device.type == "cuda" else _cpu_times
+                    times[key].append(timed(runner, x, self.more))
         return times
 
     def _warm_up(self, runner: Runner, x: torch.Tensor) -> None:
@@ -80,6 +89,20 @@ class Timing:
         are done (and the rounds together make at least 5 calls)."""
         least_calls = max(math.ceil(self.min_iters / self.rounds), math.ceil(MIN_TIMED_CALLS / self.rounds))
         return calls < least_calls or time.perf_counter() - started < self.min_seconds / self.rounds
+
+
+@contextmanager
+def gc_paused(pause: bool = True) -> Iterator[None]:
+    """Python's cyclic garbage collector collected once, then off inside the block (as it was after)."""
+    was_enabled = gc.isenabled()
+    if pause:
+        gc.collect()
+        gc.disable()
+    try:
+        yield
+    finally:
+        if pause and was_enabled:
+            gc.enable()
 
 
 def _cpu_times(runner: Runner, x: torch.Tensor, more: Callable[[int, float], bool]) -> list[float]:
@@ -197,21 +220,22 @@ def interleaved_rounds(
 ) -> dict[str, list[float]]:
     """Per variant, the mean ms per call of each round. Rounds alternate the variants (so drift on a busy
     machine hits all alike), each variant's turn starting with `round_warmup` untimed calls (what the switch
-    from the previous variant costs its first call): compare them as ratios of medians within one call, with
-    the spread."""
+    from the previous variant costs its first call), the garbage collector paused: compare them as ratios of
+    medians within one call, with the spread."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            for _ in range(round_warmup):
-                fn()
-            sync()
-            start = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            sync()
-            samples[name].append((time.perf_counter() - start) * 1e3 / iters)
+    with gc_paused():
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                for _ in range(round_warmup):
+                    fn()
+                sync()
+                start = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                sync()
+                samples[name].append((time.perf_counter() - start) * 1e3 / iters)
     return samples

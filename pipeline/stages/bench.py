@@ -11,7 +11,8 @@ factor they share, `machine_drift` in bench.json; with fewer, it is `rel_iqr`) a
 spread is above `unstable_above`. A ratio built from an unstable row is marked unreliable. The machine's
 drift moves every row's milliseconds alike, which the ratios cancel; a drifting machine is reported as such.
 
-Each round of a backend starts with an untimed call (`Timing.round_warmup`), and ONNX Runtime's idle
+Each round of a backend starts with an untimed call (`Timing.round_warmup`), Python's garbage collector is
+paused while the rounds run (`Timing.gc_paused`; both recorded in bench.json's `timing`), and ONNX Runtime's idle
 threads do not spin (`spin`, off by default): a spinning pool keeps the cores busy after its calls, and
 the next backend in the round pays for it. On the CPU, each row also gets its achieved GFLOP/s (the
 model's forward FLOPs, `vitfold.export.roofline.forward_flops`, over its p50) and its share of the matmul

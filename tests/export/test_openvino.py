@@ -247,7 +247,7 @@ def test_bench_times_openvino_and_records_every_runtimes_thread_and_spin_setting
     backends = ["torch-unmerged", "onnxruntime", "openvino", "openvino-int8"]
     run_stage("bench", run, backends=backends, batch_sizes=[1, 2], threads=1, **fast, **QUIET)
     bench = json.loads((run / "bench" / "bench.json").read_text())
-    assert bench["spin"] is False and bench["timing"]["round_warmup"] == 1
+    assert bench["spin"] is False and bench["timing"]["round_warmup"] == 1 and bench["timing"]["gc_paused"] is True
     runtimes = bench["runtimes"]
     assert runtimes["onnxruntime"]["allow_spinning"] is False and runtimes["onnxruntime"]["intra_op_num_threads"] == 1
     assert runtimes["openvino"]["threads"] == 1 and runtimes["openvino-int8"]["precision_hint"] == "f32"

@@ -4,6 +4,7 @@ minimum, and the instruction sets read from /proc/cpuinfo."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 from pathlib import Path
@@ -110,6 +111,25 @@ def test_timing_needs_both_its_calls_and_its_seconds():
     assert sum(len(r) for r in times["A"]) > 4  # the seconds, not the 4 calls, ended it
     times = Timing(min_iters=40, min_seconds=0.0, warmup_seconds=0.0, rounds=2).measure({"A": (runner, torch.zeros(1))})
     assert [len(r) for r in times["A"]] == [20, 20]  # the calls, not the 0 seconds, ended it
+
+
+@pytest.mark.parametrize("pause", [True, False])
+def test_the_garbage_collector_is_off_while_rounds_run_and_back_after(pause):
+    seen: list[bool] = []
+
+    class Probe(CountingRunner):
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(gc.isenabled())
+            return super().__call__(x)
+
+    assert gc.isenabled()
+    Timing(min_iters=4, min_seconds=0.0, warmup_seconds=0.0, rounds=2, gc_paused=pause).measure(
+        {"A": (Probe("A", []), torch.zeros(1))}
+    )
+    assert seen[:2] == [True, True]  # the warm-up, before the rounds
+    assert set(seen[2:]) == {not pause} and gc.isenabled()
+    interleaved_rounds({"A": lambda: seen.append(gc.isenabled())}, warmup=0, iters=1, rounds=1)
+    assert seen[-1] is False and gc.isenabled()
 
 
 def test_interleaved_rounds_leave_each_turns_first_call_untimed_when_asked():
