@@ -4,14 +4,14 @@ matmul peak measured here at the same threads and precision.
     python benchmarks/roofline.py --backbone vit_small_patch16_224 --batch-size 1 --threads 2 \
         [--onnx other.onnx ...] [--out roofline.json]
 
-FLOPs per forward: `torch.utils.flop_counter.FlopCounterMode` on the model (attention on its math path,
-so that its two matmuls are counted too). Variants, timed in rounds that alternate them (so drift hits
-all alike; median over rounds of the mean per call, each turn after one untimed call): torch eager fp32;
-torch eager bf16 (weights and activations, where the CPU has AVX512_BF16 or AMX); ONNX Runtime fp32 (CPU EP)
-on an ONNX exported here; any ONNX given with --onnx (same FLOPs assumed, compared with the fp32 peak). The peaks are square matmuls
-in the same rounds (`vitfold.export.roofline.peak_variants`: torch.mm at n = 1024 and 2048, ONNX Runtime's
-MatMul for fp32 and MatMulInteger for int8, and OpenVINO's in each precision where it is installed): the best
-median per precision is the peak that precision's rows are compared with.
+FLOPs per forward: `torch.utils.flop_counter.FlopCounterMode` on the model (attention on its math path, so
+that its two matmuls are counted too). Variants, timed in rounds that alternate them (so drift hits all alike;
+median over rounds of the mean per call, each turn after one untimed call): torch eager fp32; torch eager bf16
+(weights and activations, where the CPU has AVX512_BF16 or AMX); ONNX Runtime fp32 (CPU EP) on an ONNX
+exported here; any ONNX given with --onnx (same FLOPs assumed, compared with the fp32 peak). The peaks are
+square matmuls in the same rounds (`vitfold.export.roofline.peak_variants`: torch.mm at n = 1024 and 2048,
+ONNX Runtime's MatMul for fp32 and MatMulInteger for int8, and OpenVINO's in each precision where it is
+installed): the best median per precision is the peak that precision's rows are compared with.
 """
 
 from __future__ import annotations
