@@ -2,7 +2,7 @@
 means or of their medians, measured on a run's own backends on this machine.
 
     python benchmarks/bench_stability.py RUN [--repeats 3] [--batch-sizes 1,8,32] [--min-seconds 1.0]
-        [--rounds 10] [--warmup-seconds 0.2] [--threads 2] [--out stability.json]
+        [--rounds 10] [--warmup-seconds 0.2] [--threads 2] [--gc paused|on|alternate] [--out stability.json]
 
 Times every backend of RUN exactly as `vitfold bench` does (the run's artifacts, `Timing` with its untimed
 call per round, ONNX Runtime not spinning), `--repeats` times in a row. For each row it reports, per repeat,
@@ -10,7 +10,9 @@ the rounds' rel IQR of the per-round means (what a single call that the OS or th
 and of the per-round medians (what the row's p50 is made of), the spread of those medians once the
 machine's drift shared by every backend of a round is divided out (`vitfold.export.timing.machine_drift`),
 the p50 and the mean, and the fraction of calls over twice the row's median (stalls). Across repeats,
-each row's p50 spread says how far a figure from one bench run can be trusted.
+each row's p50 spread says how far a figure from one bench run can be trusted. `--gc alternate` pauses
+Python's garbage collector in every other repeat (as `vitfold bench` does: `Timing.gc_paused`) and leaves it
+on in the others, in the same process, and summarises the two apart.
 """
 
 from __future__ import annotations
@@ -54,11 +56,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warmup-seconds", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gc", choices=["paused", "on", "alternate"], default="paused")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rd = RunDir(args.run)
-    timing = Timing(args.min_iters, args.min_seconds, args.warmup_seconds, args.rounds)
+    timings = {
+        paused: Timing(args.min_iters, args.min_seconds, args.warmup_seconds, args.rounds, gc_paused=paused)
+        for paused in (True, False)
+    }
     batches = [int(b) for b in args.batch_sizes.split(",")]
     names = [n for n in default_backends(rd, BACKENDS) if backend_unavailable(rd, n, "cpu") is None]
     found: dict[str, list[dict]] = {}
@@ -67,14 +73,16 @@ def main() -> None:
         for name in names:
             runners[name] = stack.enter_context(open_backend(rd, name, "cpu", args.threads, trust=True, spin=False))
         for repeat in range(args.repeats):
+            paused = args.gc == "paused" or (args.gc == "alternate" and repeat % 2 == 0)
+            timing = timings[paused]
             for batch in batches:
                 x = torch.randn(batch, 3, *rd.image_size(), generator=torch.Generator().manual_seed(0))
                 cases = {n: (r, x) for n, r in runners.items()}
                 measured = timing.measure(cases)
                 drift = machine_drift({n: round_medians(r) for n, r in measured.items()})
                 for name, per_round in measured.items():
-                    row = {"repeat": repeat, **_row(per_round, drift)}
-                    found.setdefault(f"{name} b{batch}", []).append(row)
+                    row = {"repeat": repeat, "gc_paused": paused, **_row(per_round, drift)}
+                    found.setdefault(f"{name} b{batch}{'' if paused else ' gc on'}", []).append(row)
                     print(f"{name:20s} b{batch:<3d} repeat {repeat}: {row['iqr_of_round_medians']:.3f}", flush=True)
     summary = {
         key: {
