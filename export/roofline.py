@@ -131,9 +131,10 @@ class Peak(NamedTuple):
     by: str
 
 
-def matmul_peaks(threads: int, rounds: int = 3, iters: int = 2) -> dict[str, Peak]:
+def matmul_peaks(threads: int, rounds: int = 5, iters: int = 2) -> dict[str, Peak]:
     """precision -> the best of its matmuls here (median GFLOP/s over `rounds` alternating rounds, each turn
-    after one untimed call: a runtime's first call after another's runs up to 3x slower on a 2-core VM)."""
+    after one untimed call: a runtime's first call after another's runs up to 3x slower on a 2-core VM).
+    About 6 s at 2 threads there; three rounds of one call had read fp32 anywhere from 350 to 470."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

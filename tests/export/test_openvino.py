@@ -18,10 +18,9 @@ from tritonclient.grpc import model_config_pb2
 import vitfold.pipeline.stages.export as export_stage
 from vitfold.cli import main
 from vitfold.errors import VitfoldError
-from vitfold.export import export, open_runner
+from vitfold.export import export, open_runner, roofline
 from vitfold.export.isa import cpu_has_bf16
 from vitfold.export.model_info import ModelInfo
-from vitfold.export.roofline import peak_variants
 from vitfold.export.triton import write_triton_repository
 from vitfold.pipeline.config import load_config
 from vitfold.pipeline.stages import RunDir, run_stage
@@ -241,8 +240,9 @@ def test_triton_serves_each_ir_with_the_openvino_backend(tmp_path):
         assert config.output[0].label_filename == "labels.txt"
 
 
-def test_bench_times_openvino_and_records_every_runtimes_thread_and_spin_settings(ov_run, tmp_path):
+def test_bench_times_openvino_and_records_every_runtimes_thread_and_spin_settings(ov_run, tmp_path, monkeypatch):
     run = copy_run(ov_run, tmp_path / "run")
+    monkeypatch.setattr(roofline, "MATMUL_SIZES", (256, 512))  # the peaks' matmuls, small: the test's time
     fast = {"min_iters": 4, "min_seconds": 0.02, "warmup_seconds": 0.01, "rounds": 2}
     backends = ["torch-unmerged", "onnxruntime", "openvino", "openvino-int8"]
     run_stage("bench", run, backends=backends, batch_sizes=[1, 2], threads=1, **fast, **QUIET)
@@ -261,7 +261,7 @@ def test_bench_times_openvino_and_records_every_runtimes_thread_and_spin_setting
     assert set(peaks) >= {"fp32", "int8"} and min(peaks.values()) > 0
     # each peak names the matmul that set it, of its own precision; OpenVINO's are among the candidates
     assert all(f" {p} n=" in by for p, by in bench["roofline"]["peak_by"].items())
-    assert {"matmul openvino int8 n=1024", "matmul openvino fp32 n=2048"} <= set(peak_variants(1, bf16=False))
+    assert {"matmul openvino int8 n=256", "matmul openvino fp32 n=512"} <= set(roofline.peak_variants(1, bf16=False))
     for row in bench["rows"]:
         achieved = row["batch_size"] * flops / 1e9 / (row["p50_ms"] / 1e3)
         assert row["gflop_per_s"] == pytest.approx(achieved, rel=1e-2)
