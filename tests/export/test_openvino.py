@@ -270,6 +270,8 @@ def test_bench_times_openvino_and_records_every_runtimes_thread_and_spin_setting
     assert precisions["openvino-int8", 1] == "int8" and precisions["openvino", 2] == "fp32"
     run_stage("report", run, **QUIET)
     report = (run / "REPORT.md").read_text()
+    for precision, by in bench["roofline"]["peak_by"].items():  # each peak, with the matmul that set it
+        assert f"{precision} {peaks[precision]:,.1f} by {by.removeprefix('matmul ')}" in report
     for row in bench["rows"]:  # each row's speed-ups, from bench.json's p50s, in the report's latency table
         base = next(
             r for r in bench["rows"] if r["backend"] == "torch-unmerged" and r["batch_size"] == row["batch_size"]
