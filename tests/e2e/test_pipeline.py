@@ -31,7 +31,7 @@ CONFIG = {
     "compare": {"linear": {}},
     "export": {"formats": ["onnx", "torchscript"]},
     "verify": {"batch_sizes": [1, 4], "samples": 4},
-    "bench": {"batch_sizes": [1, 2], "min_iters": 3, "min_seconds": 0.05},
+    "bench": {"batch_sizes": [1, 2], "min_iters": 3, "min_seconds": 0.05, "roofline": False},
 }
 ALL = ["pretrain", "train", "compare", "fold", "export", "verify", "bench", "report"]
 

@@ -245,7 +245,7 @@ def test_bench_times_openvino_and_records_every_runtimes_thread_and_spin_setting
     monkeypatch.setattr(roofline, "MATMUL_SIZES", (256, 512))  # the peaks' matmuls, small: the test's time
     fast = {"min_iters": 4, "min_seconds": 0.02, "warmup_seconds": 0.01, "rounds": 2}
     backends = ["torch-unmerged", "onnxruntime", "openvino", "openvino-int8"]
-    run_stage("bench", run, backends=backends, batch_sizes=[1, 2], threads=1, **fast, **QUIET)
+    run_stage("bench", run, backends=backends, batch_sizes=[1, 2], threads=1, roofline=True, **fast, **QUIET)
     bench = json.loads((run / "bench" / "bench.json").read_text())
     assert bench["spin"] is False and bench["timing"]["round_warmup"] == 1 and bench["timing"]["gc_paused"] is True
     runtimes = bench["runtimes"]

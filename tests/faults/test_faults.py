@@ -31,7 +31,13 @@ CONFIG = {
     "train": {**TINY_RUN["train"], "epochs": 3},
     "export": {"formats": ["onnx", "torchscript"]},
     "verify": {"batch_sizes": [2], "samples": 2},
-    "bench": {"batch_sizes": [1], "backends": ["torch-folded", "onnxruntime"], "min_iters": 2, "min_seconds": 0.01},
+    "bench": {
+        "batch_sizes": [1],
+        "backends": ["torch-folded", "onnxruntime"],
+        "min_iters": 2,
+        "min_seconds": 0.01,
+        "roofline": False,
+    },
 }
 KILLS = 10
 STAGES = ("train", "fold", "export", "verify", "bench", "report")

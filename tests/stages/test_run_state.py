@@ -242,7 +242,13 @@ def test_an_interrupted_pre_training_resumes_from_its_last_epoch(tmp_path):
     quick = {
         "export": {"formats": ["onnx"]},
         "verify": {"batch_sizes": [2], "samples": 2},
-        "bench": {"batch_sizes": [1], "backends": ["onnxruntime"], "min_iters": 1, "min_seconds": 0.0},
+        "bench": {
+            "batch_sizes": [1],
+            "backends": ["onnxruntime"],
+            "min_iters": 1,
+            "min_seconds": 0.0,
+            "roofline": False,
+        },
     }
     config.write_text(yaml.safe_dump({**TINY_RUN, "pretrain": pretrain, **quick}))
     cache = tmp_path / "cache"

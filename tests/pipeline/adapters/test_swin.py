@@ -152,7 +152,7 @@ SWIN_RUN = {
     "train": {"epochs": 1, "batch_size": 32, "lr": 3e-3, "warmup_epochs": 0},
     "export": {"formats": ["onnx", "torchscript", "aoti"]},
     "verify": {"batch_sizes": [1, 8], "samples": 8},
-    "bench": {"batch_sizes": [1], "min_iters": 3, "min_seconds": 0.05, "rounds": 2},
+    "bench": {"batch_sizes": [1], "min_iters": 3, "min_seconds": 0.05, "rounds": 2, "roofline": False},
 }
 
 
