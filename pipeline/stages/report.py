@@ -120,6 +120,44 @@ def _speedups(bench: dict[str, Any], row: dict[str, Any]) -> list[str]:
     return ["–" if base is None else f"{base / row['p50_ms']:.2f}×" for base in over]
 
 
+REFERENCE = "torch-unmerged"  # what every gate measures against (through the fold)
+NOT_ADAPTED = "torch-base"  # the base model without the adapters: another function, never gated
+
+
+def gates(verify: dict[str, Any] | None, fresh: bool) -> dict[str, str]:
+    """backend -> "passed" | "FAILED" from verify.json's rows (a backend passes when every one of its rows
+    did); "stale" for each while verify's inputs are no longer the run's artifacts."""
+    found: dict[str, str] = {}
+    for row in (verify or {}).get("results", []):
+        passed = row["passed"] and found.get(row["backend"], "passed") == "passed"
+        found[row["backend"]] = "passed" if passed else "FAILED"
+    return found if fresh else dict.fromkeys(found, "stale")
+
+
+def _gate_cell(backend: str, gate_of: dict[str, str]) -> str:
+    if backend == REFERENCE:
+        return "reference"
+    if backend == NOT_ADAPTED:
+        return "– (not adapted)"
+    return gate_of.get(backend, "not verified")
+
+
+def _fastest_gated(bench: dict[str, Any], gate_of: dict[str, str]) -> list[str]:
+    """Per batch size, the fastest row whose backend passed its gate, with its speed-ups."""
+    lines = []
+    for batch in dict.fromkeys(r["batch_size"] for r in bench["rows"]):
+        passed = [r for r in bench["rows"] if r["batch_size"] == batch and gate_of.get(r["backend"]) == "passed"]
+        if passed:
+            best = min(passed, key=lambda r: r["p50_ms"])
+            over = ", ".join(f"{x} over {name}" for x, name in zip(_speedups(bench, best), SPEEDUP_OVER, strict=True))
+            unstable = " (an unstable row)" if best["unstable"] else ""
+            lines.append(
+                f"- fastest artifact that passed its gate at batch {batch}: {best['backend']} "
+                f"({best['precision']}), p50 {best['p50_ms']:.3f} ms{unstable}; {over}"
+            )
+    return lines
+
+
 def _roofline_cells(row: dict[str, Any]) -> list[str]:
     """Achieved GFLOP/s and the share of its precision's matmul peak ("–" where bench measured none)."""
     rate, share = row.get("gflop_per_s"), row.get("of_peak")
@@ -159,7 +197,9 @@ def _drift_note(bench: dict[str, Any]) -> str:
     return f"; the machine's own speed drifted across rounds by (IQR / median) {found}, every row alike"
 
 
-def _latency(bench: dict[str, Any]) -> list[str]:
+def _latency(bench: dict[str, Any], gate_of: dict[str, str]) -> list[str]:
+    """The bench rows as a table (with each backend's gate from `gate_of`, see `gates`), its notes, and the
+    fastest artifact that passed its gate per batch size."""
     if any("unstable" not in r for r in bench["rows"]):
         return ["bench/bench.json predates interleaved rounds and stability flags: rerun `vitfold bench`."]
     rows = [
@@ -174,6 +214,7 @@ def _latency(bench: dict[str, Any]) -> list[str]:
             f"{r['throughput_ips']:.1f}",
             f"{r['iterations']} / {r['rounds']}",
             "**unstable**" if r["unstable"] else "stable",
+            _gate_cell(r["backend"], gate_of),
             *_speedups(bench, r),
             *_roofline_cells(r),
         ]
@@ -193,16 +234,18 @@ def _latency(bench: dict[str, Any]) -> list[str]:
         "",
         *_table(
             ["backend", "provider", "precision", "batch", "p50 ms", "rounds IQR", "p90 ms", "p99 ms", "img/s"]
-            + ["calls / rounds", "stability"]
+            + ["calls / rounds", "stability", "gate"]
             + [f"× {name}" for name in SPEEDUP_OVER]
             + ["GFLOP/s", "% of peak"],
             rows,
-            ["---", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "---", "--:", "--:", "--:", "--:"],
+            ["---"] * 3 + ["--:"] * 7 + ["---"] * 2 + ["--:"] * 4,
         ),
         "",
-        "p99 only from 100 calls or more (– below). × columns: that backend's p50 over the row's (the row's "
-        "speed-up), same batch size, same interleaved run.",
+        "p99 only from 100 calls or more (– below). gate: that backend's verify rows (all passed, or FAILED; "
+        "stale when the artifacts changed since verify). × columns: that backend's p50 over the row's (the "
+        "row's speed-up), same batch size, same interleaved run.",
         *_roofline_note(bench),
+        *_fastest_gated(bench, gate_of),
     ]
     lines += [f"- {ratio_line(key, ratio)}" for key, ratio in bench.get("ratios", {}).items()]
     lines += [f"- {name} not measured: {reason}" for name, reason in bench.get("skipped", {}).items()]
@@ -305,7 +348,11 @@ def _run(rd: RunDir, cfg: RunConfig, ctx: Context) -> StageResult:
         "",
         "## Latency",
         "",
-        *(_latency(bench) if bench else ["bench has not run."]),
+        *(
+            _latency(bench, gates(verify, fresh=not verdict.startswith("OUT OF DATE")))
+            if bench
+            else ["bench has not run."]
+        ),
         "",
         "## Artifacts",
         "",
