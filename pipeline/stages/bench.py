@@ -12,7 +12,9 @@ spread is above `unstable_above`. A ratio built from an unstable row is marked u
 drift moves every row's milliseconds alike, which the ratios cancel; a drifting machine is reported as such.
 
 Each round of a backend starts with an untimed call (`Timing.round_warmup`), Python's garbage collector is
-paused while the rounds run (`Timing.gc_paused`; both recorded in bench.json's `timing`), and ONNX Runtime's idle
+paused while the rounds run (`Timing.gc_paused`; both recorded in bench.json's `timing`), glibc's malloc keeps
+freed memory for reuse while timing (`Timing.malloc_kept`; the mallopt values in bench.json's `malloc`, None
+elsewhere), and ONNX Runtime's idle
 threads do not spin (`spin`, off by default): a spinning pool keeps the cores busy after its calls, and
 the next backend in the round pays for it. On the CPU, each row also gets its achieved GFLOP/s (the
 model's forward FLOPs, `vitfold.export.roofline.forward_flops`, over its p50) and its share of the matmul
@@ -42,7 +44,15 @@ from vitfold.export.aoti import package_cpu_isa
 from vitfold.export.charts import latency_chart
 from vitfold.export.isa import inductor_vec_isa
 from vitfold.export.runners import Runner
-from vitfold.export.timing import Timing, latency_stats, machine, machine_drift, rel_iqr, round_medians
+from vitfold.export.timing import (
+    Timing,
+    latency_stats,
+    machine,
+    machine_drift,
+    malloc_settings,
+    rel_iqr,
+    round_medians,
+)
 from vitfold.pipeline.atomic import atomic_replace, atomic_write_json, atomic_write_text
 from vitfold.pipeline.config import BenchConfig
 from vitfold.pipeline.stages.backends import (
@@ -133,6 +143,7 @@ def _run(rd: RunDir, b: BenchConfig, ctx: Context) -> StageResult:
         "image_size": list(image_size),
         "machine": found,
         "timing": asdict(timing),
+        "malloc": malloc_settings(timing.malloc_kept),
         "unstable_above": b.unstable_above,
         "machine_drift": drifts,
         "rows": rows,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import itertools
+import platform
+import resource
 import time
 from pathlib import Path
 
@@ -15,7 +17,14 @@ import torch
 
 from vitfold.export.isa import cpu_isa
 from vitfold.export.runners import Runner
-from vitfold.export.timing import Timing, interleaved_rounds, latency_stats, machine_drift, own_spread
+from vitfold.export.timing import (
+    Timing,
+    interleaved_rounds,
+    latency_stats,
+    machine_drift,
+    malloc_settings,
+    own_spread,
+)
 
 rng = np.random.default_rng(0)
 QUIET = [list(1.0 + 0.01 * rng.standard_normal(12)) for _ in range(10)]  # ~1 ms, 1% jitter, same every round
@@ -126,10 +135,44 @@ def test_the_garbage_collector_is_off_while_rounds_run_and_back_after(pause):
     Timing(min_iters=4, min_seconds=0.0, warmup_seconds=0.0, rounds=2, gc_paused=pause).measure(
         {"A": (Probe("A", []), torch.zeros(1))}
     )
-    assert seen[:2] == [True, True]  # the warm-up, before the rounds
-    assert set(seen[2:]) == {not pause} and gc.isenabled()
+    assert set(seen) == {not pause} and gc.isenabled()  # warm-up and rounds; back on after
     interleaved_rounds({"A": lambda: seen.append(gc.isenabled())}, warmup=0, iters=1, rounds=1)
     assert seen[-1] is False and gc.isenabled()
+
+
+class AllocatingRunner(CountingRunner):
+    """Allocates, fills and frees an 8 MiB buffer per call (as eager torch does its intermediates) and
+    records the page faults each call took, read from the kernel (getrusage), apart from the timing code."""
+
+    def __init__(self, faults: list[int]) -> None:
+        super().__init__("alloc", [])
+        self.faults = faults
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(2 << 20)  # 8 MiB of float32, written, freed at once
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return x
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc settings are glibc's (mallopt)")
+@pytest.mark.parametrize("kept", [True, False])
+def test_freed_memory_is_kept_while_timing_so_calls_take_no_page_faults(kept):
+    """An 8 MiB buffer is over glibc's 128 KiB mmap threshold: by default each call maps fresh pages (about
+    2,048 faults of 4 KiB); with the memory kept, once the heap has grown the calls reuse it and take almost
+    none. After timing, glibc's default behaviour is back."""
+    faults: list[int] = []
+    timing = Timing(min_iters=12, min_seconds=0.0, warmup_seconds=0.0, rounds=2, malloc_kept=kept)
+    timing.measure({"A": (AllocatingRunner(faults), torch.zeros(1))})
+    last_round = faults[-6:]  # the second round's 6 timed calls (the heap needs a few calls to grow first)
+    if kept:
+        assert max(last_round) < 200
+        assert malloc_settings(True) == {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 1 << 30}
+    else:
+        assert min(faults) > 1000 and malloc_settings(False) is None
+    after: list[int] = []
+    AllocatingRunner(after)(torch.zeros(1))
+    assert after[0] > 1000  # the defaults again: 8 MiB from fresh pages
 
 
 def test_interleaved_rounds_leave_each_turns_first_call_untimed_when_asked():
