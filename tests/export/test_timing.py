@@ -4,6 +4,7 @@ minimum, and the instruction sets read from /proc/cpuinfo."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import itertools
 import platform
@@ -161,6 +162,10 @@ def test_freed_memory_is_kept_while_timing_so_calls_take_no_page_faults(kept):
     """An 8 MiB buffer is over glibc's 128 KiB mmap threshold: by default each call maps fresh pages (about
     2,048 faults of 4 KiB); with the memory kept, once the heap has grown the calls reuse it and take almost
     none. After timing, glibc's default behaviour is back."""
+    # the process in glibc's static defaults (malloc.h: M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1, 128 KiB each):
+    # every freed block over 128 KiB goes back to the kernel, whatever glibc's adaptive threshold learnt before
+    libc = ctypes.CDLL("libc.so.6")
+    assert libc.mallopt(-3, 128 << 10) == libc.mallopt(-1, 128 << 10) == 1
     faults: list[int] = []
     timing = Timing(min_iters=12, min_seconds=0.0, warmup_seconds=0.0, rounds=2, malloc_kept=kept)
     timing.measure({"A": (AllocatingRunner(faults), torch.zeros(1))})
