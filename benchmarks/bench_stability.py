@@ -2,7 +2,8 @@
 means or of their medians, measured on a run's own backends on this machine.
 
     python benchmarks/bench_stability.py RUN [--repeats 3] [--batch-sizes 1,8,32] [--min-seconds 1.0]
-        [--rounds 10] [--warmup-seconds 0.2] [--threads 2] [--gc paused|on|alternate] [--out stability.json]
+        [--rounds 10] [--warmup-seconds 0.2] [--threads 2] [--gc paused|on|alternate]
+        [--malloc kept|default|alternate] [--out stability.json]
 
 Times every backend of RUN exactly as `vitfold bench` does (the run's artifacts, `Timing` with its untimed
 call per round, ONNX Runtime not spinning), `--repeats` times in a row. For each row it reports, per repeat,
@@ -12,7 +13,8 @@ machine's drift shared by every backend of a round is divided out (`vitfold.expo
 the p50 and the mean, and the fraction of calls over twice the row's median (stalls). Across repeats,
 each row's p50 spread says how far a figure from one bench run can be trusted. `--gc alternate` pauses
 Python's garbage collector in every other repeat (as `vitfold bench` does: `Timing.gc_paused`) and leaves it
-on in the others, in the same process, and summarises the two apart.
+on in the others, in the same process, and summarises the two apart; `--malloc alternate` does the same
+with glibc's malloc keeping freed memory (`Timing.malloc_kept`) or left as it is.
 """
 
 from __future__ import annotations
@@ -57,13 +59,17 @@ def main() -> None:
     ap.add_argument("--warmup-seconds", type=float, default=0.2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gc", choices=["paused", "on", "alternate"], default="paused")
+    ap.add_argument("--malloc", choices=["kept", "default", "alternate"], default="kept")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rd = RunDir(args.run)
     timings = {
-        paused: Timing(args.min_iters, args.min_seconds, args.warmup_seconds, args.rounds, gc_paused=paused)
+        (paused, kept): Timing(
+            args.min_iters, args.min_seconds, args.warmup_seconds, args.rounds, gc_paused=paused, malloc_kept=kept
+        )
         for paused in (True, False)
+        for kept in (True, False)
     }
     batches = [int(b) for b in args.batch_sizes.split(",")]
     names = [n for n in default_backends(rd, BACKENDS) if backend_unavailable(rd, n, "cpu") is None]
@@ -74,15 +80,17 @@ def main() -> None:
             runners[name] = stack.enter_context(open_backend(rd, name, "cpu", args.threads, trust=True, spin=False))
         for repeat in range(args.repeats):
             paused = args.gc == "paused" or (args.gc == "alternate" and repeat % 2 == 0)
-            timing = timings[paused]
+            kept = args.malloc == "kept" or (args.malloc == "alternate" and repeat % 2 == 0)
+            timing = timings[paused, kept]
+            mode = ("" if paused else " gc on") + ("" if kept else " malloc default")
             for batch in batches:
                 x = torch.randn(batch, 3, *rd.image_size(), generator=torch.Generator().manual_seed(0))
                 cases = {n: (r, x) for n, r in runners.items()}
                 measured = timing.measure(cases)
                 drift = machine_drift({n: round_medians(r) for n, r in measured.items()})
                 for name, per_round in measured.items():
-                    row = {"repeat": repeat, "gc_paused": paused, **_row(per_round, drift)}
-                    found.setdefault(f"{name} b{batch}{'' if paused else ' gc on'}", []).append(row)
+                    row = {"repeat": repeat, "gc_paused": paused, "malloc_kept": kept, **_row(per_round, drift)}
+                    found.setdefault(f"{name} b{batch}{mode}", []).append(row)
                     print(f"{name:20s} b{batch:<3d} repeat {repeat}: {row['iqr_of_round_medians']:.3f}", flush=True)
     summary = {
         key: {
