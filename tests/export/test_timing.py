@@ -4,11 +4,13 @@ minimum, and the instruction sets read from /proc/cpuinfo."""
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import itertools
+import json
+import os
 import platform
-import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -142,19 +144,37 @@ def test_the_garbage_collector_is_off_while_rounds_run_and_back_after(pause):
     assert seen[-1] is False and gc.isenabled()
 
 
-class AllocatingRunner(CountingRunner):
-    """Allocates, fills and frees an 8 MiB buffer per call (as eager torch does its intermediates) and
-    records the page faults each call took, read from the kernel (getrusage), apart from the timing code."""
+FAULTS_PER_CALL = """
+import ctypes, json, resource, sys
+import torch
+from vitfold.export.runners import Runner
+from vitfold.export.timing import Timing
 
-    def __init__(self, faults: list[int]) -> None:
-        super().__init__("alloc", [])
-        self.faults = faults
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+class AllocatingRunner(Runner):
+    # allocates, fills and frees 8 MiB per call, as eager torch does its intermediates; page faults per call
+    # read from the kernel (getrusage), apart from the timing code
+    def __init__(self):
+        super().__init__("cpu")
+        self.faults = []
+
+    def __call__(self, x):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(2 << 20)  # 8 MiB of float32, written, freed at once
+        torch.ones(2 << 20)
         self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         return x
+
+
+# glibc's static defaults (malloc.h: M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1, 128 KiB each): every freed
+# block over 128 KiB goes back to the kernel
+libc = ctypes.CDLL("libc.so.6")
+assert libc.mallopt(-3, 128 << 10) == libc.mallopt(-1, 128 << 10) == 1
+runner = AllocatingRunner()
+kept = sys.argv[1] == "kept"
+timing = Timing(min_iters=12, min_seconds=0.0, warmup_seconds=0.0, rounds=2, malloc_kept=kept)
+timing.measure({"A": (runner, torch.zeros(1))})
+print(json.dumps(runner.faults))
+"""
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc settings are glibc's (mallopt)")
@@ -162,14 +182,12 @@ class AllocatingRunner(CountingRunner):
 def test_freed_memory_is_kept_while_timing_so_calls_take_no_page_faults(kept):
     """An 8 MiB buffer is over glibc's 128 KiB mmap threshold: by default each call maps fresh pages (about
     2,048 faults of 4 KiB); with the memory kept, once the heap has grown the calls reuse it and take almost
-    none (medians: a single call's count can differ for reasons of the kernel's own)."""
-    # the process in glibc's static defaults (malloc.h: M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1, 128 KiB each):
-    # every freed block over 128 KiB goes back to the kernel, whatever glibc's adaptive threshold learnt before
-    libc = ctypes.CDLL("libc.so.6")
-    assert libc.mallopt(-3, 128 << 10) == libc.mallopt(-1, 128 << 10) == 1
-    faults: list[int] = []
-    timing = Timing(min_iters=12, min_seconds=0.0, warmup_seconds=0.0, rounds=2, malloc_kept=kept)
-    timing.measure({"A": (AllocatingRunner(faults), torch.zeros(1))})
+    none. In a fresh process: a long-lived one's heap can hold the buffer's pages whatever the settings."""
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS_PER_CALL, "kept" if kept else "default"],
+        capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    faults = json.loads(out.stdout.strip().splitlines()[-1])
     last_round = faults[-6:]  # the second round's 6 timed calls (the heap needs a few calls to grow first)
     if kept:
         assert np.median(last_round) < 200
