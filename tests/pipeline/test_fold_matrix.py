@@ -162,7 +162,15 @@ def test_fold_is_exact(case):
         assert rel(y_adapted, y_base) >= 1e-2, "adapter is near identity: this test could not fail"
         assert rel(y_ref, y64) <= 1e-10, f"batch {batch}: unmerged forward disagrees with the paper's formulas"
         assert rel(y_folded, y_adapted) <= 1e-5, f"batch {batch}"
-        assert rel(y_folded, y64) <= 1.5 * rel(y_adapted, y64), f"batch {batch}"
+        # no worse than float32's own error of the unmerged model: a ratio of two rounding errors, which
+        # reached 1.50 at batch 1 (efft1-tiny_depth5), so 2x; the weights' bar below is the tight one
+        assert rel(y_folded, y64) <= 2.0 * rel(y_adapted, y64), f"batch {batch}"
+    expected = reference.state_dict()
+    for key, value in folded.state_dict().items():
+        # each folded tensor is the float64 fold rounded once to float32 (unit roundoff 6e-8; measured
+        # 2.5-2.8e-8 in every case): a fold computed in lower precision, or a term dropped, is far above
+        error = (value.double() - expected[key].double()).norm()
+        assert error <= 1e-7 * expected[key].double().norm(), key  # a zero tensor stays exactly zero
 
 
 PLAIN_CASES = [
