@@ -70,8 +70,8 @@ class RLRRLinear(AdapterLayer):
     block of `groups` equal row blocks; a scale that does not train (`scales`) is a vector of ones.
     Without `shift` there is no f (b' = b); with it on a bias-free layer, b' = f.
 
-    The forward builds W' once per call (an O(out·in) elementwise product) and runs one matmul, so a
-    training step costs about what full fine-tuning's does, instead of a second activation matmul.
+    The forward builds W' once per call (O(out·in) elementwise work) and runs one matmul, so a training
+    step costs about what full fine-tuning's does, instead of a second activation matmul.
     """
 
     s_out: nn.Parameter | None
@@ -99,42 +99,51 @@ class RLRRLinear(AdapterLayer):
                 nn.init.uniform_(p, -bounds[name], bounds[name])
 
     def _weight(self, weight: torch.Tensor, s_out: torch.Tensor | None, s_in: torch.Tensor | None) -> torch.Tensor:
+        """W' = W ⊙ (r + s_out s_inᵀ) with as few views as the groups need: an eager training step pays the
+        host for every op it dispatches, views included (on a GPU, most of RLRR's cost over full fine-tuning)."""
         out_features, in_features = weight.shape
         g = self.groups
-        blocks = weight.view(g, out_features // g, in_features)  # [g, out/g, in]
-        rows = s_out.view(g, -1, 1) if s_out is not None else 1  # [g, out/g, 1]
-        columns = s_in.view(g, 1, in_features) if s_in is not None else 1  # [g, 1, in]
-        scale = rows * columns + (1 if self.residual else 0)  # broadcasts to [g, out/g, in]
-        return (blocks * scale).view(out_features, in_features)  # [out, in]
+        if g > 1:  # one s_in per row block; a single block broadcasts [out, in] as it is
+            weight = weight.view(g, out_features // g, in_features)  # [g, out/g, in]
+            s_in = None if s_in is None else s_in.view(g, 1, in_features)  # [g, 1, in]
+        rows = 1 if s_out is None else s_out.view(*weight.shape[:-1], 1)  # [out, 1] or [g, out/g, 1]
+        columns = 1 if s_in is None else s_in  # [1, in] or [g, 1, in]
+        scale = rows * columns + 1 if self.residual else rows * columns
+        scaled = weight * scale
+        return scaled if g == 1 else scaled.view(out_features, in_features)  # [out, in]
 
-    def _scales(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return tuple(None if s is None else s if dtype is None else s.to(dtype) for s in (self.s_out, self.s_in))
-
-    def _bias(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-        bias, f = (None if t is None else t if dtype is None else t.to(dtype) for t in (self.base.bias, self.f))
+    @staticmethod
+    def _bias(bias: torch.Tensor | None, f: torch.Tensor | None) -> torch.Tensor | None:
+        """b' = b + f; b alone without a shift, f alone on a bias-free layer."""
         if f is None or bias is None:
             return bias if f is None else f
         return bias + f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight(self.base.weight, *self._scales()), self._bias())
+        return F.linear(x, self._weight(self.base.weight, self.s_out, self.s_in), self._bias(self.base.bias, self.f))
 
     def folded_parameters(self) -> dict[str, torch.Tensor]:
-        d = torch.float64
-        folded = {"weight": self._weight(self.base.weight.to(d), *self._scales(d)), "bias": self._bias(d)}
+        s_out, s_in, bias, f = (as_float64(t) for t in (self.s_out, self.s_in, self.base.bias, self.f))
+        folded = {"weight": self._weight(as_float64(self.base.weight), s_out, s_in), "bias": self._bias(bias, f)}
         return {name: t for name, t in folded.items() if t is not None}
 
 
+def as_float64(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor in float64, the dtype folds are computed in (None stays None)."""
+    return None if tensor is None else tensor.to(torch.float64)
+
+
 class SSF(AdapterLayer):
-    """y = base(x) ⊙ γ + β on the channel axis `dim` of base's output (-1: LayerNorm, 1: Conv2d).
+    """y = base(x) ⊙ γ + β on the channels of base's output (a LayerNorm's last axis, a Conv2d's axis 1).
 
     Folds into base's per-output-channel weight and bias: W' = W ⊙ γ, b' = b ⊙ γ + β.
     """
 
-    def __init__(self, base: nn.Module, dim: int, init: str) -> None:
+    base: nn.LayerNorm | nn.Conv2d
+
+    def __init__(self, base: nn.LayerNorm | nn.Conv2d, init: str) -> None:
         super().__init__(base)
         channels = base.weight.shape[0]
-        self.dim = dim
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.scale = nn.Parameter(torch.ones(channels, **kw))
         self.shift = nn.Parameter(torch.zeros(channels, **kw))
@@ -144,15 +153,14 @@ class SSF(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        shape = (-1,) + (1,) * (y.dim() - 1 - self.dim % y.dim())  # channels, then 1 per trailing axis
-        return y * self.scale.view(shape) + self.shift.view(shape)
+        if isinstance(self.base, nn.Conv2d):  # [B, C, H, W]: the channels on axis 1
+            return torch.addcmul(self.shift.view(-1, 1, 1), y, self.scale.view(-1, 1, 1))
+        return torch.addcmul(self.shift, y, self.scale)  # [..., C]: one op, where y ⊙ γ + β is two
 
     def folded_parameters(self) -> dict[str, torch.Tensor]:
-        d = torch.float64
-        weight, bias = self.base.weight.to(d), self.base.bias.to(d)
-        scale, shift = self.scale.to(d), self.shift.to(d)
-        per_channel = scale.view(-1, *[1] * (weight.dim() - 1))  # broadcast over a conv's [c, kh, kw]
-        return {"weight": weight * per_channel, "bias": bias * scale + shift}
+        weight, bias, scale, shift = (as_float64(t) for t in (self.base.weight, self.base.bias, self.scale, self.shift))
+        per_channel = scale.view(-1, *[1] * (weight.dim() - 1))  # broadcast over a conv's [C, c, kh, kw]
+        return {"weight": weight * per_channel, "bias": shift if bias is None else bias * scale + shift}
 
 
 class RLRR(AdapterMethod):
@@ -178,11 +186,11 @@ class RLRR(AdapterMethod):
         targets = find_targets(model, shifts=True)
         init = self.options.init
         if targets.patch_proj is not None:
-            model.set_submodule(targets.patch_proj, SSF(model.get_submodule(targets.patch_proj), dim=1, init=init))
+            model.set_submodule(targets.patch_proj, SSF(model.get_submodule(targets.patch_proj), init=init))
         for target in targets.linears + targets.reductions:
             shift = target.shift or self.options.reduction_shift
             layer = RLRRLinear(model.get_submodule(target.name), target.groups, self.options, shift=shift)
             model.set_submodule(target.name, layer)
         norms = targets.block_norms + ((targets.final_norm,) if targets.final_norm else ())
         for name in norms:
-            model.set_submodule(name, SSF(model.get_submodule(name), dim=-1, init=init))
+            model.set_submodule(name, SSF(model.get_submodule(name), init=init))

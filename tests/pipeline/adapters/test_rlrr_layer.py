@@ -70,7 +70,7 @@ def test_rlrr_identity_init_is_the_base_in_every_ablation(scales):
 def test_ssf_on_conv_output_equals_ssf_on_patch_tokens():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 8, kernel_size=4, stride=4).double()
-    layer = SSF(conv, dim=1, init="paper").double()
+    layer = SSF(conv, init="paper").double()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     tokens = conv(x).flatten(2).transpose(1, 2)  # [B, N, C]: timm's patch tokens
     expected = tokens * layer.scale + layer.shift
@@ -80,6 +80,9 @@ def test_ssf_on_conv_output_equals_ssf_on_patch_tokens():
 def test_ssf_after_layernorm():
     torch.manual_seed(0)
     norm = nn.LayerNorm(8).double()
-    layer = SSF(norm, dim=-1, init="paper").double()
+    with torch.no_grad():  # an affine that is not the identity, so that b ⊙ γ + β differs from β
+        norm.weight.normal_(1.0, 0.3)
+        norm.bias.normal_(0.0, 0.3)
+    layer = SSF(norm, init="paper").double()
     x = torch.randn(2, 3, 8, dtype=torch.float64)
     torch.testing.assert_close(layer(x), norm(x) * layer.scale + layer.shift, rtol=1e-12, atol=1e-12)
