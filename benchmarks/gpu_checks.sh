@@ -3,23 +3,12 @@
 # environment and onnxruntime providers; ViT-B/16 pre-trained from scratch on digits, RLRR-adapted, folded,
 # exported as CUDA AOTInductor packages in fp32 and fp16, verified and benched on CUDA (issue 14); then
 # reduced-precision latency with and without CUDA graphs (benchmarks/gpu_precision.py).
-# The machine's image has torch, timm, onnx and onnxruntime but no vitfold install: a shim folder maps the
-# source tree onto the `vitfold` package (vitfold/, pipeline/ -> vitfold.pipeline, export/ -> vitfold.export).
+# The machine's image has no vitfold install: benchmarks/shim.sh maps the source tree onto the package.
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
-SHIM=$(mktemp -d)
-mkdir "$SHIM/vitfold"
-cp vitfold/*.py "$SHIM/vitfold/"
-ln -s "$PWD/pipeline" "$SHIM/vitfold/pipeline"
-ln -s "$PWD/export" "$SHIM/vitfold/export"
-export PYTHONPATH=$SHIM:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
-python - <<'PY' | tee "$OUT/env.json"
-import json, torch, timm, onnxruntime as ort
-print(json.dumps({"torch": torch.__version__, "timm": timm.__version__, "onnxruntime": ort.__version__,
-                  "ort_providers": ort.get_available_providers(), "gpu": torch.cuda.get_device_name(),
-                  "capability": torch.cuda.get_device_capability()}))
-PY
+source benchmarks/shim.sh  # vitfold importable from the source tree
+python benchmarks/device_env.py | tee "$OUT/env.json"
 RUN=/tmp/vitb-precision
 REPO=$PWD
 # from the shim's folder: `python -m` puts the working folder first on sys.path, and ./vitfold lacks the subpackages

@@ -1,17 +1,11 @@
 #!/usr/bin/env bash
 # Issue 13's Swin-B speed checks in one go (results under $OUT, default ./swin-results): folded vs unmerged
 # inference and the training step (RLRR, EFFT2 vs full fine-tuning) on the CPU at batch 1 and 8, and on CUDA
-# at batch 32 when a GPU is present. Runs on a machine without a vitfold install through the same shim as
-# gpu_checks.sh (vitfold/, pipeline/ -> vitfold.pipeline, export/ -> vitfold.export).
+# at batch 32 when a GPU is present. Runs on a machine without a vitfold install through benchmarks/shim.sh.
 set -uo pipefail
 OUT=${OUT:-swin-results}
 mkdir -p "$OUT"
-SHIM=$(mktemp -d)
-mkdir "$SHIM/vitfold"
-cp vitfold/*.py "$SHIM/vitfold/"
-ln -s "$PWD/pipeline" "$SHIM/vitfold/pipeline"
-ln -s "$PWD/export" "$SHIM/vitfold/export"
-export PYTHONPATH=$SHIM:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/shim.sh  # vitfold importable from the source tree
 SWIN=swin_base_patch4_window7_224
 for b in 1 8; do
   python benchmarks/train_step.py --backbone $SWIN --batch-size $b --rounds 5 --out "$OUT/swinb_cpu_b$b.json"
