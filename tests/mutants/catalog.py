@@ -38,6 +38,9 @@ MUTANTS = (
            "out[kind] = self.scale * (u[i] @ core[:, i + 1]) @ v[i]",
            ("tests/pipeline/test_fold_matrix.py",)),
     # -- training as the official code trains
+    Mutant("ddp: each process trains on its own shard, gradients never averaged", "pipeline/training.py",
+           "net = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model", "net = model",
+           ("tests/stages/test_train.py::test_ddp_two_processes_match_one_process",)),
     Mutant("rlrr shifts weight-decayed (the generic rule on vitfold's names)", "pipeline/adapters/rlrr.py",
            'official = name.removesuffix(".f") + ".shift_bias" if name.endswith(".f") else name', "official = name",
            ("tests/pipeline/test_training_rules.py::test_rlrr_groups_are_the_official_ones",)),
