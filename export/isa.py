@@ -53,6 +53,12 @@ def cpu_has_bf16(cpuinfo: Path = CPUINFO) -> bool:
     return bool(cpu_flags(cpuinfo) & set(BF16_FLAGS))
 
 
+def cpu_has_amx_bf16(cpuinfo: Path = CPUINFO) -> bool:
+    """AMX's BF16 tile matmuls (Intel Sapphire Rapids and later): BF16 matmuls several times faster than
+    AVX-512 FP32, where AVX512_BF16 alone gives about twice."""
+    return "amx_bf16" in cpu_flags(cpuinfo)
+
+
 def cpu_name(cpuinfo: Path = CPUINFO) -> str:
     """The CPU model, as /proc/cpuinfo names it (else what `platform` knows)."""
     return _cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine()

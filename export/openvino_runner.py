@@ -4,9 +4,10 @@
         logits = runner(images)                       # (B, 3, H, W) f32 -> (B, num_classes) f32
 
 Compiled with every setting that decides its numbers or its speed given explicitly:
-INFERENCE_PRECISION_HINT (the precision the IR records, `export.openvino`: f32, or bf16 for model.bf16.xml;
-OpenVINO's own default on a CPU with BF16 would be bf16), INFERENCE_NUM_THREADS, PERFORMANCE_HINT=LATENCY
-(one stream, one request at a time) and NUM_STREAMS=1.
+INFERENCE_PRECISION_HINT (`float_ops_hint`: f32 for model.xml, bf16 for model.bf16.xml; for the INT8 IR,
+whose float ops are LayerNorm, softmax, GELU and the residual adds, bf16 on a CPU with AMX and f32 elsewhere;
+OpenVINO's own default on a CPU with BF16 would be bf16 for all three), INFERENCE_NUM_THREADS,
+PERFORMANCE_HINT=LATENCY (one stream, one request at a time) and NUM_STREAMS=1.
 
 The IR's batch axis is dynamic (`?`); the runner compiles it once per input shape it is called with, with
 that shape fixed (`Model.reshape`), and keeps the last `STATIC_SHAPES_KEPT` compiled shapes. A static shape
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from vitfold.errors import VitfoldError
+from vitfold.export.isa import cpu_has_amx_bf16
 from vitfold.export.openvino import IR_PRECISION, PRECISION_HINTS, require_openvino
 from vitfold.export.runners import Runner
 
@@ -35,10 +37,19 @@ def ir_precision(model: Any) -> str:
     return model.get_rt_info(list(IR_PRECISION)).astype(str) if model.has_rt_info(list(IR_PRECISION)) else "fp32"
 
 
+def float_ops_hint(precision: str, amx: bool | None = None) -> str:
+    """INFERENCE_PRECISION_HINT for an IR of `precision`: the one it records, except that the INT8 IR's float
+    ops run bf16 on a CPU with AMX (`amx`, None: this CPU's). ViT-S/16 INT8 ran 1.12x faster at batch 1 and
+    1.22x at batch 8 with them in bf16 on a 2-core AMX Xeon (cosine 0.99999 to f32; `benchmarks/openvino_compile.py
+    --compare float-ops`), and 1.34x slower on an AVX512_BF16 EPYC without AMX (2026-12-04)."""
+    amx = cpu_has_amx_bf16() if amx is None else amx
+    return "bf16" if precision == "int8" and amx else PRECISION_HINTS[precision]
+
+
 def compile_config(precision: str, threads: int | None) -> dict[str, str]:
     """The CPU plugin's settings for an IR of `precision` at `threads` (None: OpenVINO's choice)."""
     config = {
-        "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
+        "INFERENCE_PRECISION_HINT": float_ops_hint(precision),
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": "1",
     }

@@ -69,6 +69,13 @@ def test_fp32_ir_computes_the_folded_model_at_fp32_noise(tiny_irs):
         assert _max_rel(out, reference) <= 1e-5
 
 
+def test_int8_irs_float_ops_run_bf16_only_on_a_cpu_with_amx():
+    from vitfold.export.openvino_runner import float_ops_hint
+
+    assert [float_ops_hint(p, amx=True) for p in ("fp32", "bf16", "int8")] == ["f32", "bf16", "bf16"]
+    assert [float_ops_hint(p, amx=False) for p in ("fp32", "bf16", "int8")] == ["f32", "bf16", "f32"]
+
+
 def test_one_runner_serves_every_batch_size_compiled_for_each_shape(tiny_irs):
     """The runner compiles the IR per input shape (static shapes run faster): a batch size seen before, one
     dropped from its cache and one it has not seen all give the folded model's logits."""
@@ -250,7 +257,10 @@ def test_bench_times_openvino_and_records_every_runtimes_thread_and_spin_setting
     assert bench["spin"] is False and bench["timing"]["round_warmup"] == 1 and bench["timing"]["gc_paused"] is True
     runtimes = bench["runtimes"]
     assert runtimes["onnxruntime"]["allow_spinning"] is False and runtimes["onnxruntime"]["intra_op_num_threads"] == 1
-    assert runtimes["openvino"]["threads"] == 1 and runtimes["openvino-int8"]["precision_hint"] == "f32"
+    amx = "amx_bf16" in Path("/proc/cpuinfo").read_text()  # the INT8 IR's float ops run bf16 on AMX only
+    assert runtimes["openvino"]["threads"] == 1 and runtimes["openvino-int8"]["precision_hint"] == (
+        "bf16" if amx else "f32"
+    )
     assert runtimes["torch-unmerged"]["threads"] == 1 and "OMP_WAIT_POLICY" in runtimes["torch-unmerged"]
     # roofline: the forward's FLOPs written out here (2 per multiply-add; tokens 16 + cls, d 192, mlp 768)
     tokens, d, patches = 17, 192, 16
