@@ -42,36 +42,38 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def proxy_step(backbone: str, method: str, width: int) -> tuple:
-    torch.manual_seed(0)
-    model = timm.create_model(backbone, img_size=16, embed_dim=width, num_heads=4)
-    adapted = vitfold.adapt(model, method, num_classes=10, **METHODS[method]).train()
-    opt = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-4, foreach=True)
-    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))  # [2, 3, 16, 16]: one patch per image
+class Proxy:
+    """One method's dispatch-bound training setup: the adapted proxy model, its AdamW and a fixed batch."""
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(adapted(x), y).backward()
-        opt.step()
+    def __init__(self, backbone: str, method: str, width: int) -> None:
+        torch.manual_seed(0)
+        model = timm.create_model(backbone, img_size=16, embed_dim=width, num_heads=4)
+        self.model = vitfold.adapt(model, method, num_classes=10, **METHODS[method]).train()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.trainable, lr=1e-4, foreach=True)
+        self.x, self.y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))  # [2, 3, 16, 16]: one patch each
 
-    return adapted, opt, x, y, step
+    def loss(self) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.model(self.x), self.y)
 
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.loss().backward()
+        self.opt.step()
 
-def op_counts(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, step) -> dict[str, dict]:
-    """The ops of one step by phase: their total and the most frequent."""
-    for _ in range(3):  # past the optimizer's state initialisation
-        step()
-    opt.zero_grad(set_to_none=True)
-    phases = {}
-    with OpCounter() as forward:
-        loss = nn.functional.cross_entropy(model(x), y)
-    with OpCounter() as backward:
-        loss.backward()
-    with OpCounter() as optimizer:
-        opt.step()
-    for name, counter in (("forward", forward), ("backward", backward), ("optimizer", optimizer)):
-        phases[name] = {"ops": sum(counter.ops.values()), "top": dict(counter.ops.most_common(6))}
-    return phases
+    def op_counts(self) -> dict[str, dict]:
+        """The ops of one step by phase: their total and the most frequent."""
+        for _ in range(3):  # past the optimizer's state initialisation
+            self.step()
+        self.opt.zero_grad(set_to_none=True)
+        with OpCounter() as forward:
+            loss = self.loss()
+        with OpCounter() as backward:
+            loss.backward()
+        with OpCounter() as optimizer:
+            self.opt.step()
+        phases = (("forward", forward), ("backward", backward), ("optimizer", optimizer))
+        return {name: {"ops": sum(c.ops.values()), "top": dict(c.ops.most_common(6))} for name, c in phases}
 
 
 def main() -> None:
@@ -85,10 +87,9 @@ def main() -> None:
     torch.set_num_threads(1)
     steps, rows = {}, {}
     for method in METHODS:
-        model, opt, x, y, step = proxy_step(args.backbone, method, args.width)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        rows[method] = {"trainable_tensors": len(trainable), **op_counts(model, opt, x, y, step)}
-        steps[method] = step
+        proxy = Proxy(args.backbone, method, args.width)
+        rows[method] = {"trainable_tensors": len(proxy.trainable), **proxy.op_counts()}
+        steps[method] = proxy.step
     rounds = interleaved_rounds(steps, warmup=5, iters=args.iters, rounds=args.rounds, round_warmup=2)
     full = np.array(rounds["full"])
     for method, ms in rounds.items():

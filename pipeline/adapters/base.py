@@ -29,6 +29,11 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def as_float64(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor in float64, the dtype folds are computed in (None stays None)."""
+    return None if tensor is None else tensor.to(torch.float64)
+
+
 def check_finite(named_tensors: Iterator[tuple[str, torch.Tensor]], what: str = "adapter parameter") -> None:
     """Raise `FoldError` naming the first tensor that holds a NaN or an infinity."""
     for name, tensor in named_tensors:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitfold.errors import AdapterError
-from vitfold.pipeline.adapters.base import AdapterLayer, AdapterMethod
+from vitfold.pipeline.adapters.base import AdapterLayer, AdapterMethod, as_float64
 from vitfold.pipeline.adapters.targets import find_targets
 
 INITS = ("paper", "identity")
@@ -126,11 +126,6 @@ class RLRRLinear(AdapterLayer):
         s_out, s_in, bias, f = (as_float64(t) for t in (self.s_out, self.s_in, self.base.bias, self.f))
         folded = {"weight": self._weight(as_float64(self.base.weight), s_out, s_in), "bias": self._bias(bias, f)}
         return {name: t for name, t in folded.items() if t is not None}
-
-
-def as_float64(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """The tensor in float64, the dtype folds are computed in (None stays None)."""
-    return None if tensor is None else tensor.to(torch.float64)
 
 
 class SSF(AdapterLayer):
